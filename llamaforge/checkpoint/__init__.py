@@ -1,0 +1,154 @@
+"""Checkpoint formats behind one ``load``: Hugging Face directories, Meta directories, GGUF files.
+
+Each format module (``hf``, ``meta``, ``gguf``) provides the same four functions:
+
+- ``detect(path) -> bool``: whether ``path`` holds a checkpoint of that format;
+- ``read_config(path) -> ModelConfig``;
+- ``read_tensors(path, config) -> Iterator[tuple[str, Tensor]]``: tensors under llamaforge's (Meta-style)
+  names and layout, produced lazily (memory-mapped where the format allows) so that loading never holds
+  two copies of the model;
+- ``write(path, config, tensors, tokenizer=None, dtype=None) -> None``: writes a complete checkpoint
+  atomically (a temporary sibling, then a rename).
+
+This module dispatches and checks names and shapes once, for every format, with errors that name the
+file and the tensor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..model import Transformer
+
+FORMATS = ("hf", "meta", "gguf")
+
+
+def format_module(name: str) -> ModuleType:
+    if name not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {name!r}; choose one of {', '.join(FORMATS)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    for name in FORMATS:
+        if format_module(name).detect(path):
+            return name
+    raise CheckpointError(
+        f"{path}: not a checkpoint llamaforge can read (expected a Hugging Face directory with config.json "
+        "and *.safetensors, a Meta directory with params.json and consolidated.*.pth, or a .gguf file)"
+    )
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None, fmt: str | None = None) -> tuple[Transformer, str]:  # fmt: skip
+    """Read a checkpoint into a Transformer, materializing each tensor once, directly on `device`.
+
+    Returns the model and the format name. ``dtype=None`` keeps the dtype the checkpoint stores
+    (float32 for quantized GGUF tensors, which are dequantized).
+    """
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    module = format_module(fmt)
+    config = module.read_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = dict(model.state_dict())
+    optional = {"output.weight"} if config.tie_embeddings else set()
+    seen: set[str] = set()
+    for name, tensor in module.read_tensors(path, config):
+        if name not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {config.n_layers}-layer model")
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+        tensor = tensor.to(device=device or "cpu", dtype=dtype or _float_dtype(tensor))
+        _assign(model, name, tensor)
+        seen.add(name)
+    missing = sorted(set(expected) - seen - optional)
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{path}: missing tensors {', '.join(missing[:5])}{more}")
+    if config.tie_embeddings and "output.weight" in seen:
+        # A tied model's file carrying its own output matrix: keep the file's matrix, untied.
+        model.config = config = config.replace(tie_embeddings=False)
+    else:
+        model.tie_weights()
+    model.reset_buffers()
+    return model, fmt
+
+
+def _float_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return tensor.dtype if tensor.dtype.is_floating_point else torch.float32
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors under llamaforge names, without the duplicate output matrix of a tied model."""
+    tensors = dict(model.state_dict())
+    if model.config.tie_embeddings:
+        tensors.pop("output.weight", None)
+    return tensors
+
+
+def save_model(model: Transformer, path: str | os.PathLike, fmt: str, tokenizer=None,
+               dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+    """Write `model` (and its tokenizer, when given) as a checkpoint of format `fmt` at `path`."""
+    path = Path(path)
+    format_module(fmt).write(path, model.config, model_tensors(model), tokenizer=tokenizer, dtype=dtype)
+    return path
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write into; rename it onto `path` only on success.
+
+    A crash or error leaves `path` as it was (absent or the previous complete version), never partial.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir and path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["FORMATS", "atomic_output", "detect_format", "format_module", "load_model", "model_tensors",
+           "save_model"]  # fmt: skip

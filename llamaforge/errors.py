@@ -1,0 +1,9 @@
+"""Errors meant for the user: the message names the file, field or value at fault."""
+
+
+class UserError(Exception):
+    """Bad input from the user; the CLI prints the message without a traceback."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read: names the file and what is wrong with it."""

@@ -1,0 +1,92 @@
+"""``LLM``: a loaded model with its tokenizer and config, and ``load()`` that builds one from any source."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .checkpoint import load_model
+from .config import ModelConfig
+from .model import Transformer
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+
+@dataclass
+class LLM:
+    """A model ready to use. ``llm.model(tokens[B, T]) -> logits[B, T, vocab]``."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    config: ModelConfig
+    source: str = ""
+    format: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: this checkpoint has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def generate(self, prompt: Any, **kwargs: Any) -> Any:
+        """Complete `prompt` (text or token ids); see ``llamaforge.generate.generate`` for the options."""
+        from .generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def stream(self, prompt: Any, **kwargs: Any) -> Any:
+        """Yield the completion of `prompt` piece by piece as it is generated."""
+        from .generate import stream
+
+        return stream(self, prompt, **kwargs)
+
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format."""
+        from .generate import chat
+
+        return chat(self, messages, **kwargs)
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local path as it is; otherwise a built-in model name or hub id, fetched into the cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    try:
+        from .hub import resolve_model
+    except ModuleNotFoundError as exc:  # pragma: no cover - hub support not installed
+        raise FileNotFoundError(f"no such file or directory: {source}") from exc
+    return resolve_model(str(source))
+
+
+def load(source: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+         **options: Any) -> LLM:  # fmt: skip
+    """Load a model from a Hugging Face directory, a Meta directory, a GGUF file, a hub id or a built-in name.
+
+    ``dtype=None`` keeps the checkpoint's own dtype (float32 for quantized GGUF weights).
+    """
+    path = resolve_source(source)
+    model, fmt = load_model(path, device=device, dtype=dtype)
+    model.eval()
+    tokenizer = _load_tokenizer_if_present(path)
+    return LLM(model=model, tokenizer=tokenizer, config=model.config, source=str(source), format=fmt)
+
+
+def _load_tokenizer_if_present(path: Path) -> Tokenizer | None:
+    try:
+        from .tokenizer import load_tokenizer
+    except ModuleNotFoundError:
+        return None
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        return None

