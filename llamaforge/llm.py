@@ -69,13 +69,25 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
 
 def load(source: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         **options: Any) -> LLM:  # fmt: skip
+         quantize: str | None = None) -> LLM:  # fmt: skip
     """Load a model from a Hugging Face directory, a Meta directory, a GGUF file, a hub id or a built-in name.
 
-    ``dtype=None`` keeps the checkpoint's own dtype (float32 for quantized GGUF weights).
+    ``dtype=None`` keeps the checkpoint's own dtype (float32 for quantized GGUF weights, dequantized).
+    ``quantize``: "int8", "int4" or "int4-g32/64/128" quantizes the weights on load; "gguf" keeps a GGUF
+    file's own Q8_0/Q4_0/Q4_1/Q4_K blocks and runs them quantized. A directory written by
+    ``llamaforge.quantize.save_quantized`` loads quantized as it was saved.
     """
+    from . import quantize as q
+
     path = resolve_source(source)
-    model, fmt = load_model(path, device=device, dtype=dtype)
+    if q.is_quantized_dir(path):
+        model, fmt = q.load_quantized(path, device=device), "quantized"
+    elif quantize == "gguf":
+        model, fmt = q.load_gguf_quantized(path, device=device, dtype=dtype or torch.float32), "gguf"
+    else:
+        model, fmt = load_model(path, device=device, dtype=dtype)
+        if quantize:
+            q.quantize_model(model, quantize)
     model.eval()
     tokenizer = _load_tokenizer_if_present(path)
     return LLM(model=model, tokenizer=tokenizer, config=model.config, source=str(source), format=fmt)

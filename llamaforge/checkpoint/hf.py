@@ -1,0 +1,404 @@
+"""Hugging Face checkpoints: a directory with ``config.json`` and ``*.safetensors`` (single or sharded).
+
+Hugging Face's Llama stores the rows of q and k permuted so that rotary embeddings can rotate the two
+halves of each head (``rotate_half``); llamaforge rotates adjacent pairs as Meta does, so q and k are
+un-permuted on read and permuted again on write. Tensors are read lazily through
+``safetensors.safe_open``, whose tensors are backed by a private memory map of the file: loading a
+checkpoint in its stored dtype never holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig, RopeScaling
+from ..errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+MAX_SHARD_BYTES = 5_000_000_000  # Hugging Face's default shard size ("5GB")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# Hugging Face name -> llamaforge name; {i} is the layer index.
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_TO_HF_LAYER = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+_TO_HF_GLOBAL = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+# Buffers some old exports carry; they are recomputed, never loaded.
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# Detection and config ----------------------------------------------------------------------------
+def detect(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / CONFIG_FILE).is_file() or any(path.glob("*.safetensors")))
+
+
+def read_json(file: Path, what: str) -> dict[str, Any]:
+    """Parse a JSON object from `file`, with errors that name the file and the problem."""
+    if not file.is_file():
+        raise CheckpointError(f"{file.parent}: missing {file.name} ({what})")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{file}: not a UTF-8 text file ({exc.reason})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    file = path / CONFIG_FILE
+    data = read_json(file, "the Hugging Face model configuration")
+    architectures = data.get("architectures") or []
+    model_type = data.get("model_type")
+    if not (set(architectures) & set(SUPPORTED_ARCHITECTURES) or (not architectures and model_type == "llama")):
+        raise CheckpointError(
+            f"{file}: unsupported architecture {architectures or model_type!r} "
+            f"(llamaforge reads {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    return config_from_hf(data, file, name=data.get("_name_or_path") or path.name)
+
+
+def config_from_hf(data: Mapping[str, Any], file: Path | str, name: str = "") -> ModelConfig:
+    """Translate a LlamaConfig dictionary into a ModelConfig; `file` is named in errors."""
+
+    def need(key: str) -> Any:
+        if data.get(key) is None:
+            raise CheckpointError(f"{file}: missing field {key!r}")
+        return data[key]
+
+    for key, allowed in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if key in data and data[key] != allowed:
+            raise CheckpointError(f"{file}: {key}={data[key]!r} is not supported (LLaMA uses {allowed!r})")
+    dim, n_heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{file}: rope parameters must be an object, found {rope!r}")
+    rope_theta = rope.get("rope_theta", data.get("rope_theta", 10000.0))
+    head_dim = data.get("head_dim")
+    extra = {key: data[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if data.get(key) is not None}
+    dtype = data.get("dtype") or data.get("torch_dtype")
+    if dtype:
+        extra["dtype"] = dtype
+    try:
+        return ModelConfig(
+            dim=dim,
+            n_layers=int(need("num_hidden_layers")),
+            n_heads=n_heads,
+            n_kv_heads=int(data.get("num_key_value_heads") or n_heads),
+            vocab_size=int(need("vocab_size")),
+            head_dim=None if head_dim in (None, dim // n_heads) else int(head_dim),
+            hidden_dim=int(need("intermediate_size")),
+            norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_scaling=_rope_scaling_from_hf(rope, file),
+            max_seq_len=int(data.get("max_position_embeddings", 2048)),
+            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+            name=str(name),
+            extra=extra,
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{file}: {exc}") from None
+
+
+def _rope_scaling_from_hf(rope: Mapping[str, Any], file: Path | str) -> RopeScaling | None:
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise CheckpointError(f"{file}: rope_type {kind!r} is not supported (llamaforge implements 'llama3')")
+    try:
+        return RopeScaling(
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_seq_len=int(rope["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{file}: llama3 rope scaling lacks {exc.args[0]!r}") from None
+
+
+def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """A LlamaForCausalLM config.json for `config` (the legacy ``rope_theta``/``rope_scaling`` keys, which
+    every transformers version reads)."""
+    data: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.dim_per_head,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    s = config.rope_scaling
+    if s is not None:
+        data["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_seq_len,
+        }
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config.extra.get(key) is not None:
+            data[key] = config.extra[key]
+    return data
+
+
+# q/k row order ----------------------------------------------------------------------------------
+def permute_to_hf(w: Tensor, n_heads: int) -> Tensor:
+    """Adjacent-pair rows (x0, x1, x0, x1, ...) of each head -> halves (x0, x0, ..., x1, x1, ...)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def permute_from_hf(w: Tensor, n_heads: int) -> Tensor:
+    """Inverse of ``permute_to_hf``."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# Reading ----------------------------------------------------------------------------------------
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, in index order when sharded."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: missing or empty 'weight_map'")
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{index}: lists shard {file.name}, which is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        found = f" (found {', '.join(others)}; convert them to safetensors)" if others else ""
+        raise CheckpointError(f"{path}: no *.safetensors weight files{found}")
+    return files
+
+
+def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple[str, Tensor]]:
+    path = Path(path)
+    q_rows, k_rows = config.n_heads * config.dim_per_head, config.kv_heads * config.dim_per_head
+    for file in weight_files(path):
+        with _open(file) as handle:
+            names = list(handle.keys())
+        for hf_name in names:
+            if _IGNORED.fullmatch(hf_name):
+                continue
+            name = _from_hf_name(hf_name)
+            if name is None:
+                raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} (not a weight of LlamaForCausalLM)")
+            # One short-lived handle per tensor: its memory map then lives only as long as the tensor does,
+            # so a tensor the loader converts (dtype, device, permutation) leaves no mapped pages behind.
+            with _open(file) as handle:
+                try:
+                    tensor = handle.get_tensor(hf_name)
+                except Exception as exc:
+                    raise CheckpointError(f"{file}: cannot read tensor {hf_name!r} ({exc})") from None
+            # A wrong row count is left for the loader's shape check to report.
+            if name.endswith("attention.wq.weight") and tensor.dim() == 2 and tensor.shape[0] == q_rows:
+                tensor = permute_from_hf(tensor, config.n_heads)
+            elif name.endswith("attention.wk.weight") and tensor.dim() == 2 and tensor.shape[0] == k_rows:
+                tensor = permute_from_hf(tensor, config.kv_heads)
+            yield name, tensor
+            del tensor
+
+
+def _open(file: Path) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+        raise CheckpointError(f"{file}: not a readable safetensors file, perhaps truncated ({exc})") from None
+
+
+def _from_hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _HF_LAYER.fullmatch(name)
+    if match and match.group(2) in _LAYER_NAMES:
+        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+    return None
+
+
+def _to_hf_name(name: str) -> str:
+    if name in _TO_HF_GLOBAL:
+        return _TO_HF_GLOBAL[name]
+    match = _OUR_LAYER.fullmatch(name)
+    if match and match.group(2) in _TO_HF_LAYER:
+        return f"model.layers.{match.group(1)}.{_TO_HF_LAYER[match.group(2)]}"
+    raise CheckpointError(f"tensor {name!r} has no Hugging Face LlamaForCausalLM counterpart")
+
+
+# Writing ----------------------------------------------------------------------------------------
+def check_tensors(path: Path, config: ModelConfig, tensors: Mapping[str, Tensor]) -> None:
+    """Refuse to write a checkpoint whose tensors do not match `config` (names and shapes)."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("output.weight")
+    unknown = sorted(set(tensors) - set(expected) - {"output.weight"})
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise CheckpointError(f"cannot write {path}: unexpected tensors {unknown[:5]}, missing tensors {missing[:5]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(
+                f"cannot write {path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+            )
+
+
+def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Tensor], tokenizer: Any = None,
+          dtype: torch.dtype | None = None) -> None:  # fmt: skip
+    """Write config.json, generation_config.json and model.safetensors (sharded above 5 GB), atomically."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from . import atomic_output
+
+    path = Path(path)
+    if config.n_experts or config.use_qk_norm or config.nope_layer_interval or config.attention_chunk_size:
+        raise CheckpointError(f"{path}: writing Llama 4 models in Hugging Face format is not supported")
+    check_tensors(path, config, tensors)
+    dtype = _resolve_dtype(dtype)
+    ordered = [(name, tensors[name]) for name in tensors if not (config.tie_embeddings and name == "output.weight")]
+    stored = dtype or next((t.dtype for _, t in ordered if t.dtype.is_floating_point), torch.float32)
+    shards = _plan_shards(ordered, dtype)
+    with atomic_output(path, is_dir=True) as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        progress = tqdm(total=len(ordered), desc=f"writing {path.name}", unit="tensor", disable=None)
+        for number, shard in enumerate(shards, 1):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            out: dict[str, Tensor] = {}
+            for name, tensor in shard:
+                hf_name = _to_hf_name(name)
+                tensor = tensor.detach().to("cpu", dtype if dtype and tensor.dtype.is_floating_point else None)
+                if name.endswith("attention.wq.weight"):
+                    tensor = permute_to_hf(tensor, config.n_heads)
+                elif name.endswith("attention.wk.weight"):
+                    tensor = permute_to_hf(tensor, config.kv_heads)
+                out[hf_name] = tensor
+                weight_map[hf_name] = file
+                total += tensor.numel() * tensor.element_size()
+            save_file(_unshared(out), str(tmp / file), metadata={"format": "pt"})
+            progress.update(len(shard))
+            del out
+        progress.close()
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = config_to_hf(config, stored)
+        _token_ids_from_tokenizer(hf_config, tokenizer)
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id") if key in hf_config}
+        (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **generation}, indent=2))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _plan_shards(tensors: list[tuple[str, Tensor]], dtype: torch.dtype | None) -> list[list[tuple[str, Tensor]]]:
+    shards: list[list[tuple[str, Tensor]]] = [[]]
+    size = 0
+    for name, tensor in tensors:
+        item = dtype.itemsize if dtype and tensor.dtype.is_floating_point else tensor.element_size()
+        nbytes = tensor.numel() * item
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tensor))
+        size += nbytes
+    return shards
+
+
+def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses tensors that share memory; give each its own contiguous copy where needed."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def _token_ids_from_tokenizer(data: dict[str, Any], tokenizer: Any) -> None:
+    """Fill bos/eos token ids from the tokenizer when the config does not state them."""
+    if tokenizer is None:
+        return
+    for key, attrs in (("bos_token_id", ("bos_id", "bos_token_id")), ("eos_token_id", ("eos_id", "eos_token_id"))):
+        if key in data:
+            continue
+        for attr in attrs:
+            value = getattr(tokenizer, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                data[key] = value
+                break
+
+
+__all__ = ["config_from_hf", "config_to_hf", "detect", "permute_from_hf", "permute_to_hf", "read_config",
+           "read_tensors", "write"]  # fmt: skip
