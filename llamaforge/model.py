@@ -39,7 +39,8 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
 def rope_frequencies(config: ModelConfig) -> Tensor:
     """Per-pair rotation frequencies, with the Llama 3.1 long-context scaling when configured."""
     hd = config.dim_per_head
-    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    # Always on the CPU (then moved): arithmetic on meta tensors would import torch._dynamo (seconds).
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, device="cpu")[: hd // 2].float() / hd))
     s = config.rope_scaling
     if s is None:
         return freqs
@@ -205,7 +206,11 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # Passing the (uninitialized) table skips nn.Embedding's own init: weights come from a checkpoint or
+        # init_weights(), and random init of a meta tensor would import torch._dynamo (seconds) for nothing.
+        self.tok_embeddings = nn.Embedding(
+            config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)
+        )
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)

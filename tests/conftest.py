@@ -10,6 +10,9 @@ import torch
 from llamaforge.config import get_preset
 from llamaforge.model import Transformer, build_model
 
+# Tests use tiny models, where a second thread only adds synchronisation (and, on a busy machine, waits).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:

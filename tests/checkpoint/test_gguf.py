@@ -1,0 +1,395 @@
+"""GGUF checkpoints: dequantizers against the gguf package, the built-in SmolLM2 file, write/read round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, quants
+from gguf import GGMLQuantizationType as Q
+
+import llamaforge
+from llamaforge import gguf_quants
+from llamaforge.checkpoint import gguf as G
+from llamaforge.checkpoint import load_model, model_tensors, save_model
+from llamaforge.config import RopeScaling, get_preset
+from llamaforge.errors import CheckpointError
+from llamaforge.model import build_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a shared, busy 2-core machine two threads wait on each other at every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Byte offsets of the float16 scale fields inside each block type.
+F16_FIELDS = {Q.Q8_0: [0], Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q2_K: [80, 82],
+              Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}  # fmt: skip
+
+
+def random_blocks(qtype: Q, n: int, seed: int = 0) -> np.ndarray:
+    """Random bytes for n blocks, with finite float16 scales (random bytes could be NaN/inf)."""
+    rng = np.random.default_rng(seed)
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(n, type_size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        blocks[:, off : off + 2] = rng.standard_normal(n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return blocks
+
+
+def same_bits(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> bool:
+    """Same shape, dtype and bytes (so NaN payloads and signed zeros count too)."""
+
+    def as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().contiguous()
+            x = x.view(torch.int16).numpy().view("V2") if x.dtype == torch.bfloat16 else x.numpy()
+        return np.ascontiguousarray(x)
+
+    a, b = as_numpy(a), as_numpy(b)
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+# Dequantizers and quantizers ----------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda q: q.name)
+def test_dequantize_random_blocks_matches_gguf(qtype: Q) -> None:
+    blocks = random_blocks(qtype, 300, seed=int(qtype))
+    rows = blocks.reshape(10, -1)  # 10 rows of 30 blocks: a matrix as GGUF stores it
+    expected = quants.dequantize(rows, qtype)
+    ours = gguf_quants.dequantize(torch.from_numpy(rows), qtype)
+    assert ours.dtype == torch.float32
+    assert same_bits(ours, expected)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
+def test_dequantize_quantized_weights_matches_gguf(qtype: Q) -> None:
+    x = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)
+    blocks = quants.quantize(x, qtype)
+    ours = gguf_quants.dequantize(torch.from_numpy(blocks), qtype)
+    assert same_bits(ours, quants.dequantize(blocks, qtype))
+    assert torch.allclose(ours, torch.from_numpy(x), atol=0.6)  # and it really is an approximation of x
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_quantize_matches_gguf(qtype: Q) -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((32, 128)).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero block (scale 0)
+    x[1, :32] = 1.0  # a constant block
+    x[2, :32] = np.linspace(-1, 1, 32)  # values that land on rounding ties
+    x[3] *= 1000
+    ours = gguf_quants.quantize(torch.from_numpy(x), qtype)
+    assert same_bits(ours, quants.quantize(x, qtype))
+
+
+def test_dequantize_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="not a multiple of 34"):
+        gguf_quants.dequantize(torch.zeros(33, dtype=torch.uint8), Q.Q8_0)
+    with pytest.raises(NotImplementedError, match="IQ2_XXS"):
+        gguf_quants.dequantize(torch.zeros(66, dtype=torch.uint8), Q.IQ2_XXS)
+    with pytest.raises(NotImplementedError, match="Q6_K"):
+        gguf_quants.quantize(torch.zeros(256), Q.Q6_K)
+
+
+# The built-in SmolLM2 file ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return llamaforge.load(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def smollm2_reader(smollm2_gguf) -> GGUFReader:
+    """The gguf package's own parser (independent of ours); slow on a 100k-entry vocabulary, so shared."""
+    return GGUFReader(smollm2_gguf)
+
+
+def test_smollm2_config_is_the_preset_shape(smollm2_gguf) -> None:
+    config = G.read_config(smollm2_gguf)
+    assert config.replace(name="smollm2-135m") == get_preset("smollm2-135m")
+    assert config.norm_eps == 1e-5 and config.rope_theta == 100000.0  # float32 metadata, shortest decimal
+
+
+def test_smollm2_weights_equal_gguf_dequantize(smollm2, smollm2_reader) -> None:
+    assert smollm2.format == "gguf"
+    params = dict(smollm2.model.state_dict())
+    reader = smollm2_reader
+    types = {}
+    for t in reader.tensors:
+        name = G.llamaforge_name(t.name)
+        expected = quants.dequantize(t.data, t.tensor_type)
+        assert same_bits(params[name], expected), t.name
+        types[t.name] = t.tensor_type
+    assert types["token_embd.weight"] == Q.Q8_0 and types["blk.0.attn_q.weight"] == Q.Q4_1
+    assert types["blk.0.attn_norm.weight"] == Q.F32
+    assert smollm2.model.output.weight is smollm2.model.tok_embeddings.weight  # tied: no output.weight
+
+
+def test_smollm2_runs(smollm2) -> None:
+    with torch.inference_mode():
+        logits = smollm2.model(torch.tensor([[1, 504, 3458, 282, 253]]))
+    assert logits.shape == (1, 5, 49152) and torch.isfinite(logits).all()
+
+
+def test_read_raw_gives_the_stored_blocks(smollm2_gguf, smollm2_reader) -> None:
+    raw = G.read_raw(smollm2_gguf)
+    reader = smollm2_reader
+    assert len(raw) == len(reader.tensors) == 272
+    for t in reader.tensors:
+        r = raw[G.llamaforge_name(t.name)]
+        assert r.gguf_name == t.name and r.qtype == t.tensor_type
+        assert r.shape == tuple(reversed(t.shape.tolist()))
+        assert np.array_equal(r.data.numpy().reshape(-1).view(np.uint8), np.asarray(t.data).reshape(-1).view(np.uint8))
+    q = raw["layers.0.attention.wq.weight"]
+    assert q.shape == (576, 576) and q.data.shape == (576, 576 // 32 * 20) and q.data.dtype == torch.uint8
+    assert (q.block_size, q.type_size) == (32, 20)
+    assert q.dequantize().shape == (576, 576)
+
+
+def test_read_metadata(smollm2_gguf, smollm2_reader) -> None:
+    md = G.read_metadata(smollm2_gguf)
+    assert md["general.architecture"] == "llama"
+    assert md["llama.block_count"] == 30
+    assert md["llama.attention.layer_norm_rms_epsilon"] == 1e-5
+    assert md["tokenizer.ggml.model"] == "gpt2"
+    assert len(md["tokenizer.ggml.tokens"]) == 49152 and md["tokenizer.ggml.tokens"][1] == "<|im_start|>"
+    assert len(md["tokenizer.ggml.merges"]) == 48900 and md["tokenizer.ggml.merges"][0] == "Ġ t"
+    assert md["tokenizer.ggml.token_type"][:3] == [3, 3, 3]
+    assert md["tokenizer.ggml.add_bos_token"] is False
+    assert "{% for message in messages %}" in md["tokenizer.chat_template"]
+    for key, field in smollm2_reader.fields.items():
+        if not key.startswith("GGUF."):
+            value = field.contents()
+            if isinstance(value, float):
+                assert md[key] == pytest.approx(value, rel=1e-6), key
+            else:
+                assert md[key] == value, key
+
+
+def test_detect(smollm2_gguf, tmp_path) -> None:
+    assert G.detect(smollm2_gguf)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert not G.detect(tmp_path / "notes.txt") and not G.detect(tmp_path)
+    renamed = tmp_path / "model.bin"
+    renamed.write_bytes(b"GGUF" + bytes(20))
+    assert G.detect(renamed)  # recognised by its magic
+
+
+# Write -> read round trips ------------------------------------------------------------------------
+def tiny(preset: str = "tiny", **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset, **overrides)).eval()
+    with torch.no_grad():  # norms away from 1 so that they are really checked
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+TOKENS = torch.tensor([[1, 7, 300, 42, 511, 0, 99, 5]])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mha"])
+def test_f32_round_trip_is_bit_exact(tmp_path, preset) -> None:
+    model = tiny(preset)
+    path = save_model(model, tmp_path / "tiny.gguf", "gguf")
+    assert G.read_config(path).replace(name=model.config.name) == model.config
+    loaded, fmt = load_model(path)
+    assert fmt == "gguf"
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert same_bits(ours[name], theirs[name]), name
+    with torch.inference_mode():
+        assert torch.equal(model(TOKENS), loaded(TOKENS))
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    assert set(types.values()) == {Q.F32} and "output.weight" in types
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_round_trip_is_exact_to_the_dtype(tmp_path, dtype) -> None:
+    model = tiny()
+    path = tmp_path / "tiny.gguf"
+    G.write(path, model.config, model_tensors(model), dtype=dtype)
+    loaded, _ = load_model(path)
+    for name, tensor in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.dtype == dtype, name
+        assert same_bits(got, tensor.to(dtype)), name
+    stored = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    assert stored["blk.0.attn_q.weight"] == (Q.F16 if dtype == torch.float16 else Q.BF16)
+    assert stored["blk.0.attn_norm.weight"] == Q.F32  # norms stay float32, as llama.cpp expects
+    # dtype=None keeps the model's own dtype
+    G.write(path, model.config, model_tensors(model.to(dtype)))
+    assert {t.name: t.tensor_type for t in GGUFReader(path).tensors} == stored
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_quantized_write(tmp_path, kind) -> None:
+    model = tiny()
+    path = tmp_path / "tiny.gguf"
+    G.write(path, model.config, model_tensors(model), dtype=kind)
+    qtype = Q[kind.upper()]
+    raw = G.read_raw(path)
+    weights = model.state_dict()
+    for name, r in raw.items():
+        w = weights[name].numpy()
+        if w.ndim == 1:
+            assert r.qtype == Q.F32
+            continue
+        assert r.qtype == qtype
+        assert np.array_equal(r.data.numpy(), quants.quantize(w, qtype)), name
+    loaded, _ = load_model(path)
+    with torch.inference_mode():
+        a, b = model(TOKENS), loaded(TOKENS)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
+    assert G.read_metadata(path)["general.file_type"] == {"q8_0": 7, "q4_0": 2, "q4_1": 3}[kind]
+
+
+def test_tied_embeddings_round_trip(tmp_path) -> None:
+    model = tiny(tie_embeddings=True)
+    path = save_model(model, tmp_path / "tied.gguf", "gguf")
+    assert "output.weight" not in {t.name for t in GGUFReader(path).tensors}
+    loaded, _ = load_model(path)
+    assert loaded.config.tie_embeddings and loaded.output.weight is loaded.tok_embeddings.weight
+    with torch.inference_mode():
+        assert torch.equal(model(TOKENS), loaded(TOKENS))
+
+
+def test_explicit_head_dim_round_trip(tmp_path) -> None:
+    model = tiny(head_dim=32)  # 4 heads of 32 on a 64-wide model
+    path = save_model(model, tmp_path / "hd.gguf", "gguf")
+    assert G.read_config(path).replace(name=model.config.name) == model.config
+    loaded, _ = load_model(path)
+    with torch.inference_mode():
+        assert torch.equal(model(TOKENS), loaded(TOKENS))
+
+
+def test_llama31_rope_scaling_round_trip(tmp_path) -> None:
+    scaling = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=64)
+    model = tiny(rope_scaling=scaling, rope_theta=500000.0, head_dim=32)
+    path = save_model(model, tmp_path / "rope.gguf", "gguf")
+    factors = next(t for t in GGUFReader(path).tensors if t.name == "rope_freqs.weight")
+    assert factors.tensor_type == Q.F32 and len(factors.data) == 16
+    assert G.read_config(path).rope_scaling == scaling
+    loaded, _ = load_model(path)
+    assert torch.equal(loaded.rope_freqs, model.rope_freqs)
+
+
+@pytest.mark.parametrize("preset", ["llama-3.1-8b", "llama-3.2-1b"])
+def test_rope_factors_map_back_to_presets(preset) -> None:
+    config = get_preset(preset)
+    factors = G.rope_factors(config.rope_scaling, config.rope_theta, config.dim_per_head).astype(np.float32)
+    got = G.rope_scaling_from_factors(factors.astype(np.float64), config.rope_theta, config.dim_per_head, 8192)
+    assert got == config.rope_scaling
+    # A non-standard band is recovered by fitting the interpolated frequencies.
+    odd = RopeScaling(factor=16.0, low_freq_factor=2.0, high_freq_factor=8.0, original_max_seq_len=8192)
+    factors = G.rope_factors(odd, config.rope_theta, config.dim_per_head).astype(np.float32).astype(np.float64)
+    assert G.rope_scaling_from_factors(factors, config.rope_theta, config.dim_per_head, 8192) == odd
+    assert G.rope_scaling_from_factors(np.ones(64), config.rope_theta, 128, 8192) is None
+    with pytest.raises(CheckpointError, match=r"do not follow Llama 3\.1"):
+        G.rope_scaling_from_factors(np.linspace(1, 8, 64), config.rope_theta, 128, 8192)
+
+
+class FakeTokenizer:
+    chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    def gguf_metadata(self) -> dict:
+        tokens = ["<unk>", "<s>", "</s>"] + [f"tok{i}" for i in range(509)]
+        return {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": [float(-i) for i in range(512)],
+            "tokenizer.ggml.token_type": [2, 3, 3] + [1] * 509,
+            "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.add_bos_token": True,
+        }
+
+
+def test_tokenizer_metadata_is_written_with_llama_cpp_types(tmp_path) -> None:
+    model = tiny()
+    path = save_model(model, tmp_path / "tok.gguf", "gguf", tokenizer=FakeTokenizer())
+    md = G.read_metadata(path)
+    expected = FakeTokenizer().gguf_metadata()
+    for key, value in expected.items():
+        assert md[key] == value, key
+    assert md["tokenizer.chat_template"] == FakeTokenizer.chat_template
+    fields = GGUFReader(path).fields
+    assert fields["tokenizer.ggml.scores"].types == [GGUFValueType.ARRAY, GGUFValueType.FLOAT32]
+    assert fields["tokenizer.ggml.token_type"].types == [GGUFValueType.ARRAY, GGUFValueType.INT32]
+    assert fields["tokenizer.ggml.bos_token_id"].types == [GGUFValueType.UINT32]
+    assert fields["tokenizer.ggml.add_bos_token"].types == [GGUFValueType.BOOL]
+    with pytest.raises(ValueError, match="gguf_metadata"):
+        save_model(model, tmp_path / "bad.gguf", "gguf", tokenizer=object())
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_model_metadata_is_complete(tmp_path) -> None:
+    model = tiny()
+    md = G.read_metadata(save_model(model, tmp_path / "m.gguf", "gguf"))
+    c = model.config
+    assert md["general.architecture"] == "llama" and md["general.file_type"] == 0
+    assert (md["llama.block_count"], md["llama.embedding_length"], md["llama.feed_forward_length"]) == (2, 64, 160)
+    assert (md["llama.attention.head_count"], md["llama.attention.head_count_kv"]) == (4, 2)
+    assert md["llama.context_length"] == c.max_seq_len and md["llama.vocab_size"] == c.vocab_size
+    assert md["llama.rope.dimension_count"] == 16 and md["llama.rope.freq_base"] == c.rope_theta
+    assert md["llama.attention.layer_norm_rms_epsilon"] == c.norm_eps
+
+
+def test_write_rejects_what_gguf_cannot_hold(tmp_path) -> None:
+    model = tiny()
+    tensors = model_tensors(model)
+    with pytest.raises(ValueError, match="unknown GGUF type"):
+        G.write(tmp_path / "x.gguf", model.config, tensors, dtype="q3_k")
+    with pytest.raises(ValueError, match="missing tensors"):
+        G.write(tmp_path / "x.gguf", model.config, {k: v for k, v in tensors.items() if k != "norm.weight"})
+    moe = build_model(get_preset("tiny-moe"))
+    with pytest.raises(ValueError, match="dense llama"):
+        G.write(tmp_path / "x.gguf", moe.config, model_tensors(moe))
+    assert not list(tmp_path.iterdir())  # nothing half-written left behind
+
+
+def test_directory_with_one_gguf(tmp_path) -> None:
+    model = tiny()
+    save_model(model, tmp_path / "m.gguf", "gguf")
+    assert G.detect(tmp_path)
+    loaded = llamaforge.load(tmp_path)
+    assert loaded.format == "gguf"
+    save_model(model, tmp_path / "other.gguf", "gguf")
+    with pytest.raises(CheckpointError, match=r"2 \.gguf files"):
+        G.read_config(tmp_path)
+
+
+def test_short_vocabulary_is_padded_and_long_one_refused(tmp_path) -> None:
+    model = tiny()
+
+    class Short(FakeTokenizer):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def gguf_metadata(self) -> dict:
+            md = super().gguf_metadata()
+            for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+                md[key] = (md[key] * 2)[: self.n]
+            return md
+
+    md = G.read_metadata(save_model(model, tmp_path / "pad.gguf", "gguf", tokenizer=Short(500)))
+    assert len(md["tokenizer.ggml.tokens"]) == len(md["tokenizer.ggml.scores"]) == 512
+    assert md["tokenizer.ggml.tokens"][500:502] == ["[PAD500]", "[PAD501]"] and md["tokenizer.ggml.token_type"][-1] == 5
+    with pytest.raises(ValueError, match="600 tokens"):
+        save_model(model, tmp_path / "long.gguf", "gguf", tokenizer=Short(600))
+
+
+def test_smollm2_tokenizer_is_written_back_unchanged(smollm2_gguf, tmp_path) -> None:
+    from llamaforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf)
+    path = save_model(tiny(vocab_size=49152), tmp_path / "t.gguf", "gguf", tokenizer=tokenizer)
+    original = {k: v for k, v in G.read_metadata(smollm2_gguf).items() if k.startswith("tokenizer.")}
+    written = {k: v for k, v in G.read_metadata(path).items() if k.startswith("tokenizer.")}
+    assert written == original
+    assert load_tokenizer(path).encode("Hello, world!") == tokenizer.encode("Hello, world!")
