@@ -1,0 +1,551 @@
+"""Weight-only quantization: ``nn.Linear`` layers swapped for modules that keep int8 or int4 weights.
+
+Schemes (``quantize_model(model, scheme)``, in place):
+
+- ``"int8"``: symmetric per-output-channel int8, ``w = q * scale`` (``torch.ops.aten._weight_int8pack_mm``).
+- ``"int4"`` / ``"int4-g32"`` / ``"int4-g64"`` / ``"int4-g128"``: asymmetric 4-bit with one (scale, zero)
+  per group of 32/64/128 input weights, in the convention of torch's int4 kernels:
+  ``w = (q - 8) * scale + zero`` with ``q`` in 0..15 (``_weight_int4pack_mm_for_cpu`` on CPU,
+  ``_weight_int4pack_mm`` on CUDA).
+
+Every attention and feed-forward linear and the output head are quantized; embeddings and norms stay
+float. A tied output head is quantized as its own copy, so the embedding table is untouched.
+
+GGUF weights run quantized without becoming float32 matrices (``load_gguf_quantized``): Q4_0, Q4_1 and
+Q4_K map exactly onto the int4 kernel's group-32 (scale, zero) format (Q4_1's ``d * q + m`` is
+``(q - 8) * d + (m + 8 d)``); Q8_0 (one scale per 32 weights) becomes a ``BlockInt8Linear`` that runs
+the int8 kernel once per 32-column block with that block's per-row scales.
+
+On CPU, torch's int8/int4 kernels are vectorized only for bfloat16 activations (float32 inputs take a
+scalar path about 10x slower, float16 worse), so float32 activations are rounded to bfloat16 for these
+matmuls (``compute_dtype``); for prompts of ``PREFILL_ROWS`` tokens or more the weight is dequantized
+and multiplied with the regular float GEMM, which is faster there than the weight-only kernels.
+
+Saved form (``save_quantized``): ``model.safetensors`` with the quantized modules' buffers under the
+model's own names (``layers.0.attention.wq.qweight``, ``...scales``) plus the float tensors, and
+``quantization.json`` with the config and each quantized module's kind; ``load_quantized`` reads both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, RopeScaling
+from .model import Transformer
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+SCHEMES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g128")
+DEFAULT_INT4_GROUP = 32
+PREFILL_ROWS = 32  # at or above this many rows, dequantize and use the float GEMM
+QUANT_FORMAT_VERSION = 1
+META_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Linear layers that quantize_model swaps (matched against module names).
+_LINEAR_NAMES = re.compile(r"(^|\.)(wq|wk|wv|wo|w1|w2|w3|output)$")
+
+
+def parse_scheme(scheme: str, group_size: int | None = None) -> tuple[str, int | None]:
+    """("int8", None) or ("int4", group) from a scheme name such as "int4-g64"; clear errors otherwise."""
+    s = scheme.lower().strip()
+    if s == "int8":
+        if group_size is not None:
+            raise ValueError("int8 quantization is per output channel; group_size applies only to int4")
+        return "int8", None
+    m = re.fullmatch(r"int4(?:-g(\d+))?", s)
+    if m is None:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    named = int(m.group(1)) if m.group(1) else None
+    if named is not None and group_size is not None and named != group_size:
+        raise ValueError(f"scheme {scheme!r} names group size {named} but group_size={group_size} was given")
+    group = named or group_size or DEFAULT_INT4_GROUP
+    if group not in INT4_GROUP_SIZES:
+        raise ValueError(f"unsupported int4 group size {group}; torch's int4 kernels take {INT4_GROUP_SIZES}")
+    return "int4", group
+
+
+def _compute_dtype(x: Tensor, requested: torch.dtype | None) -> torch.dtype:
+    if requested is not None:
+        return requested
+    if x.device.type == "cpu" or x.device.type == "cuda":
+        # CPU: only the bfloat16 paths are vectorized; CUDA's int4 kernel takes bfloat16 only.
+        return torch.bfloat16 if x.dtype == torch.float32 or x.device.type == "cuda" else x.dtype
+    return x.dtype
+
+
+class _QuantLinear(nn.Module):
+    """Shared plumbing: shapes, the dtype used for the kernel, and the large-batch dequantize path."""
+
+    kind = ""
+
+    def __init__(self, in_features: int, out_features: int, compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.compute_dtype = compute_dtype  # None: bfloat16 for float32 inputs (see module docstring)
+        self._cache: dict[Any, Any] = {}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def _apply(self, fn, recurse=True):  # moving or casting invalidates kernel-format caches
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        raise NotImplementedError
+
+    def _kernel(self, x2: Tensor, dtype: torch.dtype) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= PREFILL_ROWS and x.is_floating_point() and x.device.type == "cpu":
+            return F.linear(x, self.dequantize(x.dtype))
+        dtype = _compute_dtype(x, self.compute_dtype)
+        y = self._kernel(x2.to(dtype), dtype)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(_QuantLinear):
+    """Per-output-channel symmetric int8 weights: ``w[n, k] = qweight[n, k] * scales[n]``."""
+
+    kind = "int8"
+
+    def __init__(self, in_features: int, out_features: int, device=None, compute_dtype=None) -> None:
+        super().__init__(in_features, out_features, compute_dtype)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_float(cls, weight: Tensor, compute_dtype: torch.dtype | None = None) -> Int8Linear:
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        mod = cls(w.shape[1], w.shape[0], device=w.device, compute_dtype=compute_dtype)
+        mod.qweight.copy_(q)
+        mod.scales.copy_(scales)
+        return mod
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).to(dtype)
+
+    def _kernel(self, x2: Tensor, dtype: torch.dtype) -> Tensor:
+        scales = self._cache.get(dtype)
+        if scales is None:
+            scales = self._cache[dtype] = self.scales.to(dtype)
+        return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, scales)
+
+
+def check_int4_shape(in_features: int, out_features: int, group_size: int, name: str = "") -> None:
+    """Raise a ValueError naming the layer when torch's int4 kernels cannot take this shape."""
+    where = f"{name}: " if name else ""
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"{where}unsupported int4 group size {group_size}; choose one of {INT4_GROUP_SIZES}")
+    if in_features % group_size:
+        fits = [g for g in INT4_GROUP_SIZES if in_features % g == 0]
+        hint = f"; group sizes that fit: {fits}" if fits else ""
+        raise ValueError(
+            f"{where}in_features {in_features} is not a multiple of the int4 group size {group_size}{hint}"
+        )
+    if out_features % 16:
+        raise ValueError(f"{where}out_features {out_features} is not a multiple of 16, as torch's int4 kernels need")
+
+
+class Int4Linear(_QuantLinear):
+    """Group-wise 4-bit weights, ``w = (q - 8) * scale + zero`` per group of ``group_size`` inputs.
+
+    ``qweight`` uint8 [N, K/2] holds column 2j in the low nibble and 2j+1 in the high nibble (a portable
+    layout; the device-specific kernel packing is built on first use and cached), ``scales_and_zeros``
+    float32 [K/group, N, 2] is the kernel's own (scale, zero) layout.
+    """
+
+    kind = "int4"
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = DEFAULT_INT4_GROUP, device=None,
+                 compute_dtype=None) -> None:  # fmt: skip
+        check_int4_shape(in_features, out_features, group_size)
+        super().__init__(in_features, out_features, compute_dtype)
+        self.group_size = group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        sz = torch.zeros(in_features // group_size, out_features, 2, dtype=torch.float32, device=device)
+        self.register_buffer("scales_and_zeros", sz)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
+    @classmethod
+    def from_codes(cls, q: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                   compute_dtype: torch.dtype | None = None) -> Int4Linear:  # fmt: skip
+        """From codes q [N, K] in 0..15 and per-group scales/zeros [N, K/group]: w = (q - 8) * scale + zero."""
+        n, k = q.shape
+        mod = cls(k, n, group_size, device=q.device, compute_dtype=compute_dtype)
+        q = q.to(torch.uint8)
+        mod.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
+        mod.scales_and_zeros.copy_(torch.stack((scales.float().t(), zeros.float().t()), dim=-1))
+        return mod
+
+    @classmethod
+    def from_float(cls, weight: Tensor, group_size: int = DEFAULT_INT4_GROUP,
+                   compute_dtype: torch.dtype | None = None) -> Int4Linear:  # fmt: skip
+        w = weight.detach().float()
+        n, k = w.shape
+        check_int4_shape(k, n, group_size)
+        g = w.view(n, k // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scales = ((hi - lo) / 15.0).clamp(min=1e-10)
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15).view(n, k)
+        return cls.from_codes(q, scales, lo + 8.0 * scales, group_size, compute_dtype)
+
+    def codes(self) -> Tensor:
+        """The 4-bit codes as uint8 [N, K]."""
+        q = self.qweight
+        return torch.stack((q & 0x0F, q >> 4), dim=-1).view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        n, k, g = self.out_features, self.in_features, self.group_size
+        sz = self.scales_and_zeros
+        scales, zeros = sz[..., 0].t().unsqueeze(-1), sz[..., 1].t().unsqueeze(-1)  # [N, K/g, 1]
+        q = self.codes().view(n, k // g, g).float()
+        return ((q - 8.0) * scales + zeros).view(n, k).to(dtype)
+
+    def _kernel(self, x2: Tensor, dtype: torch.dtype) -> Tensor:
+        key = (x2.device, dtype)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._cache[key] = self._pack(x2.device, dtype)
+        packed, sz = entry
+        if x2.device.type == "cuda":
+            return torch.ops.aten._weight_int4pack_mm(x2, packed, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+
+    def _pack(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        q = self.codes()
+        if device.type == "cuda":  # the CUDA kernel takes bytes with the even column in the high nibble
+            hi_lo = (q[:, 0::2] << 4) | q[:, 1::2]
+            packed = torch.ops.aten._convert_weight_to_int4pack(hi_lo.contiguous(), 8)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        return packed, self.scales_and_zeros.to(dtype).contiguous()
+
+
+class BlockInt8Linear(_QuantLinear):
+    """GGUF Q8_0: int8 weights with one scale per row and block of ``block`` (32) inputs.
+
+    ``qweight`` int8 [K/block, N, block] and ``scales`` float32 [K/block, N]: block b of row n is
+    ``qweight[b, n] * scales[b, n]``. The product runs the per-channel int8 kernel once per block.
+    """
+
+    kind = "block_int8"
+
+    def __init__(self, in_features: int, out_features: int, block: int = 32, device=None, compute_dtype=None) -> None:
+        if in_features % block:
+            raise ValueError(f"in_features {in_features} is not a multiple of the block size {block}")
+        super().__init__(in_features, out_features, compute_dtype)
+        self.block = block
+        nb = in_features // block
+        self.register_buffer("qweight", torch.zeros(nb, out_features, block, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(nb, out_features, dtype=torch.float32, device=device))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, block={self.block}"
+
+    @classmethod
+    def from_blocks(cls, q: Tensor, scales: Tensor, compute_dtype: torch.dtype | None = None) -> BlockInt8Linear:
+        """From int8 q [N, K] and scales [N, K/block]."""
+        n, k = q.shape
+        block = k // scales.shape[1]
+        mod = cls(k, n, block, device=q.device, compute_dtype=compute_dtype)
+        mod.qweight.copy_(q.view(n, k // block, block).transpose(0, 1))
+        mod.scales.copy_(scales.float().t())
+        return mod
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        w = self.qweight.float() * self.scales.unsqueeze(-1)  # [K/b, N, b]
+        return w.transpose(0, 1).reshape(self.out_features, self.in_features).to(dtype)
+
+    def _kernel(self, x2: Tensor, dtype: torch.dtype) -> Tensor:
+        scales = self._cache.get(dtype)
+        if scales is None:
+            scales = self._cache[dtype] = self.scales.to(dtype)
+        blocks = x2.view(x2.shape[0], -1, self.block)
+        out = None
+        for b in range(self.qweight.shape[0]):  # accumulate in float32: one rounding per block, not per sum
+            part = torch.ops.aten._weight_int8pack_mm(blocks[:, b], self.qweight[b], scales[b]).float()
+            out = part if out is None else out.add_(part)
+        assert out is not None
+        return out
+
+
+QUANT_MODULES: dict[str, type[_QuantLinear]] = {m.kind: m for m in (Int8Linear, Int4Linear, BlockInt8Linear)}
+
+
+# Whole models ------------------------------------------------------------------------------------------
+def _target_linears(model: nn.Module) -> Iterable[tuple[str, nn.Linear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and _LINEAR_NAMES.search(name):
+            yield name, mod
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer, scheme: str = "int8", group_size: int | None = None,
+                   compute_dtype: torch.dtype | None = None) -> Transformer:  # fmt: skip
+    """Swap the attention/FFN linears and the output head for int8 or int4 modules, in place.
+
+    Shapes are checked for every layer before anything changes, so a failure leaves the model intact.
+    A tied output head is quantized as its own copy (the embedding table stays float).
+    """
+    kind, group = parse_scheme(scheme, group_size)
+    targets = list(_target_linears(model))
+    if kind == "int4":
+        for name, lin in targets:
+            check_int4_shape(lin.in_features, lin.out_features, group, name)  # type: ignore[arg-type]
+    for name, lin in targets:
+        if kind == "int8":
+            new: nn.Module = Int8Linear.from_float(lin.weight, compute_dtype)
+        else:
+            new = Int4Linear.from_float(lin.weight, group, compute_dtype)  # type: ignore[arg-type]
+        _set_module(model, name, new)
+    model.quantization = {"scheme": kind, "group_size": group}  # type: ignore[assignment]
+    return model
+
+
+def quantized_modules(model: nn.Module) -> dict[str, _QuantLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _QuantLinear)}
+
+
+# GGUF blocks -> quantized modules ------------------------------------------------------------------------
+def _f16(b: Tensor) -> Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Q4_K's 12 bytes of packed 6-bit scales and mins -> (scales, mins) uint8 [n, 8]."""
+    s = s.reshape(-1, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
+    mn = torch.cat((m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)), dim=-1)
+    return sc, mn
+
+
+def gguf_codes(data: Tensor, qtype: Any, shape: tuple[int, int]) -> tuple[str, Tensor, Tensor, Tensor | None]:
+    """Decode GGUF blocks [N, bytes_per_row] of a 2-D weight into quantized codes, without dequantizing.
+
+    Returns ("int4", q [N, K] in 0..15, scales [N, K/32], zeros [N, K/32]) for Q4_0/Q4_1/Q4_K, in the
+    int4 kernel's convention ``w = (q - 8) * scale + zero``, or ("block_int8", q int8 [N, K], scales
+    [N, K/32], None) for Q8_0. Raises ValueError for other types.
+    """
+    from gguf import GGMLQuantizationType as Q
+
+    qtype = Q(qtype)
+    n, k = shape
+    b = data.reshape(n, -1)
+    if qtype == Q.Q8_0:
+        blk = b.view(n, k // 32, 34)
+        return "block_int8", blk[..., 2:].contiguous().view(torch.int8).view(n, k), _f16(blk[..., :2])[..., 0], None
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        size = 18 if qtype == Q.Q4_0 else 20
+        blk = b.view(n, k // 32, size)
+        qs = blk[..., size - 16 :]
+        q = torch.cat((qs & 0x0F, qs >> 4), dim=-1).view(n, k)  # low nibbles are weights 0..15
+        d = _f16(blk[..., :2])[..., 0]
+        if qtype == Q.Q4_0:  # w = d * (q - 8)
+            return "int4", q, d, torch.zeros_like(d)
+        m = _f16(blk[..., 2:4])[..., 0]  # w = d * q + m = (q - 8) * d + (m + 8 d)
+        return "int4", q, d, m + 8.0 * d
+    if qtype == Q.Q4_K:
+        blk = b.view(n * (k // 256), 144)
+        d, dmin = _f16(blk[:, :2]), _f16(blk[:, 2:4])
+        sc, mn = _k_scale_min(blk[:, 4:16])
+        scales = (d * sc.float()).view(n, k // 32)
+        mins = (dmin * mn.float()).view(n, k // 32)
+        qs = blk[:, 16:].reshape(-1, 4, 32)  # each 32 bytes: 32 low nibbles, then 32 high nibbles
+        q = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(n, k)
+        return "int4", q, scales, 8.0 * scales - mins  # w = scale * q - min
+    raise ValueError(f"GGUF type {qtype.name} has no quantized runtime; supported: Q8_0, Q4_0, Q4_1, Q4_K")
+
+
+GGUF_RUNTIME_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")
+
+
+def gguf_linear(
+    data: Tensor, qtype: Any, shape: tuple[int, int], compute_dtype: torch.dtype | None = None
+) -> _QuantLinear:
+    """A quantized linear module holding a GGUF matrix's weights as stored (see ``gguf_codes``)."""
+    kind, q, scales, zeros = gguf_codes(data, qtype, shape)
+    if kind == "block_int8":
+        return BlockInt8Linear.from_blocks(q, scales, compute_dtype)
+    assert zeros is not None
+    return Int4Linear.from_codes(q, scales, zeros, 32, compute_dtype)
+
+
+@torch.no_grad()
+def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float32,
+                        compute_dtype: torch.dtype | None = None) -> Transformer:  # fmt: skip
+    """Load a GGUF file keeping Q8_0/Q4_0/Q4_1/Q4_K matrices quantized (other tensors become `dtype`).
+
+    Weight matrices of other types (F16, Q6_K, ...) are dequantized into float linears. A tied output
+    head gets its own quantized copy of the embedding blocks; the embedding table itself is float.
+    """
+    from gguf import GGMLQuantizationType as Q
+
+    from .checkpoint import gguf as gguf_format
+
+    device = torch.device(device or "cpu")
+    config = gguf_format.read_config(path)
+    raw = gguf_format.read_raw(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = dict(model.state_dict())
+    linear_names = {f"{n}.weight" for n, _ in _target_linears(model)}
+    if config.tie_embeddings and "output.weight" not in raw:
+        raw = {**raw, "output.weight": raw["tok_embeddings.weight"]}
+    elif "output.weight" in raw and config.tie_embeddings:
+        config = config.replace(tie_embeddings=False)
+        model.config = config
+    model.output = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")  # untie on meta
+    for name, t in raw.items():
+        if name not in expected:
+            raise ValueError(f"{path}: unexpected tensor {name!r}")
+        if name in linear_names and t.qtype.name in GGUF_RUNTIME_TYPES:
+            mod = gguf_linear(t.data, t.qtype, tuple(t.shape), compute_dtype).to(device)
+            _set_module(model, name.rsplit(".", 1)[0], mod)
+        else:
+            value = t.dequantize() if t.qtype != Q.F32 else t.data.view(torch.float32).view(t.shape)
+            owner, _, attr = name.rpartition(".")
+            tensor = value.to(device=device, dtype=dtype if name not in ("rope_freqs",) else torch.float32)
+            setattr(model.get_submodule(owner), attr, nn.Parameter(tensor.clone(), requires_grad=False))
+    meta_left = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta_left:
+        raise ValueError(f"{path}: missing tensors {', '.join(meta_left[:5])}")
+    model.reset_buffers()
+    model.quantization = {"scheme": "gguf"}  # type: ignore[assignment]
+    return model.eval()
+
+
+# Saving and loading ----------------------------------------------------------------------------------------
+def _config_dict(config: ModelConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d.pop("extra", None)
+    return d
+
+
+def save_quantized(model: Transformer, path: str | os.PathLike) -> Path:
+    """Write a quantized model as a directory: ``model.safetensors`` + ``quantization.json`` (atomically)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_output
+
+    path = Path(path)
+    modules = quantized_modules(model)
+    if not modules:
+        raise ValueError("model has no quantized layers; call quantize_model() first (or save it as a checkpoint)")
+    tensors: dict[str, Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, t in model.state_dict().items():
+        if model.config.tie_embeddings and name == "output.weight":
+            continue
+        key = t.data_ptr()
+        if key in seen and t.numel():  # shared storage (tied weights): safetensors stores each once
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    meta = {
+        "format_version": QUANT_FORMAT_VERSION,
+        "quantization": getattr(model, "quantization", None),
+        "config": _config_dict(model.config),
+        "modules": {
+            n: {"kind": m.kind, **({"group_size": m.group_size} if isinstance(m, Int4Linear) else {}),
+                **({"block": m.block} if isinstance(m, BlockInt8Linear) else {})}
+            for n, m in modules.items()
+        },
+    }  # fmt: skip
+    with atomic_output(path, is_dir=True) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "llamaforge-quantized"})
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / META_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
+@torch.no_grad()
+def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None) -> Transformer:
+    """Read a directory written by ``save_quantized``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not is_quantized_dir(path):
+        raise FileNotFoundError(f"{path}: not a quantized llamaforge model (expected {META_FILE} and {WEIGHTS_FILE})")
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        cfg = dict(meta["config"])
+        if cfg.get("rope_scaling"):
+            cfg["rope_scaling"] = RopeScaling(**cfg["rope_scaling"])
+        config = ModelConfig(**cfg)
+        modules = meta["modules"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path / META_FILE}: malformed quantization metadata: {exc}") from exc
+    if meta.get("format_version") != QUANT_FORMAT_VERSION:
+        raise ValueError(f"{path / META_FILE}: unsupported format_version {meta.get('format_version')!r}")
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.tie_embeddings:
+        model.output = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
+    for name, spec in modules.items():
+        kind = spec.get("kind")
+        if kind not in QUANT_MODULES:
+            raise ValueError(f"{path / META_FILE}: module {name!r} has unknown kind {kind!r}")
+        lin = model.get_submodule(name)
+        args = {k: spec[k] for k in ("group_size", "block") if k in spec}
+        _set_module(model, name, QUANT_MODULES[kind](lin.in_features, lin.out_features, device="meta", **args))
+    expected = model.state_dict()
+    seen = set()
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt", device=str(device)) as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            if key not in expected:
+                raise ValueError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r}")
+            t = f.get_tensor(key)
+            if tuple(t.shape) != tuple(expected[key].shape):
+                raise ValueError(f"{path / WEIGHTS_FILE}: {key!r} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(expected[key].shape)}")  # fmt: skip
+            owner, _, attr = key.rpartition(".")
+            mod = model.get_submodule(owner)
+            if attr in mod._buffers:
+                mod._buffers[attr] = t
+            else:
+                setattr(mod, attr, nn.Parameter(t, requires_grad=False))
+            seen.add(key)
+    missing = [k for k in expected if k not in seen and not (config.tie_embeddings and k == "output.weight")]
+    if missing:
+        raise ValueError(f"{path / WEIGHTS_FILE}: missing tensors {', '.join(missing[:5])}")
+    if config.tie_embeddings and not isinstance(model.output, _QuantLinear):
+        model.output.weight = model.tok_embeddings.weight
+    model.reset_buffers()
+    model.quantization = meta.get("quantization")  # type: ignore[assignment]
+    return model.eval()
+
+
+__all__ = ["GGUF_RUNTIME_TYPES", "SCHEMES", "BlockInt8Linear", "Int4Linear", "Int8Linear", "gguf_codes",
+           "gguf_linear", "is_quantized_dir", "load_gguf_quantized", "load_quantized", "parse_scheme",
+           "quantize_model", "quantized_modules", "save_quantized"]  # fmt: skip

@@ -1,0 +1,157 @@
+"""Weight-only quantization: int8/int4 linears, GGUF-block linears, whole models, save/load, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from llamaforge.config import get_preset
+from llamaforge.gguf_quants import dequantize, quantize
+from llamaforge.model import build_model
+from llamaforge.quantize import (
+    BlockInt8Linear,
+    Int4Linear,
+    Int8Linear,
+    gguf_linear,
+    load_quantized,
+    parse_scheme,
+    quantize_model,
+    quantized_modules,
+    save_quantized,
+)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def weight() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(96, 256) * 0.05
+
+
+def test_int8_linear_matches_float(weight):
+    x = torch.randn(3, 5, 256)
+    ref = x @ weight.t()
+    mod = Int8Linear.from_float(weight)
+    # Each weight is off by at most half a step of its row's scale.
+    step = weight.abs().amax(1, keepdim=True) / 127
+    assert ((mod.dequantize() - weight).abs() <= step / 2 + 1e-7).all()
+    exact = Int8Linear.from_float(weight, compute_dtype=torch.float32)
+    torch.testing.assert_close(exact(x[:, :2]), x[:, :2] @ exact.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert _rel_err(mod(x[:, :2]), ref[:, :2]) < 0.02  # bfloat16 activations + int8 weights
+    assert mod(x).shape == (3, 5, 96)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_linear_matches_float(weight, group):
+    x = torch.randn(2, 256)
+    mod = Int4Linear.from_float(weight, group)
+    g = weight.view(96, -1, group)
+    step = (g.amax(-1) - g.amin(-1)) / 15
+    err = (mod.dequantize() - weight).view(96, -1, group).abs()
+    assert (err <= step.unsqueeze(-1) / 2 + 1e-6).all()
+    exact = Int4Linear.from_float(weight, group, compute_dtype=torch.float32)
+    torch.testing.assert_close(exact(x), x @ exact.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert _rel_err(mod(x), x @ weight.t()) < 0.15  # 4-bit weights: a few percent of noise
+
+
+def test_large_batches_take_the_dequantized_path(weight):
+    mod = Int4Linear.from_float(weight, 32)
+    x = torch.randn(64, 256)
+    torch.testing.assert_close(mod(x), x @ mod.dequantize().t())
+    # The kernel path (few rows) agrees with it up to bfloat16 rounding of the activations.
+    assert _rel_err(mod(x[:4]), x[:4] @ mod.dequantize().t()) < 0.01
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0])
+def test_gguf_block_linear_equals_dequantized_matmul(weight, qtype):
+    blocks = quantize(weight, qtype)
+    ref_w = dequantize(blocks, qtype, tuple(weight.shape))
+    mod = gguf_linear(blocks, qtype, tuple(weight.shape), compute_dtype=torch.float32)
+    assert isinstance(mod, BlockInt8Linear if qtype == Q.Q8_0 else Int4Linear)
+    torch.testing.assert_close(mod.dequantize(), ref_w, rtol=1e-6, atol=1e-7)
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(mod(x), x @ ref_w.t(), rtol=1e-5, atol=1e-5)
+    fast = gguf_linear(blocks, qtype, tuple(weight.shape))  # default bfloat16 activations on CPU
+    assert _rel_err(fast(x), x @ ref_w.t()) < 0.01
+
+
+def test_gguf_q4_k_blocks():
+    torch.manual_seed(1)
+    n, k = 32, 512
+    blocks = torch.randint(0, 256, (n, k // 256, 144), dtype=torch.uint8)
+    blocks[..., 0:2] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)  # d
+    blocks[..., 2:4] = torch.tensor([0.002], dtype=torch.float16).view(torch.uint8)  # dmin
+    blocks = blocks.view(n, -1)
+    ref_w = dequantize(blocks, Q.Q4_K, (n, k))
+    mod = gguf_linear(blocks, Q.Q4_K, (n, k), compute_dtype=torch.float32)
+    torch.testing.assert_close(mod.dequantize(), ref_w, rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, k)
+    torch.testing.assert_close(mod(x), x @ ref_w.t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-g32"])
+def test_quantized_tiny_model_logits_close_to_float(scheme):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    tokens = torch.randint(0, 512, (2, 12))
+    with torch.inference_mode():
+        ref = model(tokens)
+        quantize_model(model, scheme)
+        out = model(tokens)
+    names = set(quantized_modules(model))
+    assert "output" in names and "layers.1.feed_forward.w2" in names and "layers.0.attention.wq" in names
+    assert isinstance(model.tok_embeddings, torch.nn.Embedding)
+    assert _rel_err(out, ref) < (0.03 if scheme == "int8" else 0.2)
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert kl.item() < (1e-3 if scheme == "int8" else 2e-2)
+
+
+def test_tied_head_is_quantized_as_a_copy():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny").replace(tie_embeddings=True)).eval()
+    emb = model.tok_embeddings.weight.clone()
+    quantize_model(model, "int8")
+    assert isinstance(model.output, Int8Linear)
+    assert torch.equal(model.tok_embeddings.weight, emb)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_save_load_round_trip(tmp_path, scheme):
+    torch.manual_seed(0)
+    model = quantize_model(build_model(get_preset("tiny").replace(tie_embeddings=True)).eval(), scheme)
+    save_quantized(model, tmp_path / "q")
+    back = load_quantized(tmp_path / "q")
+    assert set(quantized_modules(back)) == set(quantized_modules(model))
+    tokens = torch.randint(0, 512, (1, 10))
+    with torch.inference_mode():
+        torch.testing.assert_close(back(tokens), model(tokens), rtol=0, atol=0)
+    # The cache and generation path works on the loaded model too.
+    back.setup_caches(1, 32)
+    with torch.inference_mode():
+        step = back(tokens[:, :1], torch.tensor([0]), cache_len=16)
+    assert step.shape == (1, 1, 512)
+
+
+def test_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        parse_scheme("int3")
+    with pytest.raises(ValueError, match="unsupported int4 group size 48"):
+        parse_scheme("int4", group_size=48)
+    with pytest.raises(ValueError, match="names group size 64"):
+        parse_scheme("int4-g64", group_size=32)
+    model = build_model(get_preset("tiny")).eval()
+    with pytest.raises(ValueError, match=r"feed_forward.w2: in_features 160 is not a multiple .* 64"):
+        quantize_model(model, "int4-g64")
+    assert not quantized_modules(model)  # checked before anything changed
+    with pytest.raises(ValueError, match="out_features 40 is not a multiple of 16"):
+        Int4Linear.from_float(torch.randn(40, 64), 32)
+    with pytest.raises(ValueError, match="no quantized layers"):
+        save_quantized(model, tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match=r"quantization\.json"):
+        load_quantized(tmp_path)
+    with pytest.raises(ValueError, match="has no quantized runtime"):
+        gguf_linear(torch.zeros(4, 2 * 64, dtype=torch.uint8), Q.F16, (4, 64))
