@@ -1,0 +1,229 @@
+"""Verbs `download`, `generate` and `chat`: thin wrappers over llamaforge.hub and llamaforge.generate."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import Any
+
+from ..errors import UserError
+from ..hub import DEFAULT_MODEL
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}  # fmt: skip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("download", help="fetch a built-in model or a Hugging Face hub repository into the cache",
+                              description="Download NAME (a built-in model such as smollm2-135m-instruct, or a hub "
+                              "id owner/name) into the local cache and print where it is.")  # fmt: skip
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"model to fetch (default: {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--offline", action="store_true", help="only look in the local cache (also: HF_HUB_OFFLINE=1)")
+    p.set_defaults(handler=_download)
+
+    p = subparsers.add_parser("generate", help="complete a prompt", description="Print the model's continuation "
+                              "of --prompt (or of stdin when --prompt is '-').")  # fmt: skip
+    _model_args(p)
+    p.add_argument("--prompt", "-p", required=True, help="the text to continue ('-' reads stdin)")
+    _sampling_args(p, temperature=0.7)
+    p.add_argument("--logprobs", type=int, metavar="N", help="also print each token's logprob and the top N")
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="print the text only when done")
+    p.add_argument("--draft", metavar="MODEL", help="speculative decoding with this smaller model (same tokenizer)")
+    p.add_argument("--num-speculative", type=int, default=4, help="draft tokens per step (default 4)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
+    p.set_defaults(handler=_generate)
+
+    p = subparsers.add_parser("chat", help="talk with a model in its chat format",
+                              description="Interactive chat. Commands: /reset (forget the conversation), /system "
+                              "TEXT (set the system prompt and reset), /exit. Ctrl-D or Ctrl-C at the prompt quits; "
+                              "Ctrl-C while the model answers stops the answer.")  # fmt: skip
+    _model_args(p)
+    _sampling_args(p, temperature=0.7, max_new_tokens=512)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(handler=_chat)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf"],
+        help="weight-only quantization applied on load; 'gguf' runs a GGUF file's own blocks quantized",
+    )
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", "-t", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, help="fixed seed: the same text every run")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not printed")
+
+
+def _sampling_params(args: argparse.Namespace, **extra: Any):
+    from ..sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=args.stop, **extra)  # fmt: skip
+
+
+def _setup_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        return
+    try:  # containers often allow fewer cores than the machine has: never oversubscribe them
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), allowed)))
+
+
+def load_for_cli(args: argparse.Namespace, model: str | None = None):
+    """Load --model on --device/--dtype, quantize it when asked; used by every verb that runs a model."""
+    import torch
+
+    import llamaforge
+
+    _setup_threads(getattr(args, "threads", None))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    return llamaforge.load(model or args.model, device=device, dtype=dtype, quantize=args.quantize)
+
+
+# Verbs ----------------------------------------------------------------------------------------------
+def _download(args: argparse.Namespace) -> int:
+    from .. import hub
+
+    key = args.name.lower()
+    if key in hub.BUILTIN_MODELS:
+        path = hub.builtin_model_path(key, download=not args.offline)
+    elif hub.is_hub_id(args.name):
+        offline = args.offline or None
+        path = hub.hub_download(args.name, revision=args.revision, offline=offline)
+    else:
+        known = ", ".join(sorted(hub.BUILTIN_MODELS))
+        raise UserError(f"unknown model {args.name!r}: not a built-in model ({known}) nor a hub id (owner/name)")
+    print(path)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ..generate import prompt_ids, speculative_generate, stream_events
+
+    params = _sampling_params(args, logprobs=args.logprobs)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = load_for_cli(args)
+    start = time.perf_counter()
+    if args.draft:
+        draft = load_for_cli(args, model=args.draft)
+        completion = speculative_generate(llm, draft, prompt_ids(llm, prompt), params, args.num_speculative)
+        sys.stdout.write(completion.text)
+        tokens, logprobs, finish = completion.token_ids, completion.logprobs, completion.finish_reason
+    else:
+        tokens, logprobs, parts, finish = [], [], [], None
+        for ev in stream_events(llm, prompt, params, compile=args.compile):
+            tokens += ev.token_ids
+            logprobs += ev.logprobs or []
+            finish = ev.finish_reason or finish
+            if args.stream:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            else:
+                parts.append(ev.text)
+        if not args.stream:
+            sys.stdout.write("".join(parts))
+    sys.stdout.write("\n")
+    if args.logprobs is not None:
+        _print_logprobs(logprobs)
+    if args.verbose:
+        seconds = time.perf_counter() - start
+        print(f"[{len(tokens)} tokens in {seconds:.2f} s, {len(tokens) / seconds:.1f} tok/s, finish: {finish}]",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _print_logprobs(entries: list) -> None:
+    print("token\tlogprob\ttop alternatives")
+    for e in entries:
+        top = "  ".join(f"{t.token!r}:{t.logprob:.3f}" for t in e.top)
+        print(f"{e.token!r}\t{e.logprob:.4f}\t{top}")
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from ..generate import chat_prompt_ids, stream_events
+
+    params = _sampling_params(args)
+    llm = load_for_cli(args)
+    tokenizer = llm.require_tokenizer()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - line editing and history for input()
+        print(f"Chatting with {args.model}. /reset, /system TEXT, /exit; Ctrl-D to quit.", file=sys.stderr)
+    system = args.system
+    history: list[dict[str, str]] = []
+
+    def messages() -> list[dict[str, str]]:
+        return ([{"role": "system", "content": system}] if system else []) + history
+
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system") :].strip() or None
+            history.clear()
+            print("(system prompt set; conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            events = stream_events(llm, chat_prompt_ids(tokenizer, messages()), params, compile=args.compile)
+        except ValueError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
+            history.pop()
+            print(f"error: {exc} (use /reset)", file=sys.stderr)
+            continue
+        reply = []
+        try:
+            for ev in events:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+                reply.append(ev.text)
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            events.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})

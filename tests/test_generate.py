@@ -1,0 +1,306 @@
+"""The generation engine on tiny random models: greedy against a cache-free reference loop, batching,
+continuous batching, stop conditions, streaming, logprobs, speculative decoding and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaforge.config import get_preset
+from llamaforge.generate import Engine, IncrementalDetokenizer, StopStringMatcher, generate, speculative_generate
+from llamaforge.llm import LLM
+from llamaforge.model import build_model
+from llamaforge.sampling import SamplingParams
+
+BOS, EOS, USER, ASSISTANT, END = 256, 257, 258, 259, 260
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ByteTokenizer:
+    """Byte-level test tokenizer: ids 0..255 are bytes (so characters span tokens), then specials."""
+
+    bos_id, eos_id = BOS, EOS
+    stop_ids = frozenset({EOS, END})
+    add_bos_default = True
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return ([BOS] if bos else []) + list(text.encode()) + ([EOS] if eos else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        ids = [BOS]
+        for m in messages:
+            ids += [USER if m["role"] == "user" else ASSISTANT, *m["content"].encode(), END]
+        return ids + ([ASSISTANT] if add_generation_prompt else [])
+
+
+def tiny_llm(preset: str = "tiny", seed: int = 0, **overrides) -> LLM:
+    torch.manual_seed(seed)
+    model = build_model(get_preset(preset, **overrides)).eval()
+    return LLM(model=model, tokenizer=ByteTokenizer(), config=model.config, source=preset)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return tiny_llm()
+
+
+def reference_greedy(llm: LLM, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding by re-running the whole sequence each step: no cache, no engine."""
+    seq = list(ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            seq.append(int(llm.model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(ids) :]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mha", "tiny-moe"])
+def test_greedy_matches_the_reference_loop(preset):
+    llm = tiny_llm(preset)
+    ids = ByteTokenizer().encode("hello, world: the prompt crosses a chunk", bos=True)
+    out = generate(llm, ids, max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert out.token_ids == reference_greedy(llm, ids, 24)
+    assert out.finish_reason == "length" and out.prompt_tokens == len(ids)
+
+
+def test_chunked_prefill_matches_one_pass(llm):
+    ids = list(range(1, 200))
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    results = []
+    for chunk in (512, 16):
+        engine = Engine(llm, max_batch=1, max_seq_len=256, prefill_chunk=chunk)
+        results.append(engine.run([engine.add(ids, params)])[0].token_ids)
+    assert results[0] == results[1] == reference_greedy(llm, ids, 8)
+
+
+def test_a_batch_equals_each_prompt_alone(llm):
+    prompts = ["a", "a much longer prompt than the others", "xyz", "héllo wörld"]
+    batch = llm.generate(prompts, max_new_tokens=16, temperature=0, ignore_eos=True)
+    assert isinstance(batch, list) and len(batch) == 4
+    for prompt, result in zip(prompts, batch):
+        alone = llm.generate(prompt, max_new_tokens=16, temperature=0, ignore_eos=True)
+        assert result.token_ids == alone.token_ids
+        assert result.text == alone.text
+
+
+def test_more_prompts_than_slots_are_queued(llm):
+    prompts = [[BOS, *f"prompt {i}".encode()] for i in range(5)]
+    batch = llm.generate(prompts, max_new_tokens=6, temperature=0, ignore_eos=True, max_batch=2)
+    assert [r.token_ids for r in batch] == [reference_greedy(llm, p, 6) for p in prompts]
+
+
+def test_seeded_sampling_in_a_batch_equals_alone(llm):
+    opts = dict(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
+    batch = llm.generate(["first", "second prompt"], **opts)
+    assert batch[1].token_ids == llm.generate("second prompt", **opts).token_ids
+
+
+def test_continuous_batching_join_leave_and_cancel(llm):
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    prompts = {name: ByteTokenizer().encode(name, bos=True) for name in ("alpha", "beta prompt", "gamma", "delta!")}
+    engine = Engine(llm, max_batch=2, max_seq_len=64)
+    a = engine.add(prompts["alpha"], params)
+    engine.step()
+    engine.step()
+    b = engine.add(prompts["beta prompt"], params)  # joins a running batch
+    c = engine.add(prompts["gamma"], params)  # waits for a free slot
+    engine.step()
+    engine.cancel(a)  # frees slot 0 at once: gamma takes it at the next step, beta sits in slot 1
+    d = engine.add(prompts["delta!"], SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    tokens: dict[int, list[int]] = {a: [], b: [], c: [], d: []}
+    finish: dict[int, str] = {}
+    while engine.has_work:
+        for ev in engine.step():
+            tokens[ev.handle] += ev.token_ids
+            if ev.finished:
+                finish[ev.handle] = ev.finish_reason
+    assert finish == {a: "cancelled", b: "length", c: "length", d: "length"}
+    for name, h, n in (("beta prompt", b, 10), ("gamma", c, 10), ("delta!", d, 3)):
+        result = engine.result(h)
+        assert result.token_ids == reference_greedy(llm, prompts[name], n), name
+        assert len(result.token_ids) == n
+    assert engine.slots == [None, None]
+
+
+def test_a_fixed_seed_gives_the_same_text(llm):
+    opts = dict(max_new_tokens=20, temperature=0.8, top_k=40, seed=1234, ignore_eos=True)
+    first = llm.generate("once upon a time", **opts)
+    assert llm.generate("once upon a time", **opts).token_ids == first.token_ids
+    assert llm.generate("once upon a time", **{**opts, "seed": 1235}).token_ids != first.token_ids
+
+
+def test_stream_yields_the_same_text_as_generate(llm):
+    opts = dict(max_new_tokens=40, temperature=1.0, seed=3, ignore_eos=True)
+    pieces = list(llm.stream("héllo", **opts))
+    assert "".join(pieces) == llm.generate("héllo", **opts).text
+    assert all(pieces)
+
+
+def test_stream_closed_early_frees_the_engine(llm):
+    it = llm.stream("abc", max_new_tokens=50, temperature=0, ignore_eos=True)
+    next(it)
+    it.close()
+    assert llm.generate("abc", max_new_tokens=5, temperature=0, ignore_eos=True).finish_reason == "length"
+
+
+def test_stop_token_ends_generation(llm):
+    ids = ByteTokenizer().encode("stop here", bos=True)
+    free = reference_greedy(llm, ids, 8)
+    stop_at = free[3]
+    out = llm.generate(ids, max_new_tokens=8, temperature=0, stop_token_ids=[stop_at])
+    first = free.index(stop_at)
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free[: first + 1]  # the stop token is reported, its text is not
+    assert out.text == ByteTokenizer().decode(free[:first]).rstrip("\ufffd") or out.text
+
+
+def test_stop_string_spanning_tokens_is_not_emitted(llm):
+    # Every character spans at least one byte token; the stop string spans several.
+    full = llm.generate("a prompt", max_new_tokens=40, temperature=0, ignore_eos=True)
+    text = full.text
+    stop = next(text[i : i + 3] for i in range(5, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    out = llm.generate("a prompt", max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.index(stop)]
+    streamed = "".join(llm.stream("a prompt", max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop]))
+    assert streamed == out.text
+
+
+def test_stop_string_matcher_holds_back_possible_starts():
+    m = StopStringMatcher(["<|end|>", "STOP"])
+    assert m.push("Hello <") == ("Hello ", False)
+    assert m.push("|e") == ("", False)
+    assert m.push("nd|> trailing") == ("", True)
+    m = StopStringMatcher(["<|end|>"])
+    assert m.push("a <|") == ("a ", False)
+    assert m.push("x") == ("<|x", False)  # a false alarm is released
+    assert m.push("tail <", final=True) == ("tail <", False)
+
+
+def test_incremental_detokenizer_emits_complete_characters_only():
+    tok = ByteTokenizer()
+    ids = list("aé€😀".encode())
+    detok = IncrementalDetokenizer(tok.decode)
+    pieces = [detok.add(i) for i in ids]
+    assert "".join(pieces) + detok.flush() == "aé€😀"
+    assert all("\ufffd" not in p for p in pieces)
+    assert [p for p in pieces if p] == ["a", "é", "€", "😀"]
+
+
+def test_logprobs(llm):
+    ids = ByteTokenizer().encode("logprobs", bos=True)
+    out = llm.generate(ids, max_new_tokens=4, temperature=0, logprobs=3, ignore_eos=True)
+    assert len(out.logprobs) == 4
+    seq = ids + out.token_ids
+    with torch.inference_mode():
+        ref = torch.log_softmax(llm.model(torch.tensor([seq]))[0].float(), -1)
+    for i, entry in enumerate(out.logprobs):
+        row = ref[len(ids) - 1 + i]
+        assert entry.token_id == out.token_ids[i]
+        assert entry.logprob == pytest.approx(row[entry.token_id].item(), abs=1e-4)
+        assert len(entry.top) == 3
+        assert entry.top[0].token_id == entry.token_id  # greedy picks the top one
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+    assert llm.generate(ids, max_new_tokens=2).logprobs is None
+
+
+def test_chat_uses_the_chat_format(llm):
+    messages = [{"role": "user", "content": "hi"}]
+    out = llm.chat(messages, max_new_tokens=5, temperature=0, ignore_eos=True)
+    prompt = ByteTokenizer().format_chat(messages)
+    assert out.prompt_tokens == len(prompt)
+    assert out.token_ids == reference_greedy(llm, prompt, 5)
+    assert "".join(llm.chat(messages, stream=True, max_new_tokens=5, temperature=0, ignore_eos=True)) == out.text
+
+
+def test_generation_stops_at_the_end_of_the_context(llm):
+    ids = [1] * (llm.config.max_seq_len - 3)
+    out = llm.generate(ids, max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_equals_target_greedy(llm, k):
+    ids = ByteTokenizer().encode("speculate", bos=True)
+    target = llm.generate(ids, max_new_tokens=30, temperature=0, ignore_eos=True).token_ids
+    same = llm.generate(ids, max_new_tokens=30, temperature=0, ignore_eos=True, draft=llm, num_speculative=k)
+    assert same.token_ids == target
+    other = tiny_llm("tiny", seed=5, n_layers=1)
+    diff = llm.generate(ids, max_new_tokens=30, temperature=0, ignore_eos=True, draft=other, num_speculative=k)
+    assert diff.token_ids == target and diff.finish_reason == "length"
+
+
+def test_speculative_sampling_is_seeded_and_respects_stops(llm):
+    other = tiny_llm("tiny", seed=5, n_layers=1)
+    params = SamplingParams(max_new_tokens=25, temperature=0.8, top_k=50, seed=9, ignore_eos=True)
+    ids = ByteTokenizer().encode("x", bos=True)
+    first = speculative_generate(llm, other, ids, params, 4)
+    assert speculative_generate(llm, other, ids, params, 4).token_ids == first.token_ids
+    assert len(first.token_ids) == 25
+    stop_tok = first.token_ids[5]
+    stopped = speculative_generate(llm, other, ids, params.replace(stop_token_ids=[stop_tok]), 4)
+    assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == stop_tok
+    assert stop_tok not in stopped.token_ids[:-1]
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """One step: the first token's frequencies from draft-then-verify match the target's distribution."""
+    target, draft = tiny_llm("tiny", seed=0, vocab_size=8), tiny_llm("tiny", seed=1, vocab_size=8)
+    ids = [1, 2, 3]
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([[*ids, 0]]))[0].float()
+    n = 300
+    counts = torch.zeros(8)
+    for seed in range(n):  # second token is produced by the verification step
+        out = speculative_generate(target, draft, ids, SamplingParams(max_new_tokens=2, seed=seed), 1)
+        if out.token_ids[0] == 0:
+            counts[out.token_ids[1]] += 1
+    p = logits[-1].softmax(-1)
+    total = counts.sum()
+    assert total > 10
+    assert (counts / total - p).abs().max() < 4 * (0.25 / total).sqrt() + 0.02
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"),
+     ({"top_p": 0}, "top_p"), ({"bogus": 1}, "bogus")],
+)  # fmt: skip
+def test_bad_options_raise_value_errors(llm, options, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate("x", **options)
+
+
+def test_prompts_that_do_not_fit_raise(llm):
+    with pytest.raises(ValueError, match="context of 256"):
+        llm.generate([1] * 300, max_new_tokens=4)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([], max_new_tokens=4)
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([1, 99999], max_new_tokens=4)
+
+
+def test_text_prompt_without_tokenizer_is_an_error():
+    llm = tiny_llm()
+    llm.tokenizer = None
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("text", max_new_tokens=2)
+    assert len(llm.generate([1, 2, 3], max_new_tokens=2, ignore_eos=True).token_ids) == 2
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(llm):
+    ids = ByteTokenizer().encode("compile", bos=True)
+    eager = llm.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True)
+    compiled = llm.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True, compile=True)
+    assert compiled.token_ids == eager.token_ids
