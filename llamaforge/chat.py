@@ -1,0 +1,263 @@
+"""Chat prompt formats: Llama 2 ``[INST] <<SYS>>``, Llama 3 and 4 headers, Code Llama Instruct, jinja templates.
+
+``format_chat(messages, template)`` returns the prompt text. ``render_chat`` returns the same text as
+parts ``(text, allow_special)``, split where the format's reference implementation encodes separately, so
+that ``Tokenizer.encode_chat`` gives token for token what Meta's code gives (the content of a message is
+ordinary text there, even if it spells a special token). A jinja template renders to one part whose
+special-token text is parsed, as ``transformers``' ``apply_chat_template(tokenize=True)`` does.
+
+Templates come from model files, so they are untrusted: they run in jinja2's ImmutableSandboxedEnvironment
+with the same extras as transformers (``raise_exception``, ``strftime_now``, a ``tojson`` that does not
+escape HTML, ``{% generation %}``, loop controls). Reaching for an unsafe attribute (``__class__``,
+``__subclasses__``, ...) raises ``ChatTemplateError`` at once instead of rendering an empty string.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+NAMED_FORMATS = ("llama2", "llama3", "llama4", "codellama")
+Part = tuple[str, bool]  # (text, whether special-token text in it is parsed)
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be rendered: a syntax error, its own raise_exception, or a sandbox violation."""
+
+
+def format_chat(
+    messages: list[dict[str, Any]], template: str = "llama3", add_generation_prompt: bool = True, **kwargs: Any
+) -> str:
+    """The prompt text for `messages` in `template`: a named format (see NAMED_FORMATS) or a jinja template.
+
+    Keyword arguments reach a jinja template as variables (``bos_token``, ``eos_token``, ``tools``, ...).
+    """
+    return "".join(text for text, _ in render_chat(messages, template, add_generation_prompt, **kwargs))
+
+
+def render_chat(
+    messages: list[dict[str, Any]], template: str = "llama3", add_generation_prompt: bool = True, **kwargs: Any
+) -> list[Part]:
+    _check_messages(messages)
+    if template in ("llama2", "codellama"):
+        return _llama2(messages, add_generation_prompt)
+    if template == "llama3":
+        return _headers(messages, add_generation_prompt, "<|start_header_id|>", "<|end_header_id|>", "_id|>", 3)
+    if template == "llama4":
+        return _headers(messages, add_generation_prompt, "<|header_start|>", "<|header_end|>", "|>", 4)
+    if "{" not in template:
+        raise ValueError(
+            f"unknown chat format {template!r}; choose one of {', '.join(NAMED_FORMATS)} or a jinja template"
+        )
+    return [(render_jinja(template, messages, add_generation_prompt=add_generation_prompt, **kwargs), True)]
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list):
+        raise ValueError(
+            f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}"
+        )
+    for n, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{n}] must be a dict with a 'role' string, got {m!r}")
+
+
+def _text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        return "".join(c.get("text", "") if isinstance(c, Mapping) else str(c) for c in content)
+    return str(content)
+
+
+# --- Llama 2 and Code Llama Instruct (Meta's chat_completion) -----------------------------------------
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def _llama2(messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[Part]:
+    turns = [{"role": m["role"], "content": _text(m)} for m in messages]
+    if turns and turns[0]["role"] == "system":
+        if len(turns) < 2:
+            raise ValueError("llama2 chat format: a system message must be followed by a user message")
+        first = turns[1]
+        turns = [{"role": first["role"], "content": B_SYS + turns[0]["content"] + E_SYS + first["content"]}, *turns[2:]]
+    for n, turn in enumerate(turns):
+        expected = "user" if n % 2 == 0 else "assistant"
+        if turn["role"] != expected:
+            raise ValueError(
+                f"llama2 chat format: roles must alternate user/assistant (after an optional system "
+                f"message); message {n} is {turn['role']!r}"
+            )
+    parts: list[Part] = []
+    for prompt, answer in zip(turns[::2], turns[1::2]):
+        text = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
+        parts += [("<s>", True), (text, False), ("</s>", True)]
+    if len(turns) % 2:
+        if not add_generation_prompt:
+            raise ValueError(
+                "llama2 chat format: a conversation that ends with a user message always ends "
+                "with the prompt for the answer; add_generation_prompt=False needs an assistant last"
+            )
+        parts += [("<s>", True), (f"{B_INST} {turns[-1]['content'].strip()} {E_INST}", False)]
+    return parts
+
+
+# --- Llama 3 and Llama 4 (Meta's ChatFormat) --------------------------------------------------------
+def _headers(
+    messages: list[dict[str, Any]], add_generation_prompt: bool, start: str, end: str, suffix: str, generation: int
+) -> list[Part]:
+    eot, eom = f"<|eot{suffix}", f"<|eom{suffix}"
+
+    def header(role: str) -> list[Part]:
+        return [(start, True), ("ipython" if role == "tool" else role, False), (end, True), ("\n\n", False)]
+
+    parts: list[Part] = [("<|begin_of_text|>", True)]
+    for m in messages:
+        parts += header(m["role"])
+        content = m.get("content")
+        items = content if isinstance(content, list) else [content]
+        parts += [
+            (_text({"content": [c]}) if isinstance(c, Mapping) else ("" if c is None else str(c)), False) for c in items
+        ]
+        # End of message (<|eom|>) instead of end of turn: the model expects a tool result next.
+        ends_message = m.get("stop_reason") == "end_of_message" or bool(m.get("eom"))
+        if generation == 4 and m["role"] == "tool":
+            ends_message = True
+        parts.append((eom if m["role"] in ("assistant", "tool") and ends_message else eot, True))
+    if add_generation_prompt:
+        parts += header("assistant")
+    return parts
+
+
+# --- jinja templates ----------------------------------------------------------------------------------
+def render_jinja(
+    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
+) -> str:
+    """Render a Hugging Face style chat template in the sandbox, with transformers' variables."""
+    import jinja2
+
+    compiled = _compile(template)
+    context = {
+        "messages": _plain(messages),
+        "add_generation_prompt": add_generation_prompt,
+        "tools": None,
+        "documents": None,
+    }
+    context.update({k: _plain(v) for k, v in variables.items()})
+    try:
+        return compiled.render(**context)
+    except jinja2.exceptions.SecurityError as exc:
+        raise ChatTemplateError(f"chat template blocked by the sandbox: {exc}") from None
+    except jinja2.exceptions.TemplateError as exc:
+        raise ChatTemplateError(f"chat template error: {exc}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
+        raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+
+
+def _plain(value: Any) -> Any:
+    """Plain JSON-like data only, so the template never sees an object with methods of its own."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return f"<{type(value).__name__}>"
+
+
+_MAX_SIZE = 10_000_000  # longest string or list a template may build with * (a sandboxed template must not OOM us)
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> Any:
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            raise jinja2.exceptions.SecurityError(f"access to {attribute!r} of a {type(obj).__name__} is not allowed")
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise jinja2.exceptions.SecurityError(f"exponent {right} is too large")
+            if operator == "*":
+                size = next(
+                    (
+                        len(x) * y
+                        for x, y in ((left, right), (right, left))
+                        if isinstance(x, (str, list, tuple)) and isinstance(y, int)
+                    ),
+                    0,
+                )
+                if size > _MAX_SIZE:
+                    raise jinja2.exceptions.SecurityError(f"repetition to {size} items is too large")
+            return super().call_binop(context, operator, left, right)
+
+    class GenerationTag(Extension):  # transformers' {% generation %}...{% endgeneration %}: renders its body
+        tags = frozenset({"generation"})
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    def make_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return dict(*args, **kwargs)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace, dict=make_dict)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise ChatTemplateError(f"chat template syntax error at line {exc.lineno}: {exc.message}") from None
+
+
+__all__ = ["NAMED_FORMATS", "ChatTemplateError", "format_chat", "render_chat", "render_jinja"]

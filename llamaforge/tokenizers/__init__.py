@@ -1,0 +1,1 @@
+"""File-format helpers behind ``llamaforge.tokenizer`` (the public interface lives there)."""
