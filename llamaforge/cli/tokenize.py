@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..hub import DEFAULT_MODEL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,9 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--model",
         "-m",
-        required=True,
+        default=DEFAULT_MODEL,
         metavar="PATH_OR_NAME",
-        help="model directory, tokenizer.model / tokenizer.json, .gguf file, hub id or built-in name",
+        help="model directory, tokenizer.model / tokenizer.json, .gguf file, hub id or built-in name "
+        f"(default: {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--special",
