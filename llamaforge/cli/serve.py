@@ -1,0 +1,103 @@
+"""Verb `serve`: the OpenAI-compatible HTTP server (llamaforge.serve) under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..hub import DEFAULT_MODEL
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                              description="Serve --model over HTTP with OpenAI's /v1/completions and "
+                              "/v1/chat/completions (streaming, continuous batching), plus /v1/models, /tokenize, "
+                              "/detokenize, /health and /metrics (Prometheus). Binds to 127.0.0.1 unless told "
+                              "otherwise; --api-key (or LLAMAFORGE_API_KEY) requires 'Authorization: Bearer "
+                              "KEY'.")  # fmt: skip
+    from .generate import _DTYPES
+
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})")  # fmt: skip
+    p.add_argument("--served-model-name", help="the model id clients use (default: the --model value)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("LLAMAFORGE_API_KEY"),
+                   help="require this bearer token (default: $LLAMAFORGE_API_KEY; none: no auth)")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV-cache rows; default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; more get HTTP 429 (default 64)")  # fmt: skip
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="context per request, prompt + completion (default 2048, at most the model's)")  # fmt: skip
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization applied on load")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=_serve)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..serve import ServerConfig, create_app, server_state
+    from .generate import load_for_cli
+
+    for name in ("max_batch", "max_seq_len", "port"):
+        value = getattr(args, name)
+        if value < (0 if name == "port" else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, got {value}")
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)  # fmt: skip
+    name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
+    config = ServerConfig(model_name=name, api_key=args.api_key or None, max_batch=args.max_batch,
+                          max_queue=args.max_queue, max_seq_len=args.max_seq_len,
+                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), drain_timeout=args.drain_timeout,
+                          compile=args.compile)  # fmt: skip
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(config, loader=lambda: load_for_cli(args))
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               timeout_graceful_shutdown=args.drain_timeout + 10, access_log=False)  # fmt: skip
+    server = _make_server(uv_config, server_state(app))
+    print(f"llamaforge serve: {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
+    server.run()
+    return 0
+
+
+def _make_server(config: Any, state: Any) -> Any:
+    """A uvicorn.Server that, on SIGTERM/SIGINT, first stops admissions and starts the drain deadline."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            try:  # runs in a signal handler: hand the work to the event loop, take no locks here
+                asyncio.get_running_loop().call_soon_threadsafe(state.begin_shutdown)
+            except RuntimeError:
+                state.shutting_down = True
+            super().handle_exit(sig, frame)
+
+    return Server(config)
