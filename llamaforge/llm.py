@@ -69,13 +69,14 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
 
 def load(source: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         quantize: str | None = None) -> LLM:  # fmt: skip
+         quantize: str | None = None, adapter: str | os.PathLike | None = None) -> LLM:  # fmt: skip
     """Load a model from a Hugging Face directory, a Meta directory, a GGUF file, a hub id or a built-in name.
 
     ``dtype=None`` keeps the checkpoint's own dtype (float32 for quantized GGUF weights, dequantized).
     ``quantize``: "int8", "int4" or "int4-g32/64/128" quantizes the weights on load; "gguf" keeps a GGUF
     file's own Q8_0/Q4_0/Q4_1/Q4_K blocks and runs them quantized. A directory written by
-    ``llamaforge.quantize.save_quantized`` loads quantized as it was saved.
+    ``llamaforge.quantize.save_quantized`` loads quantized as it was saved. ``adapter``: a LoRA adapter
+    directory (PEFT or llamaforge layout) applied unmerged on top of the base.
     """
     from . import quantize as q
 
@@ -88,6 +89,10 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
         model, fmt = load_model(path, device=device, dtype=dtype)
         if quantize:
             q.quantize_model(model, quantize)
+    if adapter is not None:
+        from .train.lora import apply_adapter
+
+        apply_adapter(model, adapter)
     model.eval()
     tokenizer = _load_tokenizer_if_present(path)
     return LLM(model=model, tokenizer=tokenizer, config=model.config, source=str(source), format=fmt)

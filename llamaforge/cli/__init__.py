@@ -16,7 +16,7 @@ import sys
 from ..errors import UserError
 
 # Modules that contribute verbs, in the order their verbs appear in --help.
-_VERB_MODULES = ["convert", "tokenize", "generate", "serve", "train", "evaluate"]
+_VERB_MODULES = ["convert", "tokenize", "generate", "serve", "train", "finetune", "evaluate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

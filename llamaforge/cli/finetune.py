@@ -1,0 +1,122 @@
+"""Fine-tuning verbs: ``finetune`` (full, LoRA, QLoRA on instruction data) and ``merge-lora``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ..errors import UserError
+
+# Short options and the recipe field each sets.
+_SHORTCUTS = {"model": "model.from_checkpoint", "data": "finetune.data", "method": "finetune.method",
+              "val_data": "finetune.val_data", "template": "finetune.template", "epochs": "finetune.epochs",
+              "lora_r": "finetune.lora_r", "lora_alpha": "finetune.lora_alpha",
+              "lora_dropout": "finetune.lora_dropout", "lora_targets": "finetune.lora_targets",
+              "quant": "finetune.quant", "steps": "train.steps", "lr": "optim.lr", "out": "train.out_dir"}  # fmt: skip
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_finetune(sub)
+    _register_merge(sub)
+
+
+def _register_finetune(sub: argparse._SubParsersAction) -> None:
+    from ..train.sft import recipe_fields
+
+    p = sub.add_parser("finetune", help="fine-tune on instruction data (full, LoRA or QLoRA)",
+                       description="Supervised fine-tuning on Alpaca JSON/JSONL (instruction, input, output) or chat "
+                       "JSONL (messages), with the loss on response tokens only. Uses the pretraining loop: the same "
+                       "optimizer, schedule, checkpoints (--resume), logging and torchrun scaling. LoRA/QLoRA runs "
+                       "write the adapter alone to <out>/adapter.", allow_abbrev=False)  # fmt: skip
+    p.add_argument("--model", help="model to fine-tune: a directory, a .gguf file or a built-in name")
+    p.add_argument("--data", help="training data: Alpaca JSON/JSONL or chat JSONL")
+    p.add_argument("--method", choices=("full", "lora", "qlora"), help="default: lora")
+    p.add_argument("--val-data", help="validation file (default: a split of --data, finetune.val_fraction)")
+    p.add_argument("--template", choices=("auto", "chat", "alpaca"), help="prompt format (default: auto)")
+    p.add_argument("--epochs", type=float, help="train this many passes over the data (sets train.steps)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input")
+    p.add_argument("--lora-targets", help="comma-separated: wq,wk,wv,wo,w1,w2,w3,output (or all, attention, mlp)")
+    p.add_argument("--quant", choices=("nf4", "int4", "int4-g32", "int4-g64", "int4-g128"),
+                   help="QLoRA base quantization (default: nf4)")  # fmt: skip
+    p.add_argument("-o", "--out", help="output directory (train.out_dir)")
+    p.add_argument("--config", help="recipe YAML (see recipes/finetune-*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in the output directory (or the given one)")  # fmt: skip
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    group = p.add_argument_group("recipe fields (override the YAML)")
+    for name, _hint, default in recipe_fields():
+        shown = default if isinstance(default, str) else json.dumps(default)
+        group.add_argument(f"--{name}", dest=f"field:{name}", default=argparse.SUPPRESS, metavar="V",
+                           help=f"default: {shown}")  # fmt: skip
+    p.set_defaults(handler=_finetune)
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe from --config, then --section.field options and shortcuts, then --set pairs."""
+    from ..train.sft import FinetuneRecipe
+
+    overrides: dict[str, object] = {}
+    for key, value in vars(args).items():
+        if key.startswith("field:"):
+            overrides[key[len("field:") :]] = value
+    for short, dotted in _SHORTCUTS.items():
+        value = getattr(args, short, None)
+        if value is not None:
+            overrides[dotted] = value
+    for pair in args.set:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+        overrides[key.strip()] = value
+    if args.resume is not None:
+        overrides["train.resume"] = args.resume if isinstance(args.resume, str) else True
+    return FinetuneRecipe.load(args.config, overrides)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from ..train.sft import finetune
+
+    recipe = recipe_from_args(args)
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+        return 0
+    summary = finetune(recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("history", "val_history")}))
+    return 0
+
+
+def _register_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model and save the result",
+                       description="Load BASE, add the adapter's B @ A (scaled by alpha / r) to each adapted weight "
+                       "and write a complete model (Hugging Face, GGUF or Meta format).")  # fmt: skip
+    p.add_argument("--model", required=True, help="base model: a directory, a .gguf file or a built-in name")
+    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output directory (or .gguf file)")
+    p.add_argument("--format", choices=("hf", "gguf", "meta"), default=None,
+                   help="output format (default: gguf for a .gguf path, else hf)")  # fmt: skip
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="stored dtype (default: the base's, float32 for a quantized GGUF base)")  # fmt: skip
+    p.set_defaults(handler=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import save_model
+    from ..llm import load
+    from ..train.lora import apply_adapter
+
+    fmt = args.format or ("gguf" if str(args.out).endswith(".gguf") else "hf")
+    llm = load(args.model, dtype=torch.float32)
+    apply_adapter(llm.model, args.adapter, merge=True)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    save_model(llm.model, args.out, fmt, tokenizer=llm.tokenizer, dtype=dtype)
+    print(f"wrote {args.out} ({fmt})")
+    return 0
