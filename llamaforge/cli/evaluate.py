@@ -1,0 +1,178 @@
+"""Verbs `perplexity` and `eval`: thin wrappers over llamaforge.evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from ..hub import DEFAULT_MODEL
+
+_DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("perplexity", help="sliding-window perplexity, bits per byte and KL divergence",
+                              description="Perplexity of --model on each FILE (UTF-8 text) with sliding windows of "
+                              "--context tokens every --stride tokens; every token is scored once. With "
+                              "--reference-model (same tokenizer), also the KL divergence from the reference's "
+                              "distribution and how often both pick the same top token, as llama.cpp reports "
+                              "for quantized models.")  # fmt: skip
+    _model_args(p)
+    p.add_argument("files", nargs="+", metavar="FILE", help="text files ('-' reads stdin)")
+    p.add_argument("--reference-model", metavar="MODEL", help="compare against this model (e.g. the unquantized one)")
+    p.add_argument("--context", "-c", type=int, help="window length in tokens (default: min(model context, 2048))")
+    p.add_argument("--stride", type=int, help="tokens between window starts (default: half the context)")
+    p.add_argument("--batch-size", "-b", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="do not start the text with BOS even if the tokenizer normally does")  # fmt: skip
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(handler=_perplexity)
+
+    p = subparsers.add_parser("eval", help="zero-/few-shot multiple-choice benchmarks (HellaSwag, MMLU, ...)",
+                              description="Score --model on multiple-choice tasks by the log-likelihood of each "
+                              "answer, with the LLaMA paper's normalizations (per character; BoolQ and OpenBookQA "
+                              "against the likelihood after 'Answer:'). Tasks: boolq, piqa, siqa, hellaswag, "
+                              "winogrande, arc_easy, arc_challenge, openbookqa, mmlu ('zeroshot' = all but mmlu, "
+                              "'all'). Data comes from --data-dir (the datasets' JSONL/Parquet files) or the "
+                              "Hugging Face hub when `datasets` is installed.")  # fmt: skip
+    _model_args(p)
+    p.add_argument("--tasks", "-t", required=True, help="comma-separated task names")
+    p.add_argument(
+        "--data-dir", metavar="DIR", help="directory with the task files, e.g. DIR/hellaswag/validation.jsonl"
+    )
+    p.add_argument("--num-fewshot", type=int, help="solved examples before each question (default: MMLU 5, others 0)")
+    p.add_argument("--limit", type=int, help="score only the first N questions of each task")
+    p.add_argument("--batch-size", "-b", type=int, default=16, help="continuations per forward pass (default 16)")
+    p.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
+                   help="score each context+answer separately instead of running each context once")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples (default 1234)")
+    p.add_argument("--output", "-o", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--log-samples", action="store_true", help="include every question's scores in the JSON")
+    p.set_defaults(handler=_eval)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL, help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})"
+    )
+    p.add_argument("--device", help="cpu, cuda, mps ... (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=_DTYPES, help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization applied on load")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def _load(args: argparse.Namespace, model: str | None = None) -> Any:
+    from .generate import load_for_cli
+
+    return load_for_cli(args, model)
+
+
+def _read_text(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {name}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..evaluate.perplexity import combine, perplexity, sliding_windows
+    from ..evaluate.report import write_json
+
+    for name, value in (("--context", args.context), ("--stride", args.stride), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be a positive number of tokens, got {value}")
+    texts = [(name, _read_text(name)) for name in args.files]
+    llm = _load(args)
+    tokenizer = llm.require_tokenizer()
+    reference = _load(args, args.reference_model) if args.reference_model else None
+    if (
+        reference is not None
+        and reference.tokenizer is not None
+        and reference.tokenizer.vocab_size != tokenizer.vocab_size
+    ):
+        raise UserError(f"--reference-model {args.reference_model} has a different tokenizer "
+                        f"({reference.tokenizer.vocab_size} tokens vs {tokenizer.vocab_size})")  # fmt: skip
+    limits = [llm.config.max_seq_len] + ([reference.config.max_seq_len] if reference else [])
+    context = min(args.context or 2048, *limits)
+    stride = args.stride or max(1, context // 2)
+    if stride > context:
+        raise UserError(f"--stride {stride} is longer than the context ({context})")
+    bos = bool(args.bos and tokenizer.add_bos_default)
+    encoded = [(name, tokenizer.encode(text, bos=bos), len(text.encode("utf-8"))) for name, text in texts]
+    total_windows = sum(len(sliding_windows(len(ids), context, stride)) for _, ids, _ in encoded if len(ids) > 1)
+    results = []
+    with tqdm(total=total_windows, desc="perplexity", unit="window", disable=args.quiet) as bar:
+        for name, ids, n_bytes in encoded:
+            if len(ids) < 2:
+                raise UserError(f"{name}: too short to score ({len(ids)} token)")
+            results.append(perplexity(llm.model, ids, context=context, stride=stride, batch_size=args.batch_size,
+                                      reference=reference.model if reference else None, n_bytes=n_bytes,
+                                      progress=bar, name=name))  # fmt: skip
+    if len(results) > 1:
+        results.append(combine(results))
+    print(_perplexity_table(results, context, stride))
+    if args.json:
+        data = {"model": args.model, "reference_model": args.reference_model, "context": context, "stride": stride,
+                "results": [r.to_dict() for r in results]}  # fmt: skip
+        write_json(args.json, data)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _perplexity_table(results: list, context: int, stride: int) -> str:
+    with_kl = results[0].kl is not None
+    header = ["File", "Tokens", "Windows", "PPL", "Bits/byte"]
+    if with_kl:
+        header += ["Ref PPL", "ln(PPL/Ref)", "Mean KLD", "Median KLD", "99% KLD", "Max KLD", "Same top-1"]
+    lines = [
+        f"context {context}, stride {stride}",
+        "| " + " | ".join(header) + " |",
+        "|---" + "|---:" * (len(header) - 1) + "|",
+    ]
+    for r in results:
+        bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "-"
+        cells = [r.name, str(r.n_tokens), str(r.n_windows), f"{r.ppl:.4f} ± {r.ppl_stderr:.4f}", bpb]
+        if with_kl:
+            k = r.kl
+            cells += [f"{k.reference_ppl:.4f}", f"{r.mean_nll - float(k.reference_nll.mean()):+.5f}",
+                      f"{k.mean:.6f} ± {k.stderr:.6f}", f"{k.quantile(0.5):.6f}", f"{k.quantile(0.99):.6f}",
+                      f"{float(k.kl.max()):.6f}", f"{100 * k.top1:.2f} ± {100 * k.top1_stderr:.2f}%"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ..evaluate.report import markdown_table, results_json, write_json
+    from ..evaluate.runner import evaluate_tasks
+    from ..evaluate.tasks import parse_tasks
+
+    tasks = parse_tasks(args.tasks)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    llm = _load(args)
+    results = evaluate_tasks(llm, tasks, data_dir=args.data_dir, num_fewshot=args.num_fewshot, limit=args.limit,
+                             batch_size=args.batch_size, prefix_reuse=args.prefix_reuse, seed=args.seed,
+                             progress=not args.quiet)  # fmt: skip
+    print(markdown_table(results))
+    if args.output:
+        config = {"model": args.model, "tasks": [t.name for t in tasks], "num_fewshot": args.num_fewshot,
+                  "limit": args.limit, "batch_size": args.batch_size, "prefix_reuse": args.prefix_reuse,
+                  "seed": args.seed, "data_dir": args.data_dir, "dtype": args.dtype}  # fmt: skip
+        write_json(args.output, results_json(results, config, with_items=args.log_samples))
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
