@@ -6,14 +6,14 @@ memory (``ru_maxrss``, which includes loading), perplexity on a fixed text (docs
 ``argparse`` module, ``--eval-tokens`` tokens) and the KL divergence of each configuration's next-token
 distributions from llamaforge float32's.
 
-Configurations: llamaforge float32 / bfloat16 / int8 / int4 (group 32) / the GGUF's own blocks (Q4_1
+Configurations: llamaforge float32 / bfloat16 / float16 / int8 / int4 (group 32) / the GGUF's own blocks (Q4_1
 matrices, Q8_0 head) run quantized; transformers float32 / bfloat16 (``LlamaForCausalLM`` built from the
 same dequantized weights); llama.cpp (``llama_cpp``) on GGUF files written from those weights (F32,
 F16, Q8_0) and on the original Q4_1 file. Rows whose tool is missing are skipped with a note.
 
 Results go to stdout and to the "## Generation speed (CPU)" section of benchmarks/RESULTS.md.
 
-    .venv/bin/python benchmarks/bench_generate.py [--threads 2] [--only lf-f32,lf-int4] [--no-results]
+    .venv/bin/python benchmarks/bench_generate.py [--threads 2] [--only lf-f32,lf-int4] [--path fast] [--no-results]
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Generation speed (CPU)"
-LF_CONFIGS = ["lf-f32", "lf-bf16", "lf-int8", "lf-int4", "lf-gguf"]
+LF_CONFIGS = ["lf-f32", "lf-bf16", "lf-f16", "lf-int8", "lf-int4", "lf-gguf"]
 HF_CONFIGS = ["hf-f32", "hf-bf16"]
 CPP_CONFIGS = ["cpp-F32", "cpp-F16", "cpp-Q8_0", "cpp-Q4_1"]
 DESCRIPTIONS = {
     "lf-f32": "llamaforge float32",
     "lf-bf16": "llamaforge bfloat16",
+    "lf-f16": "llamaforge float16 (fbgemm fp16 GEMM)",
     "lf-int8": "llamaforge int8 (per channel)",
     "lf-int4": "llamaforge int4 (group 32)",
     "lf-gguf": "llamaforge GGUF blocks (Q4_1, Q8_0 head)",
@@ -92,7 +93,7 @@ def _lf_model(config: str, gguf_path: Path):
         return load_gguf_quantized(gguf_path)
     import llamaforge
 
-    dtype = torch.bfloat16 if config == "lf-bf16" else torch.float32
+    dtype = {"lf-bf16": torch.bfloat16, "lf-f16": torch.float16}.get(config, torch.float32)
     model = llamaforge.load(gguf_path, dtype=dtype).model
     if config in ("lf-int8", "lf-int4"):
         quantize_model(model, config.removeprefix("lf-"))
@@ -109,17 +110,24 @@ def run_llamaforge(config: str, args, work: Path) -> dict:
     load_s = time.perf_counter() - t0
     total = len(prompt) + args.decode
     model.setup_caches(1, total)
+    fn = model
+    if args.path != "eager":
+        from llamaforge.fast import compile_forward, prepare_for_inference
+
+        fn = prepare_for_inference(model)  # what generation uses by default on CPU
+        if args.path == "compile":
+            fn = compile_forward(fn)
     bucket = 128  # attend over the cache in steps of 128 slots: less work than the full cache early on
 
     def prefill(ids: list[int]) -> torch.Tensor:
         tok = torch.tensor([ids])
-        hidden = model(tok, torch.arange(len(ids)), cache_len=min(-(-len(ids) // bucket) * bucket, total),
+        hidden = fn(tok, torch.arange(len(ids)), cache_len=min(-(-len(ids) // bucket) * bucket, total),
                        return_hidden=True)  # fmt: skip
         return model.output(hidden[:, -1])
 
     def step(tok: int, pos: int) -> torch.Tensor:
         cache_len = min(-(-(pos + 1) // bucket) * bucket, total)
-        return model(torch.tensor([[tok]]), torch.tensor([pos]), cache_len=cache_len)[:, -1]
+        return fn(torch.tensor([[tok]]), torch.tensor([pos]), cache_len=cache_len)[:, -1]
 
     with torch.inference_mode():
         logits = prefill(prompt[:64])  # warm up both paths
@@ -268,7 +276,7 @@ def prepare(args, work: Path, configs: list[str]) -> dict[str, str]:
 
 def run_config(config: str, args, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", config, "--work", str(work), "--threads", str(args.threads),
-           "--gguf", str(args.gguf), "--decode", str(args.decode)]  # fmt: skip
+           "--gguf", str(args.gguf), "--decode", str(args.decode), "--path", args.path]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -325,6 +333,9 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=1024, help="tokens of text for perplexity and KL")
     p.add_argument("--only", default="", help="comma-separated configurations (default: all)")
     p.add_argument("--gguf", default=None, help="GGUF file (default: the built-in SmolLM2)")
+    p.add_argument("--path", choices=("fast", "eager", "compile"), default="fast",
+                   help="llamaforge forward: fast (fused, the default generation path on CPU), eager (the plain "
+                        "model), compile (torch.compile of the fast path)")  # fmt: skip
     p.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)

@@ -330,6 +330,42 @@ def quantized_modules(model: nn.Module) -> dict[str, _QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _QuantLinear)}
 
 
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, _QuantLinear)
+
+
+@torch.no_grad()
+def fuse_quantized(mods: list[_QuantLinear]) -> _QuantLinear:
+    """One module of the same kind whose output rows are those of `mods` in order (they share the input).
+
+    Exact: every output row keeps its own codes and scales. Raises ValueError when the modules differ in
+    kind, input width, group or block size.
+    """
+    first = mods[0]
+    kind, k = type(first), first.in_features
+    if any(type(m) is not kind or m.in_features != k for m in mods):
+        raise ValueError("only quantized linears of one kind and input width can be fused")
+    n = sum(m.out_features for m in mods)
+    dev = first.qweight.device
+    if isinstance(first, Int4Linear):
+        if any(m.group_size != first.group_size for m in mods):
+            raise ValueError("int4 linears with different group sizes cannot be fused")
+        out: _QuantLinear = Int4Linear(k, n, first.group_size, device=dev, compute_dtype=first.compute_dtype)
+        out.scales_and_zeros.copy_(torch.cat([m.scales_and_zeros for m in mods], dim=1))
+        out.qweight.copy_(torch.cat([m.qweight for m in mods], dim=0))
+    elif isinstance(first, BlockInt8Linear):
+        if any(m.block != first.block for m in mods):
+            raise ValueError("Q8_0 linears with different block sizes cannot be fused")
+        out = BlockInt8Linear(k, n, first.block, device=dev, compute_dtype=first.compute_dtype)
+        out.qweight.copy_(torch.cat([m.qweight for m in mods], dim=1))
+        out.scales.copy_(torch.cat([m.scales for m in mods], dim=1))
+    else:
+        out = Int8Linear(k, n, device=dev, compute_dtype=first.compute_dtype)
+        out.qweight.copy_(torch.cat([m.qweight for m in mods], dim=0))
+        out.scales.copy_(torch.cat([m.scales for m in mods], dim=0))
+    return out
+
+
 # GGUF blocks -> quantized modules ------------------------------------------------------------------------
 def _f16(b: Tensor) -> Tensor:
     return b.contiguous().view(torch.float16).float()

@@ -1,0 +1,231 @@
+"""Inference-time preparation for fast cached forwards (decode steps and prefill chunks).
+
+``prepare_for_inference(model)`` returns a ``FastForward``: a callable with the cached-forward signature
+of ``Transformer.forward`` (``fn(tokens, input_pos, rows=..., cache_len=..., return_hidden=...)``) that
+computes the same function with fewer, larger kernels:
+
+- wq/wk/wv run as one matmul and w1/w3 as one (same input, concatenated output rows). For float
+  linears the original parameters become views into the fused matrix, so no weight is stored twice and
+  the state dict keeps its names and values; quantized linears are concatenated into a new module of
+  the same kind (exact: every output row keeps its own scales).
+- RoPE rotates q and k in one pass; single-token steps attend with two small batched matmuls instead of
+  ``scaled_dot_product_attention`` (whose CPU flash kernel costs more than the math at one query).
+- 16-bit weights on CPU use fbgemm's packed fp16 GEMM (float32 activations, weights converted in
+  registers with F16C), faster at one row than the generic half-precision matmuls. The packed copy is
+  extra memory (the model's own 16-bit weights stay, for saving and for uncached forwards).
+
+The model's own modules (norms, embeddings, KV caches, rope functions) do the rest, so the numbers match
+``model(...)`` up to float rounding. Models with features this path does not cover (mixture of experts,
+qk-norm, NoPE layers, chunked attention) get the model itself back. ``compile_forward`` wraps a forward
+in ``torch.compile`` with the inductor settings that suit CPU decoding.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .model import FeedForward, Transformer, apply_rope, rope_cos_sin
+from .quantize import fuse_quantized, is_quantized
+
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fbgemm_fp16() -> bool:
+    engines = torch.backends.quantized.supported_engines
+    return "fbgemm" in engines and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
+
+
+class _Fp16Packed(nn.Module):
+    """A float16 weight packed for fbgemm's fp16 GEMM; activations stay float32 inside."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+
+
+class _Linear(nn.Module):
+    """A plain float matmul on a (possibly fused) weight."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+def _float_kernel(weight: Tensor) -> nn.Module:
+    """fbgemm's fp16 GEMM for 16-bit weights on CPU, a plain matmul otherwise.
+
+    bfloat16 weights go there too: every bfloat16 value within float16's normal range is exact in float16
+    (7 mantissa bits fit in 10), smaller ones lose at most 3e-8, and the activations stay float32, so the
+    result is at least as accurate as a bfloat16 matmul. Weights beyond float16's range keep the matmul.
+    """
+    sixteen = weight.dtype in (torch.float16, torch.bfloat16) and weight.device.type == "cpu"
+    if sixteen and _fbgemm_fp16() and (weight.dtype == torch.float16 or bool(weight.detach().abs().amax() < 65504)):
+        return _Fp16Packed(weight)
+    return _Linear(weight)
+
+
+@torch.no_grad()
+def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
+    """One module computing ``cat([lin(x) for lin in linears], -1)``.
+
+    Float linears: their weights are copied into one matrix and each ``lin.weight`` becomes a view of its
+    rows (same parameter object, same values, no extra memory). Quantized linears of one kind: a new
+    module with the rows concatenated (see ``quantize.fuse_quantized``).
+    """
+    if all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
+        weights = [m.weight for m in linears]
+        if len(weights) == 1:
+            return _float_kernel(weights[0])
+        fused = torch.cat([w.detach() for w in weights], dim=0)
+        start = 0
+        for m in linears:
+            n = m.weight.shape[0]
+            m.weight.data = fused[start : start + n]
+            start += n
+        return _float_kernel(fused)
+    if all(is_quantized(m) for m in linears):
+        return fuse_quantized(list(linears)) if len(linears) > 1 else linears[0]
+    return _Concat(linears)
+
+
+class _Concat(nn.Module):
+    def __init__(self, parts: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def unsupported_reason(model: Transformer) -> str | None:
+    """Why ``FastForward`` cannot run this model, or None when it can."""
+    c = model.config
+    if c.n_experts:
+        return "mixture-of-experts layers"
+    if c.use_qk_norm or c.attn_temperature_tuning or c.attention_chunk_size is not None:
+        return "Llama 4 attention features"
+    if not all(c.uses_rope(i) for i in range(c.n_layers)):
+        return "layers without RoPE"
+    if not all(isinstance(layer.feed_forward, FeedForward) for layer in model.layers):
+        return "a non-SwiGLU feed-forward"
+    return None
+
+
+class _FastLayer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        att, ff = layer.attention, layer.feed_forward
+        self.attention_norm, self.ffn_norm = layer.attention_norm, layer.ffn_norm
+        self.n_heads, self.n_kv_heads, self.head_dim = att.n_heads, att.n_kv_heads, att.head_dim
+        self.qkv = fuse_linears([att.wq, att.wk, att.wv])
+        self.wo = fuse_linears([att.wo])
+        self.w13 = fuse_linears([ff.w1, ff.w3])
+        self.w2 = fuse_linears([ff.w2])
+        self.hidden = ff.w1.out_features
+        self.owner = weakref.ref(att)  # its kv_cache is replaced by setup_caches: look it up each call
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor, bias: Tensor | None,
+                rows: Tensor | None, cache_len: int) -> Tensor:  # fmt: skip
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(self.attention_norm(x))
+        qk = apply_rope(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin)
+        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
+        cache = self.owner().kv_cache
+        k, v = cache.update(positions, k, v, cache_len, rows)
+        if bias is not None:  # one query per row: two small matmuls beat the flash kernel
+            G = H // Hkv
+            qg = q.reshape(B, Hkv, G, D)
+            scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (D**-0.5) + bias
+            y = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, Hkv, G, D]
+            y = y.reshape(B, 1, H * D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+            y = y.transpose(1, 2).reshape(B, T, H * D)
+        h = x + self.wo(y)
+        g = self.w13(self.ffn_norm(h))
+        return h + self.w2(F.silu(g[..., : self.hidden]) * g[..., self.hidden :])
+
+
+class FastForward(nn.Module):
+    """The cached forward of ``model`` with fused projections; other calls go to the model itself."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"FastForward does not support {reason}")
+        self._model = weakref.ref(model)
+        self.layers = nn.ModuleList(_FastLayer(layer) for layer in model.layers)
+        self.head = fuse_linears([model.output])
+        self._stamp = _stamp(model)
+
+    @property
+    def model(self) -> Transformer:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this FastForward was freed")
+        return model
+
+    def is_current(self) -> bool:
+        """False once the model's weights were moved, cast or replaced after preparation."""
+        return _stamp(self.model) == self._stamp
+
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, rows: Tensor | None = None,
+                cache_len: int | None = None, attn_mask: Tensor | None = None,
+                return_hidden: bool = False) -> Tensor:  # fmt: skip
+        model = self.model
+        if input_pos is None or attn_mask is not None:
+            return model(tokens, input_pos, rows=rows, cache_len=cache_len, attn_mask=attn_mask,
+                         return_hidden=return_hidden)  # fmt: skip
+        if model.cache_shape is None:
+            raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
+        B, T = tokens.shape
+        x = model.tok_embeddings(tokens)
+        positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        cache_len = cache_len or model.cache_shape[1]
+        keys = torch.arange(cache_len, device=tokens.device)
+        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+        bias = None
+        if T == 1:  # additive mask [B, 1, 1, S] for the single-query attention
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device).masked_fill_(~mask, -torch.inf)
+        cos, sin = rope_cos_sin(model.rope_freqs, positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, mask, bias, rows, cache_len)
+        x = model.norm(x)
+        return x if return_hidden else self.head(x)
+
+
+def _stamp(model: Transformer) -> tuple:
+    first = model.layers[0].attention.wq
+    ref = first.weight if isinstance(first, nn.Linear) else next(iter(first.buffers()))
+    return (ref.data_ptr(), ref.dtype, ref.device, model.output.__class__, model.tok_embeddings.weight.data_ptr())
+
+
+def prepare_for_inference(model: Transformer) -> Callable[..., Tensor]:
+    """The fastest eager forward for cached generation steps: a ``FastForward`` (built once per model and
+    rebuilt if the weights changed), or the model itself when it uses features FastForward lacks."""
+    if unsupported_reason(model) is not None:
+        return model
+    fast = _PREPARED.get(model)
+    if fast is None or not fast.is_current():
+        fast = FastForward(model)
+        _PREPARED[model] = fast
+    return fast
+
+
+def compile_forward(fn: Callable[..., Tensor], mode: str | None = None) -> Callable[..., Tensor]:
+    """``torch.compile`` of a forward, with static shapes (``cache_len`` comes in few distinct values)."""
+    return torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)

@@ -1,0 +1,150 @@
+"""FastForward (llamaforge/fast.py): same logits and greedy tokens as the plain model, weights unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaforge.config import get_preset
+from llamaforge.fast import FastForward, compile_forward, fuse_linears, prepare_for_inference
+from llamaforge.generate import decode_fn
+from llamaforge.model import build_model
+from llamaforge.quantize import BlockInt8Linear, Int4Linear, Int8Linear, fuse_quantized, quantize_model
+
+
+def _model(preset: str = "tiny", dtype: torch.dtype | None = None, scheme: str | None = None):
+    torch.manual_seed(0)
+    model = build_model(get_preset(preset), dtype=dtype).eval()
+    if scheme:
+        quantize_model(model, scheme)
+    return model
+
+
+@torch.inference_mode()
+def _run(fn, model, prompt: torch.Tensor, steps: int, rows: torch.Tensor | None = None):
+    """Prefill `prompt` [B, T] then decode greedily; returns (all logits, tokens)."""
+    model.setup_caches(4, 128)
+    B, T = prompt.shape
+    logits = [fn(prompt, torch.arange(T), rows=rows, cache_len=64)[:, -1].float()]
+    tokens = [logits[-1].argmax(-1)]
+    for i in range(steps):
+        pos = torch.full((B, 1), T + i)
+        logits.append(fn(tokens[-1][:, None], pos, rows=rows, cache_len=64)[:, -1].float())
+        tokens.append(logits[-1].argmax(-1))
+    model.clear_caches()
+    return torch.stack(logits), torch.stack(tokens)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mha"])
+def test_float32_matches_model(preset):
+    model = _model(preset)
+    prompt = torch.randint(0, 512, (2, 9))
+    ref_logits, ref_tokens = _run(model, model, prompt, 12)
+    fast = prepare_for_inference(model)
+    assert isinstance(fast, FastForward)
+    logits, tokens = _run(fast, model, prompt, 12)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_cache_rows_and_per_row_positions():
+    model = _model()
+    prompt = torch.randint(0, 512, (2, 7))
+    rows = torch.tensor([3, 1])
+    ref_logits, ref_tokens = _run(model, model, prompt, 5, rows=rows)
+    logits, tokens = _run(prepare_for_inference(model), model, prompt, 5, rows=rows)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_weights_and_state_dict_unchanged():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = prepare_for_inference(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    # The float projections are views of the fused matrices: no second copy of the weights.
+    att = model.layers[0].attention
+    fused = fast.layers[0].qkv.weight
+    assert att.wq.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    assert prepare_for_inference(model) is fast  # built once per model
+
+
+def test_rebuilt_after_cast():
+    model = _model()
+    first = prepare_for_inference(model)
+    model.to(torch.bfloat16)
+    second = prepare_for_inference(model)
+    assert second is not first and not first.is_current() and second.is_current()
+    prompt = torch.randint(0, 512, (1, 6))
+    torch.testing.assert_close(_run(second, model, prompt, 3)[0], _run(model, model, prompt, 3)[0], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_matches_model(scheme):
+    model = _model(scheme=scheme)
+    prompt = torch.randint(0, 512, (1, 40))  # >= PREFILL_ROWS rows: the dequantized path too
+    ref_logits, ref_tokens = _run(model, model, prompt, 8)
+    logits, tokens = _run(prepare_for_inference(model), model, prompt, 8)
+    # The kernels round activations to bfloat16, so a different attention summation order can flip
+    # the last bit of a bfloat16 input: compare loosely, and the greedy tokens exactly.
+    torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0.02)
+    assert torch.equal(tokens, ref_tokens)
+
+
+def test_fuse_quantized_is_exact():
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    ws = [torch.randn(n, 64) * 0.1 for n in (32, 16, 48)]
+    for make in (Int8Linear.from_float, lambda w: Int4Linear.from_float(w, 32)):
+        mods = [make(w) for w in ws]
+        fused = fuse_quantized(mods)
+        assert torch.equal(fused(x), torch.cat([m(x) for m in mods], -1))
+    blocks = [BlockInt8Linear.from_blocks(torch.randint(-127, 127, (n, 64), dtype=torch.int8),
+                                          torch.rand(n, 2)) for n in (32, 16)]  # fmt: skip
+    fused = fuse_quantized(blocks)
+    torch.testing.assert_close(fused(x), torch.cat([m(x) for m in blocks], -1), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="one kind"):
+        fuse_quantized([Int8Linear.from_float(ws[0]), Int4Linear.from_float(ws[1], 32)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_packed_close(dtype):
+    model = _model(dtype=dtype)
+    prompt = torch.randint(0, 512, (1, 6))
+    ref = _run(model, model, prompt, 6)[0]
+    got = _run(prepare_for_inference(model), model, prompt, 6)[0]
+    # fbgemm keeps activations in float32 and rounds outputs to the model's dtype: 16-bit rounding apart.
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.02)
+
+
+def test_fuse_linears_mixed_kinds_concatenate():
+    lin = torch.nn.Linear(64, 32, bias=False)
+    q = Int8Linear.from_float(torch.randn(16, 64))
+    x = torch.randn(2, 64)
+    out = fuse_linears([lin, q])(x)
+    torch.testing.assert_close(out, torch.cat([lin(x), q(x)], -1))
+
+
+def test_unsupported_models_fall_back():
+    model = _model("tiny-moe")
+    assert prepare_for_inference(model) is model
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        FastForward(model)
+
+
+def test_decode_fn_uses_fast_path_on_cpu():
+    model = _model()
+    assert isinstance(decode_fn(model, compile=False), FastForward)
+
+
+@pytest.mark.slow
+def test_compiled_fast_forward_matches():
+    model = _model()
+    prompt = torch.randint(0, 512, (1, 5))
+    ref_logits, ref_tokens = _run(model, model, prompt, 4)
+    logits, tokens = _run(compile_forward(prepare_for_inference(model)), model, prompt, 4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref_tokens)
