@@ -8,9 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..hub import DEFAULT_MODEL
-
-_DTYPES = ("bf16", "bfloat16", "float16", "float32", "fp16", "fp32")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,13 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model", "-m", default=DEFAULT_MODEL, help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})"
-    )
-    p.add_argument("--device", help="cpu, cuda, mps ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=_DTYPES, help="weights dtype (default: the checkpoint's)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization applied on load")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    from .generate import add_model_arguments
+
+    add_model_arguments(p, compile=False)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 

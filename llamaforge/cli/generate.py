@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("generate", help="complete a prompt", description="Print the model's continuation "
                               "of --prompt (or of stdin when --prompt is '-').")  # fmt: skip
-    _model_args(p)
+    add_model_arguments(p)
     p.add_argument("--prompt", "-p", required=True, help="the text to continue ('-' reads stdin)")
     _sampling_args(p, temperature=0.7)
     p.add_argument("--logprobs", type=int, metavar="N", help="also print each token's logprob and the top N")
@@ -41,13 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Interactive chat. Commands: /reset (forget the conversation), /system "
                               "TEXT (set the system prompt and reset), /exit. Ctrl-D or Ctrl-C at the prompt quits; "
                               "Ctrl-C while the model answers stops the answer.")  # fmt: skip
-    _model_args(p)
+    add_model_arguments(p)
     _sampling_args(p, temperature=0.7, max_new_tokens=512)
     p.add_argument("--system", help="system prompt")
     p.set_defaults(handler=_chat)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> None:
+    """The options that choose and load a model: shared by every verb that runs one."""
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
@@ -57,8 +58,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf"],
         help="weight-only quantization applied on load; 'gguf' runs a GGUF file's own blocks quantized",
     )
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
+    if compile:
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
 
 

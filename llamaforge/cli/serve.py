@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..hub import DEFAULT_MODEL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "/detokenize, /health and /metrics (Prometheus). Binds to 127.0.0.1 unless told "
                               "otherwise; --api-key (or LLAMAFORGE_API_KEY) requires 'Authorization: Bearer "
                               "KEY'.")  # fmt: skip
-    from .generate import _DTYPES
+    from .generate import add_model_arguments
 
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})")  # fmt: skip
+    add_model_arguments(p)
     p.add_argument("--served-model-name", help="the model id clients use (default: the --model value)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -39,12 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization applied on load")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
-    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=_serve)
 
