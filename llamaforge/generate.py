@@ -9,27 +9,35 @@ Python API (what ``LLM.generate/stream/chat`` call)::
 
 ``options`` are the fields of ``sampling.SamplingParams`` (max_new_tokens, temperature (0 = greedy),
 top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop, stop_token_ids,
-ignore_eos, logprobs) plus ``compile`` (torch.compile the decode step), ``draft`` and
+ignore_eos, logprobs, prompt_logprobs) plus ``compile`` (torch.compile the decode step), ``draft`` and
 ``num_speculative`` (speculative decoding with a smaller model that shares the tokenizer).
 
 Engine (continuous batching; the server builds on this)::
 
-    engine = Engine(llm, max_batch=8, max_seq_len=2048, compile=False)
-    handle = engine.add(prompt_ids, SamplingParams(...))   # queued; joins at the next step
-    events = engine.step()      # new requests are prefilled and sample their first token; every
-                                # request already running decodes one token, all in one batch
+    engine = Engine(llm, max_batch=8, max_seq_len=2048, compile=False, prefill_budget=512)
+    handle = engine.add(prompt_ids, SamplingParams(...))   # queued; takes a free slot at the next step
+    events = engine.step()      # queued requests take free slots; prompts are prefilled together, up to
+                                # prefill_budget tokens per step (a prompt that completes samples its
+                                # first token); every request already running decodes one token
     engine.cancel(handle)       # frees the slot at once; the next step reports finish_reason="cancelled"
     engine.has_work             # anything queued or running
 
 Each ``Event`` carries the request's new token ids, the new text (complete UTF-8, with text that might
 begin a stop string held back until resolved), their logprobs when asked for, and ``finish_reason``
-("stop", "length" or "cancelled") on the request's last event. A request that finishes leaves its slot
-in the same step, and a queued one takes it at the next.
+("stop", "length" or "cancelled") on the request's last event. With ``prompt_logprobs=N`` the request's
+first event also carries ``prompt_logprobs``: for each prompt token, its logprob given the ones before it
+and the top N alternatives (None for the first token), from the prefill's own hidden states. A request
+that finishes leaves its slot in the same step, and a queued one takes it at the next.
 
 How the engine runs the model: one static KV cache of ``max_batch`` rows (``model.setup_caches``); a
-request owns a row (its slot) while it runs. Prompts are prefilled one request at a time, in chunks of
-``prefill_chunk`` tokens, computing output logits for the last position only; decode steps batch every
-running slot with per-row positions, and attend over the used part of the cache only (``cache_len``
+request owns a row (its slot) while it runs. Each step prefills the waiting prompts in one forward: the
+rows are right-padded to a common length T, each at its own positions (a pad's cache entry lies past the
+row's last real token, so the row's real token overwrites it before anything attends to it; pad queries
+are ignored), with B x T <= ``prefill_budget`` and at most ``prefill_chunk`` tokens of one prompt per
+step. A long prompt is thus prefilled over several steps, between which the running requests keep
+decoding. Output logits are computed for each completed prompt's last position only (and for every
+position of a request that asked for prompt logprobs). Decode steps batch every running slot with
+per-row positions, and attend over the used part of the cache only (``cache_len``
 rounded up to a multiple of 256, so a compiled step recompiles rarely). Sampling stays on the device;
 each step reads the sampled tokens back once, for the stop checks.
 """
@@ -54,7 +62,9 @@ if TYPE_CHECKING:
     from .llm import LLM
 
 CACHE_ROUND = 256  # cache_len granularity: attention reads only the used part of the cache
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512  # at most this many tokens of one prompt per forward
+PREFILL_BUDGET = 512  # at most this many (padded) prompt tokens per engine step
+_SCORE_ROWS = 128  # prompt logprobs: positions per output-head call (bounds the [rows, vocab] logits)
 _DETOK_CONTEXT = 6  # prompt tokens kept as context for the incremental detokenizer
 
 
@@ -83,6 +93,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 @dataclass
@@ -92,6 +103,7 @@ class Event:
     text: str
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when asked for
 
     @property
     def finished(self) -> bool:
@@ -199,6 +211,8 @@ class _Request:
         self.output_ids: list[int] = []
         self.text_parts: list[str] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None if params.prompt_logprobs is None else [None]
+        self.prefilled = 0  # prompt tokens already in the cache
         self.slot: int | None = None
         self.finish_reason: str | None = None
 
@@ -230,7 +244,7 @@ class _Request:
     def completion(self) -> Completion:
         return Completion(text="".join(self.text_parts), token_ids=list(self.output_ids),
                           finish_reason=self.finish_reason or "length", prompt_tokens=len(self.prompt_ids),
-                          logprobs=self.logprobs)  # fmt: skip
+                          logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)  # fmt: skip
 
 
 def _logprob_entries(tokenizer: Any, tokens: Tensor, lp: tuple[Tensor, Tensor, Tensor],
@@ -262,8 +276,10 @@ _DECODE_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def decode_fn(model: Transformer, compile: bool = False) -> Callable[..., Tensor]:
     """The forward used for decode steps, built once per model: the model itself, or torch.compile of it
     (``LLAMAFORGE_COMPILE_MODE`` picks the mode; default "max-autotune-no-cudagraphs" on GPU)."""
-    if not compile:
-        return model
+    if not compile:  # on CPU: fused projections and a lean single-query attention (llamaforge/fast.py)
+        from .fast import prepare_for_inference
+
+        return prepare_for_inference(model) if model.tok_embeddings.weight.device.type == "cpu" else model
     fns = _DECODE_FNS.setdefault(model, {})
     if "compiled" not in fns:
         on_gpu = model.tok_embeddings.weight.device.type == "cuda"
@@ -307,7 +323,8 @@ class Engine:
     """Continuous batching over a static KV cache; see the module docstring for the API."""
 
     def __init__(self, llm: LLM | Transformer, max_batch: int = 8, max_seq_len: int | None = None, *,
-                 compile: bool = False, prefill_chunk: int = PREFILL_CHUNK, tokenizer: Any = None) -> None:  # fmt: skip
+                 compile: bool = False, prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = PREFILL_BUDGET,
+                 tokenizer: Any = None) -> None:  # fmt: skip
         model = llm if isinstance(llm, Transformer) else llm.model
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None or isinstance(llm, Transformer) else llm.tokenizer
@@ -315,10 +332,13 @@ class Engine:
         context = self.config.max_seq_len
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1 or prefill_budget < 1:
+            raise ValueError(f"prefill_chunk and prefill_budget must be >= 1, got {prefill_chunk}, {prefill_budget}")
         self.max_seq_len = min(round_up(max_seq_len or context, CACHE_ROUND), context)
         self.max_batch = max_batch
         self.compile = compile
         self.prefill_chunk = prefill_chunk
+        self.prefill_budget = prefill_budget
         self.device = model.tok_embeddings.weight.device
         model.setup_caches(max_batch, self.max_seq_len)
         self._cache = model.layers[0].attention.kv_cache
@@ -329,6 +349,7 @@ class Engine:
         self._vocab_limit = tok_vocab if tok_vocab and tok_vocab < self.config.vocab_size else None
         self.slots: list[_Request | None] = [None] * max_batch
         self.waiting: deque[_Request] = deque()
+        self._prefilling: list[_Request] = []  # hold a slot, prompt not all in the cache yet; in arrival order
         self.requests: dict[int, _Request] = {}
         self._handles = itertools.count()
         self._pending_events: list[Event] = []
@@ -387,13 +408,15 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit queued requests into free slots (prefill + first token), then decode one token for every
-        request that was already running."""
+        """Give queued requests free slots, prefill waiting prompts together (up to ``prefill_budget``
+        tokens; a prompt that completes samples its first token), then decode one token for every request
+        that was already generating."""
         if self.model.layers[0].attention.kv_cache is not self._cache:
             raise RuntimeError("another engine has replaced this model's KV cache; create a new Engine")
         events, self._pending_events = self._pending_events, []
-        running = [r for r in self.slots if r is not None]
-        events += self._admit()
+        running = [r for r in self.slots if r is not None and r.output_ids]
+        self._admit()
+        events += self._prefill_step()
         if running:
             events += self._decode_step(running)
         return events
@@ -414,26 +437,94 @@ class Engine:
             self.slots[req.slot] = None
         req.slot = None
 
-    def _admit(self) -> list[Event]:
-        events = []
+    def _admit(self) -> None:
         while self.waiting and None in self.slots:
             req = self.waiting.popleft()
-            slot = self.slots.index(None)
-            req.slot = slot
-            self.slots[slot] = req
-            logits = prefill(self.model, req.prompt_ids, slot, chunk=self.prefill_chunk, max_seq_len=self.max_seq_len)
-            logits = self._mask_padding(logits)
-            history = None
-            if req.params.uses_penalties:
-                seen, counts = self._history_buffers()
-                seen[slot] = False
-                counts[slot] = 0
-                seen[slot, torch.tensor(req.prompt_ids, device=self.device)] = True
-                history = TokenHistory(seen[slot : slot + 1], counts[slot : slot + 1])
-            batch = SamplingBatch.build([req.params], [req.generator], self.device)
-            token = batch.sample(_apply_processors([req], logits), history)
-            events.append(self._emit([req], token, logits, batch)[0])
+            req.slot = self.slots.index(None)
+            self.slots[req.slot] = req
+            self._prefilling.append(req)
+
+    def _plan_prefill(self) -> list[tuple[_Request, int]]:
+        """The rows of this step's prefill forward: (request, tokens it writes now). Rows are padded to the
+        widest, so B rows of width T must fit the budget: B * T <= prefill_budget. The oldest prompt always
+        takes part (none starves); the others go shortest first, as a prompt that completes gets its first
+        token at the end of the step. The width is the one that completes the most prompts, then writes the
+        most tokens."""
+        budget = self.prefill_budget
+        chunk = min(self.prefill_chunk, budget)
+        oldest, *others = self._prefilling
+        order = [oldest, *sorted(others, key=lambda r: len(r.prompt_ids) - r.prefilled)]
+        left = [len(r.prompt_ids) - r.prefilled for r in order]
+        best: tuple[tuple[int, int, int], int, int] | None = None
+        for width in {min(n, chunk) for n in left} | {min(budget // b, chunk) for b in range(1, len(order) + 1)}:
+            B = min(len(order), budget // width)
+            parts = [min(n, width) for n in left[:B]]
+            key = (sum(p == n for p, n in zip(parts, left)), sum(parts), width)
+            if best is None or key > best[0]:
+                best = (key, B, width)
+        assert best is not None
+        _, B, width = best
+        return [(req, min(n, width)) for req, n in zip(order[:B], left)]
+
+    def _prefill_step(self) -> list[Event]:
+        self._prefilling = [r for r in self._prefilling if r.slot is not None]  # drop cancelled ones
+        if not self._prefilling:
+            return []
+        plan = self._plan_prefill()
+        B, T = len(plan), max(n for _, n in plan)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        for i, (req, n) in enumerate(plan):
+            tokens[i, :n] = torch.tensor(req.prompt_ids[req.prefilled : req.prefilled + n])
+        # Each row at its own positions; its pads go on past its last real token (clamped to the cache, where a
+        # prompt never reaches), where the row's real tokens overwrite them before anything attends to them.
+        starts = torch.tensor([req.prefilled for req, _ in plan])
+        pos = (starts[:, None] + torch.arange(T)).clamp(max=self.max_seq_len - 1)
+        slots = [req.slot for req, _ in plan]
+        rows = None if slots == list(range(B)) else torch.tensor(slots, device=self.device)
+        cache_len = min(round_up(int(pos.max()) + 1, CACHE_ROUND), self.max_seq_len)
+        hidden = self.model(tokens.to(self.device), pos.to(self.device), rows=rows, cache_len=cache_len,
+                            return_hidden=True)  # fmt: skip
+        done: list[int] = []
+        for i, (req, n) in enumerate(plan):
+            if req.prompt_logprobs is not None:
+                self._score_prompt(req, hidden[i, :n])
+            req.prefilled += n
+            if req.prefilled == len(req.prompt_ids):
+                done.append(i)
+        if not done:
+            return []
+        self._prefilling = [r for r in self._prefilling if r.prefilled < len(r.prompt_ids)]
+        reqs = [plan[i][0] for i in done]
+        last = torch.tensor([plan[i][1] - 1 for i in done], device=self.device)
+        # The output head only for the last position of each completed prompt.
+        logits = self._mask_padding(self.model.output(hidden[torch.tensor(done, device=self.device), last]).float())
+        batch = SamplingBatch.build([r.params for r in reqs], [r.generator for r in reqs], self.device)
+        history = None
+        if batch.needs_history:
+            seen, counts = self._history_buffers()
+            for req in reqs:
+                seen[req.slot] = False
+                counts[req.slot] = 0
+                seen[req.slot, torch.tensor(req.prompt_ids, device=self.device)] = True
+            rows_done = torch.tensor([r.slot for r in reqs], device=self.device)
+            history = TokenHistory(seen[rows_done], counts[rows_done])
+        token = batch.sample(_apply_processors(reqs, logits), history)
+        events = self._emit(reqs, token, logits, batch)
+        for req, ev in zip(reqs, events):
+            ev.prompt_logprobs = req.prompt_logprobs
         return events
+
+    def _score_prompt(self, req: _Request, hidden: Tensor) -> None:
+        """Append the prompt logprobs of the tokens that this chunk's positions predict (hidden [n, D] at
+        positions prefilled..prefilled+n-1; the last prompt position predicts the first new token instead)."""
+        start, top_n = req.prefilled, req.params.prompt_logprobs
+        m = min(len(hidden), len(req.prompt_ids) - 1 - start)
+        for a in range(0, m, _SCORE_ROWS):
+            b = min(a + _SCORE_ROWS, m)
+            logits = self._mask_padding(self.model.output(hidden[a:b]).float())
+            targets = torch.tensor(req.prompt_ids[start + a + 1 : start + b + 1], device=self.device)
+            lp = token_logprobs(logits, targets, top_n)
+            req.prompt_logprobs += _logprob_entries(self.tokenizer, targets, lp, [top_n] * (b - a))
 
     def _decode_step(self, running: list[_Request]) -> list[Event]:
         running = sorted(running, key=lambda r: r.slot)
@@ -661,6 +752,8 @@ def speculative_generate(llm: LLM, draft: LLM, prompt_ids: list[int], params: Sa
                          f"({target.config.vocab_size}); they must share a tokenizer")  # fmt: skip
     if params.uses_penalties:
         raise ValueError("speculative decoding does not support repetition/presence/frequency penalties")
+    if params.prompt_logprobs is not None:
+        raise ValueError("speculative decoding does not support prompt_logprobs")
     if num_speculative < 1:
         raise ValueError(f"num_speculative must be >= 1, got {num_speculative}")
     k = num_speculative

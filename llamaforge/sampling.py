@@ -41,6 +41,9 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()  # extra stop tokens besides the tokenizer's own
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; N >= 0: the chosen token's logprob and the top N
+    # None: none; N >= 0: each prompt token's logprob given the ones before it (None for the first) and the
+    # top N alternatives, computed from the prefill's hidden states
+    prompt_logprobs: int | None = None
     # Per-request hooks (e.g. constrained decoding): fn(output_ids, logits[V]) -> logits[V], applied before
     # sampling (after the logprobs are taken); -inf bans a token.
     logits_processors: Sequence[Callable[[list[int], Tensor], Tensor]] = ()
@@ -67,6 +70,9 @@ class SamplingParams:
                 problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
             problems.append(f"logprobs must be an integer in 0..20 or None, got {self.logprobs!r}")
+        n = self.prompt_logprobs
+        if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= 20):
+            problems.append(f"prompt_logprobs must be an integer in 0..20 or None, got {n!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             problems.append(f"stop strings must be non-empty strings, got {self.stop!r}")
         if problems:

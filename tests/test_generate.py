@@ -304,3 +304,136 @@ def test_compiled_decode_matches_eager(llm):
     eager = llm.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True)
     compiled = llm.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True, compile=True)
     assert compiled.token_ids == eager.token_ids
+
+
+# Batched prefill, the prefill budget and prompt logprobs -------------------------------------------------------
+def _forward_counter(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _drain(engine: Engine, tokens: dict[int, list[int]]) -> list[list[int]]:
+    """Step until idle; returns, per step, the handles that received a token (and extends `tokens`)."""
+    steps = []
+    while engine.has_work:
+        got = []
+        for ev in engine.step():
+            tokens.setdefault(ev.handle, []).extend(ev.token_ids)
+            if ev.token_ids:
+                got.append(ev.handle)
+        steps.append(got)
+    return steps
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mha", "tiny-moe"])
+def test_arrivals_are_prefilled_together_in_one_forward(preset):
+    llm = tiny_llm(preset)
+    prompts = [[BOS, *text.encode()] for text in ("a", "a much longer prompt than the others", "xyz", "héllo")]
+    engine = Engine(llm, max_batch=4, max_seq_len=256)
+    calls = _forward_counter(llm.model)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    handles = [engine.add(p, params) for p in prompts]
+    first = engine.step()
+    assert calls[0] == 1  # one padded forward for all four prompts
+    assert sorted(ev.handle for ev in first) == handles and all(len(ev.token_ids) == 1 for ev in first)
+    tokens = {ev.handle: list(ev.token_ids) for ev in first}
+    _drain(engine, tokens)
+    for h, p in zip(handles, prompts):
+        assert tokens[h] == reference_greedy(llm, p, 12)
+        assert engine.result(h).token_ids == tokens[h]
+
+
+def test_budget_interleaves_a_long_prompt_with_running_decodes(llm):
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    short, long = [BOS, *b"running"], [BOS, *(b"a long prompt, " * 7)]  # 106 tokens
+    engine = Engine(llm, max_batch=2, max_seq_len=256, prefill_budget=16)
+    a = engine.add(short, params)
+    tokens = {a: engine.step()[0].token_ids}
+    b = engine.add(long, params)
+    steps = _drain(engine, tokens)
+    prefill_steps = -(-len(long) // 16)
+    assert all(a in got for got in steps[:prefill_steps])  # the running stream never waits for the prefill
+    assert [b in got for got in steps[:prefill_steps]] == [False] * (prefill_steps - 1) + [True]
+    assert tokens[a] == reference_greedy(llm, short, 12)
+    assert tokens[b] == reference_greedy(llm, long, 12)
+
+
+def test_mixed_partial_chunks_and_scattered_slots_equal_each_prompt_alone(llm):
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, seed=7, repetition_penalty=1.3,
+                             ignore_eos=True)  # fmt: skip
+    prompts = [[BOS, *b"abcd"], [BOS, *(b"x" * 40)], [BOS, *b"twelve chars"], [BOS, *(b"yz" * 15)]]
+    engine = Engine(llm, max_batch=5, max_seq_len=128, prefill_budget=24)
+    keep = engine.add([BOS, *b"occupies slot 0"], greedy.replace(max_new_tokens=30))
+    gap = engine.add([BOS, *b"leaves"], greedy.replace(max_new_tokens=1))  # frees slot 1: rows are scattered
+    engine.step()
+    handles = [engine.add(p, sampled if i == 3 else greedy) for i, p in enumerate(prompts)]
+    tokens: dict[int, list[int]] = {}
+    _drain(engine, tokens)
+    for h, p in zip(handles[:3], prompts):
+        assert tokens[h] == reference_greedy(llm, p, 8)
+    alone = Engine(llm, max_batch=1, max_seq_len=128)
+    assert tokens[handles[3]] == alone.run([alone.add(prompts[3], sampled)])[0].token_ids
+    assert engine.result(keep).finish_reason == "length" and engine.result(gap).token_ids
+
+
+def test_plan_keeps_padded_rows_within_the_budget(llm):
+    engine = Engine(llm, max_batch=6, max_seq_len=128, prefill_budget=24)
+    for n in (5, 30, 12, 3):
+        engine.add([1] * n, SamplingParams(max_new_tokens=1))
+    engine._admit()
+    plan = [(len(req.prompt_ids), n) for req, n in engine._plan_prefill()]
+    # The oldest first, then shortest first; width 6 completes two prompts and writes the most tokens.
+    assert plan == [(5, 5), (3, 3), (12, 6), (30, 6)]
+    assert len(plan) * max(n for _, n in plan) <= 24
+
+
+def test_cancel_during_a_chunked_prefill_frees_the_slot(llm):
+    engine = Engine(llm, max_batch=1, max_seq_len=256, prefill_budget=8)
+    h = engine.add(list(range(1, 60)), SamplingParams(max_new_tokens=4))
+    engine.step()
+    engine.cancel(h)
+    assert engine.slots == [None]
+    ids = [BOS, *b"next"]
+    nxt = engine.add(ids, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True))
+    tokens: dict[int, list[int]] = {}
+    _drain(engine, tokens)
+    assert engine.result(h).finish_reason == "cancelled"
+    assert tokens[nxt] == reference_greedy(llm, ids, 4)
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_prompt_logprobs_match_a_full_forward(llm, chunk):
+    ids = [BOS, *b"score this prompt, please"]
+    engine = Engine(llm, max_batch=2, max_seq_len=128, prefill_chunk=chunk)
+    other = engine.add([BOS, *b"batched alongside"], SamplingParams(max_new_tokens=3))
+    h = engine.add(ids, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=2))
+    first = []
+    while engine.has_work:
+        first += [ev for ev in engine.step() if ev.handle == h and ev.token_ids]
+    assert first[0].prompt_logprobs is not None and all(ev.prompt_logprobs is None for ev in first[1:])
+    result = engine.result(h)
+    engine.result(other)
+    assert result.prompt_logprobs == first[0].prompt_logprobs
+    with torch.inference_mode():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids]))[0].float(), -1)
+    entries = result.prompt_logprobs
+    assert len(entries) == len(ids) and entries[0] is None
+    for i, entry in enumerate(entries[1:], start=1):
+        assert entry.token_id == ids[i] and entry.token == ByteTokenizer().decode([ids[i]])
+        assert entry.logprob == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        assert [t.token_id for t in entry.top] == ref[i - 1].topk(2).indices.tolist()
+        assert [t.logprob for t in entry.top] == pytest.approx(ref[i - 1].topk(2).values.tolist(), abs=1e-4)
+    assert result.token_ids == reference_greedy(llm, ids, 3)
+
+
+def test_prompt_logprobs_through_generate(llm):
+    out = llm.generate([BOS, 5, 6, 7], max_new_tokens=2, prompt_logprobs=0)
+    assert out.prompt_logprobs[0] is None and [e.token_id for e in out.prompt_logprobs[1:]] == [5, 6, 7]
+    assert all(e.top == [] for e in out.prompt_logprobs[1:])
+    assert llm.generate([BOS, 5], max_new_tokens=2).prompt_logprobs is None
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate([BOS, 5], max_new_tokens=2, prompt_logprobs=1, draft=llm)

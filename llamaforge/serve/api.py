@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..generate import Engine, TokenLogprob, chat_prompt_ids, encode_prompt
 from ..sampling import SamplingParams
 from . import schemas as S
-from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission, prompt_logprobs
+from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
 from .json_mode import JsonObjectProcessor, JsonVocab
 from .metrics import CONTENT_TYPE, Metrics
 
@@ -610,10 +610,8 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                 max_new = min(requested, limit - len(ids))
                 items += [(ids, _params(state, body, max_new, body.logprobs, j)) for j in range(body.n)]
         scored: list[list[TokenLogprob | None]] = []
-        if body.echo and body.logprobs is not None:
-            model, tokenizer, top_n = state.llm.model, state.llm.tokenizer, body.logprobs
-            for ids, _ in encoded:
-                scored.append(await engine.run_job(lambda ids=ids: prompt_logprobs(model, ids, top_n, tokenizer)))
+        if body.echo and body.logprobs is not None:  # scored by the engine's prefill, all prompts together
+            scored = await engine.score([ids for ids, _ in encoded], body.logprobs)
         echoes = [text if text is not None else _decode(state, ids) for ids, text in encoded] if body.echo else []
         rid, created = S.new_id("cmpl"), S.now()
         prompt_tokens = sum(len(ids) for ids, _ in encoded)

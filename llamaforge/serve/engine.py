@@ -23,9 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from ..generate import Engine, Event, TokenLogprob, TopLogprob
+from ..generate import Engine, Event, TokenLogprob
 from ..sampling import SamplingParams
 from .metrics import Metrics
 
@@ -55,6 +53,7 @@ class Submission:
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens: int = 0
+    scoring: bool = False  # a prompt-scoring request (AsyncEngine.score): kept out of the generation metrics
 
 
 class AsyncEngine:
@@ -111,6 +110,30 @@ class AsyncEngine:
         if live:
             self._send(*[("cancel", s) for s in live])
 
+    async def score(self, prompts: Sequence[list[int]], top_n: int) -> list[list[TokenLogprob | None]]:
+        """Each prompt's token logprobs given the tokens before it (None for the first) with the top `top_n`
+        alternatives: what OpenAI's ``echo=True, logprobs=N`` returns for the prompt. They come from the engine's
+        own prefill (one greedy token each, discarded), so the prompts are scored together with other arrivals,
+        in budget-sized chunks between decode steps. Like a job, this is not held to the queue's capacity."""
+        sink: asyncio.Queue = asyncio.Queue()
+        params = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True, prompt_logprobs=top_n)
+        subs = [Submission(tag, sink, list(ids), params, scoring=True) for tag, ids in enumerate(prompts)]
+        self.active += len(subs)
+        self._send(*[("add", s) for s in subs])
+        scored: list[list[TokenLogprob | None] | None] = [None] * len(subs)
+        try:
+            while any(s is None for s in scored):
+                tag, ev = await sink.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if ev.prompt_logprobs is not None:
+                    scored[tag] = ev.prompt_logprobs
+                elif ev.finished:
+                    raise RuntimeError(f"scoring the prompt ended early ({ev.finish_reason})")
+            return scored  # type: ignore[return-value]
+        finally:
+            self.cancel(subs)
+
     async def run_job(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread between steps (it may use the model) and return its result."""
         future = asyncio.get_running_loop().create_future()
@@ -149,7 +172,7 @@ class AsyncEngine:
                 if not sub.cancelled:
                     sub.sink.put_nowait((sub.tag, ev))
                 continue
-            if ev.token_ids:
+            if ev.token_ids and not sub.scoring:
                 n = len(ev.token_ids)
                 sub.tokens += n
                 m.generation_tokens.inc(n)
@@ -162,8 +185,9 @@ class AsyncEngine:
             if ev.finished:
                 sub.finished = True
                 self.active -= 1
-                m.finished.inc(reason=ev.finish_reason or "")
-                m.e2e.observe(now - sub.arrival)
+                if not sub.scoring:
+                    m.finished.inc(reason=ev.finish_reason or "")
+                    m.e2e.observe(now - sub.arrival)
             if not sub.cancelled:
                 sub.sink.put_nowait((sub.tag, ev))
 
@@ -255,29 +279,3 @@ def _set_result(future: asyncio.Future, value: Any) -> None:
 def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
-
-
-# Scoring (echo + logprobs) ------------------------------------------------------------------------------
-@torch.inference_mode()
-def prompt_logprobs(model: torch.nn.Module, ids: Sequence[int], top_n: int, tokenizer: Any,
-                    chunk: int = 512) -> list[TokenLogprob | None]:  # fmt: skip
-    """The model's log-probability of each prompt token given the ones before it (None for the first), with
-    the top `top_n` alternatives: what OpenAI's ``echo=True, logprobs=N`` returns for the prompt."""
-    device = model.tok_embeddings.weight.device
-    tokens = torch.tensor([list(ids)], dtype=torch.long, device=device)
-    hidden = model(tokens, return_hidden=True)[0]  # [T, D]; no KV cache involved
-    out: list[TokenLogprob | None] = [None]
-
-    def text(i: int) -> str:
-        return tokenizer.decode([i]) if tokenizer is not None else str(i)
-
-    for s in range(0, len(ids) - 1, chunk):
-        e = min(s + chunk, len(ids) - 1)
-        logp = torch.log_softmax(model.output(hidden[s:e]).float(), dim=-1)
-        targets = tokens[0, s + 1 : e + 1]
-        chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
-        top_v, top_i = torch.topk(logp, top_n, dim=-1) if top_n else (logp[:, :0], logp[:, :0].long())
-        for j, (t, lp) in enumerate(zip(targets.tolist(), chosen)):
-            top = [TopLogprob(i, text(i), v) for i, v in zip(top_i[j].tolist(), top_v[j].tolist())]
-            out.append(TokenLogprob(t, text(t), lp, top))
-    return out
