@@ -134,12 +134,6 @@ class AsyncEngine:
         finally:
             self.cancel(subs)
 
-    async def run_job(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the engine thread between steps (it may use the model) and return its result."""
-        future = asyncio.get_running_loop().create_future()
-        self._send(("job", fn, future))
-        return await future
-
     def begin_shutdown(self, drain_timeout: float) -> None:
         """Take no new requests; cancel whatever is still running after `drain_timeout` seconds."""
         self.accepting = False
@@ -251,14 +245,6 @@ class AsyncEngine:
             sub = command[1]
             if sub.handle is not None and sub.handle in self._by_handle:
                 self.engine.cancel(sub.handle)
-        elif kind == "job":
-            fn, future = command[1], command[2]
-            try:
-                result = fn()
-            except Exception as exc:
-                self._call_soon(_set_exception, future, exc)
-            else:
-                self._call_soon(_set_result, future, result)
 
     def _forget(self, handle: int) -> None:
         self._by_handle.pop(handle, None)
@@ -269,13 +255,3 @@ class AsyncEngine:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
-
-
-def _set_result(future: asyncio.Future, value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
