@@ -1,0 +1,137 @@
+"""Two CPU processes on gloo (loopback): DDP and FSDP2 reproduce the single-process losses for the same
+global batch, and an FSDP2 run killed mid-way resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_loop import kill_at, tiny_recipe
+
+from llamaforge.train.checkpointing import full_model_state
+from llamaforge.train.recipe import Killed, Trainer
+
+STEPS = 8
+# one process: 2 sequences x 2 accumulation steps; two processes: 1 sequence each x 2 steps (same batch)
+SINGLE = {"data.micro_batch_size": "2"}
+DOUBLE = {"data.micro_batch_size": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _capture_weights(box: dict, steps: int):
+    def callback(done: int, metrics: dict) -> None:
+        if done == steps:  # collective under FSDP: every rank calls it
+            box["weights"] = full_model_state(box["trainer"].module)
+
+    return callback
+
+
+def _run(recipe, callbacks=()) -> dict:
+    box: dict = {}
+    trainer = Trainer(recipe, callbacks=[*callbacks, _capture_weights(box, STEPS)])
+    box["trainer"] = trainer
+    try:
+        trainer.fit()
+    except Killed:
+        box["killed"] = True
+    return {"losses": [h["loss"] for h in trainer.history], "weights": box.get("weights"),
+            "val": [v["val_loss"] for v in trainer.val_history], "killed": box.get("killed", False)}  # fmt: skip
+
+
+def _worker(rank: int, port: int, mode: str, data: str, out: str, result_file: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      GLOO_SOCKET_IFNAME="lo")  # fmt: skip
+    torch.set_num_threads(1)
+    results = {}
+    par = {**DOUBLE, "train.parallel": mode}
+    os.environ["MASTER_PORT"] = str(port)
+    results["straight"] = _run(tiny_recipe(Path(data), Path(out) / "straight", **par))
+    if mode == "fsdp":
+        os.environ["MASTER_PORT"] = str(port + 1)
+        results["killed"] = _run(tiny_recipe(Path(data), Path(out) / "resumed", **par), [kill_at(6)])
+        os.environ["MASTER_PORT"] = str(port + 2)
+        results["resumed"] = _run(tiny_recipe(Path(data), Path(out) / "resumed", **par, **{"train.resume": "true"}))
+    if rank == 0:
+        torch.save(results, result_file)
+
+
+def _spawn(mode: str, data: Path, out: Path) -> dict:
+    result_file = out / f"{mode}.pt"
+    port = _free_port()
+    mp.start_processes(_worker, args=(port, mode, str(data), str(out), str(result_file)), nprocs=2,
+                       start_method="spawn")  # fmt: skip
+    return torch.load(result_file, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def single(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.set_num_threads(1)
+    box: dict = {}
+    trainer = Trainer(tiny_recipe(prepared, tmp_path_factory.mktemp("single"), **SINGLE),
+                      callbacks=[_capture_weights(box, STEPS)])  # fmt: skip
+    box["trainer"] = trainer
+    trainer.fit()
+    return {"losses": [h["loss"] for h in trainer.history], "weights": box["weights"],
+            "val": [v["val_loss"] for v in trainer.val_history]}  # fmt: skip
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_ddp_matches_single_process(prepared: Path, tmp_path: Path, single: dict) -> None:
+    res = _spawn("ddp", prepared, tmp_path)["straight"]
+    assert res["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert res["val"] == pytest.approx(single["val"], rel=1e-5)
+    _assert_same_weights(res["weights"], single["weights"], atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_matches_single_process_and_resumes_exactly(prepared: Path, tmp_path: Path, single: dict) -> None:
+    res = _spawn("fsdp", prepared, tmp_path)
+    straight, killed, resumed = res["straight"], res["killed"], res["resumed"]
+    assert straight["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    _assert_same_weights(straight["weights"], single["weights"], atol=1e-5)
+    # killed during step 6 (last checkpoint: step 4), then resumed: the same run, step for step
+    assert killed["killed"] and len(killed["losses"]) == 6
+    assert killed["losses"] == pytest.approx(straight["losses"][:6], abs=1e-6)
+    assert len(resumed["losses"]) == STEPS - 4
+    assert resumed["losses"] == pytest.approx(straight["losses"][4:], abs=1e-6)
+    _assert_same_weights(resumed["weights"], straight["weights"], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_cli_fsdp(prepared: Path, tmp_path: Path) -> None:
+    """The documented launch: torchrun -m llamaforge pretrain, 2 CPU processes, FSDP2, then --resume."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "llamaforge", "pretrain", "--model.preset", "tiny",
+            "--model.overrides", "{vocab_size: 258}", "--data.path", str(prepared), "--data.seq_len", "32",
+            "--data.micro_batch_size", "1", "--train.parallel", "fsdp", "--train.out_dir", str(tmp_path),
+            "--optim.warmup_steps", "2", "--train.ckpt_interval", "2", "--logging.console", "false"]  # fmt: skip
+    first = subprocess.run([*base, "--train.steps", "4"], env=env, capture_output=True, text=True, timeout=500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    base[base.index("--master_port") + 1] = str(_free_port())
+    second = subprocess.run([*base, "--train.steps", "6", "--resume"], env=env, capture_output=True, text=True,
+                            timeout=500)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+    assert (tmp_path / "final" / "config.json").exists()
