@@ -195,9 +195,11 @@ def run_llamacpp(config: str, args, work: Path) -> dict:
     llm.eval(prompt)
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    n_vocab = llm.n_vocab()
     for _ in range(args.decode):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([tok])
+        # Without logits_all, llama-cpp-python keeps no scores; read the last position's logits directly.
+        last = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        llm.eval([int(np.argmax(last))])
     decode_s = time.perf_counter() - t0
     del llm
     scorer = Llama(n_ctx=len(tokens) + 16, logits_all=True, **common)
