@@ -142,16 +142,9 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}. "
         f"The machine was shared with other work, so timings are noisy.\n\n    {command.strip()}\n\n{table}\n"
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[nxt + 1 :] if nxt >= 0 else "")
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    from results import replace_section
+
+    replace_section(body, path=RESULTS)
 
 
 def lm_eval_version() -> str:

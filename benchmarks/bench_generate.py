@@ -315,16 +315,9 @@ def write_results(table: str, args, command: str) -> None:
         f"was shared with other work, so timings are noisy.\n\n"
         f"    {command}\n\n{table}\n"
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + body
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[nxt + 1 :] if nxt >= 0 else "")
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    from results import replace_section
+
+    replace_section(body, path=RESULTS)
 
 
 def main() -> None:

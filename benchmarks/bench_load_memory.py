@@ -120,18 +120,9 @@ def table(rows: list[dict], params: int) -> str:
 
 def update_results(body: str) -> None:
     """Replace (or append) this benchmark's section of RESULTS.md, keeping every other section."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{body}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-        text = text.replace(section + "## ", section + "\n## ")
-    tmp = RESULTS.with_name(RESULTS.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, RESULTS)
+    from results import replace_section
+
+    replace_section(f"{SECTION}\n\n{body}", path=RESULTS)
 
 
 def main() -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import sysconfig
@@ -40,28 +39,10 @@ SECTION = "Pretraining"
 
 # Results file -------------------------------------------------------------------------------------------
 def write_subsection(title: str, body: str) -> None:
-    """Replace (or add) ``### title`` inside the ``## Pretraining`` section of RESULTS.md, atomically,
-    keeping every other section and subsection."""
-    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
-    head = f"## {SECTION}"
-    if head not in text:
-        text = text.rstrip("\n") + f"\n\n{head}\n"
-    start = text.index(head)
-    nxt = text.find("\n## ", start + len(head))
-    end = len(text) if nxt < 0 else nxt + 1
-    section = text[start:end]
-    sub = f"### {title}"
-    block = f"{sub}\n\n{body.strip()}\n\n"
-    if sub in section:
-        s = section.index(sub)
-        e = section.find("\n### ", s + len(sub))
-        section = section[:s] + block + ("" if e < 0 else section[e + 1 :])
-    else:
-        section = section.rstrip("\n") + "\n\n" + block
-    text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end:].lstrip("\n") if end < len(text) else "")
-    tmp = RESULTS.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, RESULTS)
+    """Replace (or add) ``### title`` inside the ``## Pretraining`` section of RESULTS.md."""
+    from results import replace_section
+
+    replace_section(f"### {title}\n\n{body.strip()}\n", parent=f"## {SECTION}", path=RESULTS)
 
 
 # The baseline -------------------------------------------------------------------------------------------

@@ -246,23 +246,9 @@ def table(rows: list[dict]) -> str:
 
 def write_section(text: str, path: Path = RESULTS) -> None:
     """Replace (or append) the "## Serving" section of RESULTS.md, keeping every other section."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Serving"), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = (
-            "".join(lines[:start])
-            + text.rstrip("\n")
-            + "\n"
-            + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-        )
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".RESULTS.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, path)
+    from results import replace_section
+
+    replace_section(text, path=path)
 
 
 def main(argv: list[str] | None = None) -> int:
