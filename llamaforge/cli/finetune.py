@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 
-from ..errors import UserError
-
 # Short options and the recipe field each sets.
 _SHORTCUTS = {"model": "model.from_checkpoint", "data": "finetune.data", "method": "finetune.method",
               "val_data": "finetune.val_data", "template": "finetune.template", "epochs": "finetune.epochs",
@@ -23,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _register_finetune(sub: argparse._SubParsersAction) -> None:
     from ..train.sft import recipe_fields
+    from .train import add_recipe_arguments
 
     p = sub.add_parser("finetune", help="fine-tune on instruction data (full, LoRA or QLoRA)",
                        description="Supervised fine-tuning on Alpaca JSON/JSONL (instruction, input, output) or chat "
@@ -44,39 +43,16 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=("nf4", "int4", "int4-g32", "int4-g64", "int4-g128"),
                    help="QLoRA base quantization (default: nf4)")  # fmt: skip
     p.add_argument("-o", "--out", help="output directory (train.out_dir)")
-    p.add_argument("--config", help="recipe YAML (see recipes/finetune-*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint in the output directory (or the given one)")  # fmt: skip
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    group = p.add_argument_group("recipe fields (override the YAML)")
-    for name, _hint, default in recipe_fields():
-        shown = default if isinstance(default, str) else json.dumps(default)
-        group.add_argument(f"--{name}", dest=f"field:{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=f"default: {shown}")  # fmt: skip
+    add_recipe_arguments(p, recipe_fields(), "recipe YAML (see recipes/finetune-*.yaml)")
     p.set_defaults(handler=_finetune)
 
 
 def recipe_from_args(args: argparse.Namespace):
     """The recipe from --config, then --section.field options and shortcuts, then --set pairs."""
     from ..train.sft import FinetuneRecipe
+    from .train import recipe_overrides
 
-    overrides: dict[str, object] = {}
-    for key, value in vars(args).items():
-        if key.startswith("field:"):
-            overrides[key[len("field:") :]] = value
-    for short, dotted in _SHORTCUTS.items():
-        value = getattr(args, short, None)
-        if value is not None:
-            overrides[dotted] = value
-    for pair in args.set:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
-        overrides[key.strip()] = value
-    if args.resume is not None:
-        overrides["train.resume"] = args.resume if isinstance(args.resume, str) else True
-    return FinetuneRecipe.load(args.config, overrides)
+    return FinetuneRecipe.load(args.config, recipe_overrides(args, _SHORTCUTS))
 
 
 def _finetune(args: argparse.Namespace) -> int:

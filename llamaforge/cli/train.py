@@ -62,27 +62,34 @@ def _register_pretrain(sub: argparse._SubParsersAction) -> None:
                        description="Train from a YAML recipe; every field can be overridden as --section.field "
                        "VALUE or --set section.field=VALUE. Several processes: torchrun --nproc_per_node N "
                        "-m llamaforge pretrain ...", allow_abbrev=False)  # fmt: skip
-    p.add_argument("--config", help="recipe YAML (see recipes/)")
+    add_recipe_arguments(p, recipe_fields(), "recipe YAML (see recipes/)")
+    p.set_defaults(handler=_pretrain)
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, fields, config_help: str) -> None:
+    """--config, --set, --resume, --print-recipe and one --section.field option per recipe field."""
+    p.add_argument("--config", help=config_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from the newest checkpoint in train.out_dir (or the given one)")  # fmt: skip
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     group = p.add_argument_group("recipe fields (override the YAML)")
-    for name, _hint, default in recipe_fields():
+    for name, _hint, default in fields:
         shown = default if isinstance(default, str) else json.dumps(default)
         group.add_argument(f"--{name}", dest=f"field:{name}", default=argparse.SUPPRESS, metavar="V",
                            help=f"default: {shown}")  # fmt: skip
-    p.set_defaults(handler=_pretrain)
 
 
-def recipe_from_args(args: argparse.Namespace):
-    """The recipe from ``--config``, ``--section.field`` options and ``--set`` pairs (later ones win)."""
-    from ..train.recipe import Recipe
-
-    overrides: dict[str, str] = {}
+def recipe_overrides(args: argparse.Namespace, shortcuts: dict[str, str] | None = None) -> dict[str, object]:
+    """Recipe overrides from --section.field options, then shortcut options, then --set pairs (later win)."""
+    overrides: dict[str, object] = {}
     for key, value in vars(args).items():
         if key.startswith("field:"):
             overrides[key[len("field:") :]] = value
+    for short, dotted in (shortcuts or {}).items():
+        value = getattr(args, short, None)
+        if value is not None:
+            overrides[dotted] = value
     for pair in args.set:
         key, sep, value = pair.partition("=")
         if not sep:
@@ -90,7 +97,14 @@ def recipe_from_args(args: argparse.Namespace):
         overrides[key.strip()] = value
     if args.resume is not None:
         overrides["train.resume"] = args.resume if isinstance(args.resume, str) else True
-    return Recipe.load(args.config, overrides)
+    return overrides
+
+
+def recipe_from_args(args: argparse.Namespace):
+    """The recipe from ``--config``, ``--section.field`` options and ``--set`` pairs (later ones win)."""
+    from ..train.recipe import Recipe
+
+    return Recipe.load(args.config, recipe_overrides(args))
 
 
 def _pretrain(args: argparse.Namespace) -> int:
