@@ -110,6 +110,25 @@ def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def check_tensors(path: str | os.PathLike, config, tensors) -> dict[str, tuple[int, ...]]:
+    """Refuse to write a checkpoint whose tensors do not match `config` (names and shapes); return the
+    expected shapes in the model's own order. Every format's ``write`` calls this first."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("output.weight")
+    unknown = sorted(set(tensors) - set(expected) - {"output.weight"})
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise CheckpointError(f"cannot write {path}: unexpected tensors {unknown[:5]}, missing tensors {missing[:5]}")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(
+                f"cannot write {path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
+            )
+    return expected
+
+
 def save_model(model: Transformer, path: str | os.PathLike, fmt: str, tokenizer=None,
                dtype: torch.dtype | None = None) -> Path:  # fmt: skip
     """Write `model` (and its tokenizer, when given) as a checkpoint of format `fmt` at `path`."""
@@ -150,5 +169,5 @@ def atomic_output(path: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
         raise
 
 
-__all__ = ["FORMATS", "atomic_output", "detect_format", "format_module", "load_model", "model_tensors",
+__all__ = ["FORMATS", "atomic_output", "check_tensors", "detect_format", "format_module", "load_model", "model_tensors",
            "save_model"]  # fmt: skip

@@ -55,6 +55,7 @@ from torch import Tensor
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError
 from ..gguf_quants import BLOCK_SIZES, DEQUANTIZABLE, dequantize, quantize
+from . import check_tensors
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -615,14 +616,6 @@ def _encode(tensor: Tensor, kind: Q) -> np.ndarray:
     return quantize(t, kind).numpy()
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from ..model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def write(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, Tensor], tokenizer: Any = None,
           dtype: torch.dtype | str | None = None) -> None:  # fmt: skip
     """Write a llama GGUF file that llama.cpp runs: full metadata, the tokenizer's vocabulary when given."""
@@ -635,17 +628,7 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, Tenso
         raise ValueError("GGUF writing supports dense llama models; Llama 4 features (experts, QK norm, NoPE, "
                          "chunked attention) cannot be written")  # fmt: skip
     qtype = write_type(dtype)
-    expected = _expected_shapes(config)
-    if config.tie_embeddings:
-        expected.pop("output.weight")
-    unknown = sorted(set(tensors) - set(expected) - {"output.weight"})
-    missing = sorted(set(expected) - set(tensors))
-    if unknown or missing:
-        raise ValueError(f"cannot write {path}: unexpected tensors {unknown[:5]}, missing tensors {missing[:5]}")
-    for name in expected:
-        if tuple(tensors[name].shape) != expected[name]:
-            raise ValueError(f"cannot write {path}: {name} has shape {tuple(tensors[name].shape)}, "
-                             f"expected {expected[name]}")  # fmt: skip
+    expected = check_tensors(path, config, tensors)
     order = [n for n in expected if n in tensors] + [n for n in tensors if n not in expected]
 
     with atomic_output(path, is_dir=False) as tmp:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError
+from . import check_tensors
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -282,25 +283,6 @@ def _to_hf_name(name: str) -> str:
 
 
 # Writing ----------------------------------------------------------------------------------------
-def check_tensors(path: Path, config: ModelConfig, tensors: Mapping[str, Tensor]) -> None:
-    """Refuse to write a checkpoint whose tensors do not match `config` (names and shapes)."""
-    from ..model import Transformer
-
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(config).state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("output.weight")
-    unknown = sorted(set(tensors) - set(expected) - {"output.weight"})
-    missing = sorted(set(expected) - set(tensors))
-    if unknown or missing:
-        raise CheckpointError(f"cannot write {path}: unexpected tensors {unknown[:5]}, missing tensors {missing[:5]}")
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(
-                f"cannot write {path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}"
-            )
-
-
 def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Tensor], tokenizer: Any = None,
           dtype: torch.dtype | None = None) -> None:  # fmt: skip
     """Write config.json, generation_config.json and model.safetensors (sharded above 5 GB), atomically."""

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError
+from . import check_tensors
 from .hf import read_json
 
 PARAMS_FILE = "params.json"
@@ -280,7 +281,7 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Te
           dtype: torch.dtype | None = None) -> None:  # fmt: skip
     """Write params.json, consolidated.00.pth and (when the tokenizer has one) tokenizer.model, atomically."""
     from . import atomic_output
-    from .hf import _resolve_dtype, check_tensors
+    from .hf import _resolve_dtype
 
     path = Path(path)
     dtype = _resolve_dtype(dtype)
