@@ -275,7 +275,10 @@ _DECODE_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def decode_fn(model: Transformer, compile: bool = False) -> Callable[..., Tensor]:
     """The forward used for decode steps, built once per model: the model itself, or torch.compile of it
-    (``LLAMAFORGE_COMPILE_MODE`` picks the mode; default "max-autotune-no-cudagraphs" on GPU)."""
+    (``LLAMAFORGE_COMPILE_MODE`` picks the mode). On GPU the default is "reduce-overhead": a decode step is
+    hundreds of small kernels, and replaying them as CUDA graphs is what makes batch-1 decoding fast (on an
+    H100, SmolLM2-135M went from 32 to 486 tokens/s; benchmarks/RESULTS.md). The batch dimension is left
+    to automatic dynamic shapes there, so requests joining and leaving do not recompile at every new size."""
     if not compile:  # on CPU: fused projections and a lean single-query attention (llamaforge/fast.py)
         from .fast import prepare_for_inference
 
@@ -283,8 +286,8 @@ def decode_fn(model: Transformer, compile: bool = False) -> Callable[..., Tensor
     fns = _DECODE_FNS.setdefault(model, {})
     if "compiled" not in fns:
         on_gpu = model.tok_embeddings.weight.device.type == "cuda"
-        mode = os.environ.get("LLAMAFORGE_COMPILE_MODE") or ("max-autotune-no-cudagraphs" if on_gpu else None)
-        fns["compiled"] = torch.compile(model, mode=mode, fullgraph=False, dynamic=False)
+        mode = os.environ.get("LLAMAFORGE_COMPILE_MODE") or ("reduce-overhead" if on_gpu else None)
+        fns["compiled"] = torch.compile(model, mode=mode, fullgraph=False, dynamic=None if on_gpu else False)
     return fns["compiled"]
 
 
@@ -343,6 +346,9 @@ class Engine:
         model.setup_caches(max_batch, self.max_seq_len)
         self._cache = model.layers[0].attention.kv_cache
         self._decode = decode_fn(model, compile)
+        # CUDA graphs are recorded per batch size: pad decode batches to powers of two so that requests
+        # joining one by one make a handful of graphs, not one per size.
+        self._pad_batch = compile and self.device.type == "cuda"
         self.stop_ids = stop_token_ids(self.tokenizer)
         # A model's embedding may be padded past the tokenizer's vocabulary: never sample those ids.
         tok_vocab = getattr(self.tokenizer, "vocab_size", None)
@@ -530,13 +536,20 @@ class Engine:
         running = sorted(running, key=lambda r: r.slot)
         slots = [r.slot for r in running]
         B = len(running)
-        tokens = torch.tensor([[r.output_ids[-1]] for r in running], dtype=torch.long, device=self.device)
+        last = [r.output_ids[-1] for r in running]
         positions = [r.next_pos for r in running]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(B, 1)
-        contiguous = slots == list(range(B))
-        rows = None if contiguous else torch.tensor(slots, device=self.device)
         cache_len = min(round_up(max(positions) + 1, CACHE_ROUND), self.max_seq_len)
-        logits = self._mask_padding(self._decode(tokens, pos, rows=rows, cache_len=cache_len)[:, -1].float())
+        padded = min(1 << (B - 1).bit_length(), self.max_batch) if self._pad_batch else B
+        if padded > B:  # extra rows repeat the first one: they rewrite its cache entry with the same values
+            slots, last, positions = (v + v[:1] * (padded - B) for v in (slots, last, positions))
+        tokens = torch.tensor(last, dtype=torch.long, device=self.device).view(padded, 1)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device).view(padded, 1)
+        contiguous = slots == list(range(padded))
+        rows = None if contiguous else torch.tensor(slots, device=self.device)
+        logits = self._decode(tokens, pos, rows=rows, cache_len=cache_len)[:B, -1].float()
+        logits = self._mask_padding(logits)
+        contiguous = slots[:B] == list(range(B))
+        rows = None if contiguous else rows[:B]
         batch = self._sampling_batch(running)
         history = None
         if batch.needs_history:

@@ -359,12 +359,14 @@ def test_budget_interleaves_a_long_prompt_with_running_decodes(llm):
     assert tokens[b] == reference_greedy(llm, long, 12)
 
 
-def test_mixed_partial_chunks_and_scattered_slots_equal_each_prompt_alone(llm):
+@pytest.mark.parametrize("pad_batch", [False, True])  # True: decode batches padded to powers of two (CUDA graphs)
+def test_mixed_partial_chunks_and_scattered_slots_equal_each_prompt_alone(llm, pad_batch):
     greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
     sampled = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, seed=7, repetition_penalty=1.3,
                              ignore_eos=True)  # fmt: skip
     prompts = [[BOS, *b"abcd"], [BOS, *(b"x" * 40)], [BOS, *b"twelve chars"], [BOS, *(b"yz" * 15)]]
     engine = Engine(llm, max_batch=5, max_seq_len=128, prefill_budget=24)
+    engine._pad_batch = pad_batch
     keep = engine.add([BOS, *b"occupies slot 0"], greedy.replace(max_new_tokens=30))
     gap = engine.add([BOS, *b"leaves"], greedy.replace(max_new_tokens=1))  # frees slot 1: rows are scattered
     engine.step()
