@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..generate import PREFILL_BUDGET
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="requests that may wait for a slot; more get HTTP 429 (default 64)")  # fmt: skip
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="context per request, prompt + completion (default 2048, at most the model's)")  # fmt: skip
+    p.add_argument("--prefill-budget", type=int, default=PREFILL_BUDGET,
+                   help="prompt tokens prefilled per engine step, between decode steps: lower keeps running "
+                        f"streams smoother while prompts arrive, higher gives new requests their first token "
+                        f"sooner (default {PREFILL_BUDGET})")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
@@ -56,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ..serve import ServerConfig, create_app, server_state
     from .generate import load_for_cli
 
-    for name in ("max_batch", "max_seq_len", "port"):
+    for name in ("max_batch", "max_seq_len", "prefill_budget", "port"):
         value = getattr(args, name)
         if value < (0 if name == "port" else 1):
             raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, got {value}")
@@ -69,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_seq_len=args.max_seq_len,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), drain_timeout=args.drain_timeout,
-                          compile=args.compile)  # fmt: skip
+                          compile=args.compile, prefill_budget=args.prefill_budget)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(config, loader=lambda: load_for_cli(args))
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

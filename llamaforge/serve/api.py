@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import Engine, TokenLogprob, chat_prompt_ids, encode_prompt
+from ..generate import PREFILL_BUDGET, Engine, TokenLogprob, chat_prompt_ids, encode_prompt
 from ..sampling import SamplingParams
 from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
@@ -47,6 +47,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     compile: bool = False
+    prefill_budget: int = PREFILL_BUDGET  # prompt tokens prefilled per engine step (between decode steps)
 
 
 # Errors -------------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class ServerState:
     def attach(self, llm: Any) -> None:
         """Build the engine for a loaded model and start its thread (on the event loop)."""
         engine = Engine(llm, max_batch=self.config.max_batch, max_seq_len=self.config.max_seq_len,
-                        compile=self.config.compile)  # fmt: skip
+                        compile=self.config.compile, prefill_budget=self.config.prefill_budget)  # fmt: skip
         self.llm = llm
         self.engine = AsyncEngine(engine, max_queue=self.config.max_queue, metrics=self.metrics)
         self.engine.start()

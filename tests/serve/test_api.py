@@ -376,3 +376,12 @@ def test_health_is_503_while_loading(tiny_model_dir):
         release.set()
         assert _wait_for(lambda: httpx.get(srv.base_url + "/health").status_code == 200)
         assert srv.client().completions.create(model=MODEL, prompt="x", max_tokens=2).choices[0].text is not None
+
+
+def test_prefill_budget_splits_long_prompts_without_changing_the_text(tiny_model_dir, client):
+    prompt = "A prompt of many more tokens than the budget of eight, " * 3
+    want = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    with run_server(tiny_model_dir, max_batch=2, prefill_budget=8) as small:
+        assert small.state.engine.engine.prefill_budget == 8
+        got = small.client().completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert got.choices[0].text == want
