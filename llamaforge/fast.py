@@ -13,6 +13,10 @@ computes the same function with fewer, larger kernels:
 - 16-bit weights on CPU use fbgemm's packed fp16 GEMM (float32 activations, weights converted in
   registers with F16C), faster at one row than the generic half-precision matmuls. The packed copy is
   extra memory (the model's own 16-bit weights stay, for saving and for uncached forwards).
+- With the native kernels (``llamaforge.kernels``), a step of one token per sequence (up to
+  ``kernels.MAX_ROWS`` sequences) runs as ~10 ops per layer: fused RMSNorm, native matmuls reading the
+  weights as stored, one op for RoPE + KV-cache write + attention, fused SiLU-gate. The residual stream
+  stays float32 there (as llama.cpp's does), also for 16-bit models; the KV cache keeps the model dtype.
 
 The model's own modules (norms, embeddings, KV caches, rope functions) do the rest, so the numbers match
 ``model(...)`` up to float rounding. Models with features this path does not cover (mixture of experts,
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .model import FeedForward, Transformer, apply_rope, rope_cos_sin
 from .quantize import fuse_quantized, is_quantized
 
@@ -62,17 +67,34 @@ class _Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class _FloatLinear(nn.Module):
+    """Native kernel for a few rows (reading the weight as stored), ``gemm`` (torch's kernels) otherwise."""
+
+    def __init__(self, weight: Tensor, gemm: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.gemm = weight, gemm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if kernels.usable(x):
+            return kernels.linear_float(x, self.weight)
+        return self.gemm(x)
+
+
 def _float_kernel(weight: Tensor) -> nn.Module:
-    """fbgemm's fp16 GEMM for 16-bit weights on CPU, a plain matmul otherwise.
+    """Native kernels for a few rows when built (``_FloatLinear``), else torch's: fbgemm's fp16 GEMM for
+    16-bit weights on CPU, a plain matmul otherwise.
 
     bfloat16 weights go there too: every bfloat16 value within float16's normal range is exact in float16
     (7 mantissa bits fit in 10), smaller ones lose at most 3e-8, and the activations stay float32, so the
     result is at least as accurate as a bfloat16 matmul. Weights beyond float16's range keep the matmul.
     """
     sixteen = weight.dtype in (torch.float16, torch.bfloat16) and weight.device.type == "cpu"
+    gemm: nn.Module = _Linear(weight)
     if sixteen and _fbgemm_fp16() and (weight.dtype == torch.float16 or bool(weight.detach().abs().amax() < 65504)):
-        return _Fp16Packed(weight)
-    return _Linear(weight)
+        gemm = _Fp16Packed(weight)
+    if weight.device.type == "cpu" and weight.is_contiguous():
+        return _FloatLinear(weight, gemm)
+    return gemm
 
 
 @torch.no_grad()
@@ -158,6 +180,19 @@ class _FastLayer(nn.Module):
         g = self.w13(self.ffn_norm(h))
         return h + self.w2(F.silu(g[..., : self.hidden]) * g[..., self.hidden :])
 
+    def native_step(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, rows: Tensor,
+                    cache_len: int) -> Tensor:  # fmt: skip
+        """``forward`` for one token per sequence with the native ops: x [B, dim] float32, cos/sin [B, D/2],
+        positions and cache rows [B]."""
+        cache = self.owner().kv_cache
+        norm = self.attention_norm
+        qkv = self.qkv(kernels.rms_norm(x, norm.weight, norm.eps))
+        y = kernels.decode_attention(qkv, cos, sin, cache.k, cache.v, positions, rows, self.n_heads,
+                                     self.n_kv_heads, cache_len)  # fmt: skip
+        h = x + self.wo(y)
+        norm = self.ffn_norm
+        return h + self.w2(kernels.silu_mul(self.w13(kernels.rms_norm(h, norm.weight, norm.eps))))
+
 
 class FastForward(nn.Module):
     """The cached forward of ``model`` with fused projections; other calls go to the model itself."""
@@ -193,9 +228,11 @@ class FastForward(nn.Module):
         if model.cache_shape is None:
             raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
         B, T = tokens.shape
-        x = model.tok_embeddings(tokens)
         positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         cache_len = cache_len or model.cache_shape[1]
+        if T == 1 and B <= kernels.MAX_ROWS and tokens.device.type == "cpu" and kernels.available():
+            return self._native_step(model, tokens, positions, rows, cache_len, return_hidden)
+        x = model.tok_embeddings(tokens)
         keys = torch.arange(cache_len, device=tokens.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
         bias = None
@@ -206,6 +243,20 @@ class FastForward(nn.Module):
             x = layer(x, cos, sin, positions, mask, bias, rows, cache_len)
         x = model.norm(x)
         return x if return_hidden else self.head(x)
+
+    def _native_step(self, model: Transformer, tokens: Tensor, positions: Tensor, rows: Tensor | None,
+                     cache_len: int, return_hidden: bool) -> Tensor:  # fmt: skip
+        B = tokens.shape[0]
+        dtype = model.tok_embeddings.weight.dtype
+        x = model.tok_embeddings(tokens).view(B, -1).float()
+        cos, sin = rope_cos_sin(model.rope_freqs, positions)
+        cos, sin, positions = cos.view(B, -1), sin.view(B, -1), positions.view(B)
+        rows = torch.arange(B) if rows is None else rows
+        for layer in self.layers:
+            x = layer.native_step(x, cos, sin, positions, rows, cache_len)
+        x = kernels.rms_norm(x, model.norm.weight, model.norm.eps)
+        out = x if return_hidden else self.head(x)
+        return out.view(B, 1, -1).to(dtype)
 
 
 def _stamp(model: Transformer) -> tuple:

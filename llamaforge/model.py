@@ -63,8 +63,11 @@ def rope_cos_sin(freqs: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate adjacent pairs (x0, x1) of x [B, T, H, D] by the position's angle, in float32."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    if torch.compiler.is_compiling():  # inductor fuses the real form into one kernel; it has no complex codegen
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:  # eager: (x0 + i*x1) * (cos + i*sin) is one kernel forward and one backward, the real form seven
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin))
     return out.flatten(-2).type_as(x)
 
 

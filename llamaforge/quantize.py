@@ -20,6 +20,9 @@ On CPU, torch's int8/int4 kernels are vectorized only for bfloat16 activations (
 scalar path about 10x slower, float16 worse), so float32 activations are rounded to bfloat16 for these
 matmuls (``compute_dtype``); for prompts of ``PREFILL_ROWS`` tokens or more the weight is dequantized
 and multiplied with the regular float GEMM, which is faster there than the weight-only kernels.
+When the native kernels are built (``llamaforge.kernels``) and no ``compute_dtype`` is set, inputs of up
+to ``kernels.MAX_ROWS`` rows on CPU go to them instead: they read these modules' buffers as stored and
+accumulate in float32 (activations float32 for int8, rounded to int16 per 32 columns for 4-bit and Q8_0).
 
 Saved form (``save_quantized``): ``model.safetensors`` with the quantized modules' buffers under the
 model's own names (``layers.0.attention.wq.qweight``, ``...scales``) plus the float tensors, and
@@ -40,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ModelConfig, RopeScaling
 from .model import Transformer
 
@@ -107,9 +111,17 @@ class _QuantLinear(nn.Module):
     def _kernel(self, x2: Tensor, dtype: torch.dtype) -> Tensor:
         raise NotImplementedError
 
+    def _native(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _has_native(self) -> bool:
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if self.compute_dtype is None and x.is_floating_point() and self._has_native() and kernels.usable(x):
+            return self._native(x)
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= PREFILL_ROWS and x.is_floating_point() and x.device.type == "cpu":
             return F.linear(x, self.dequantize(x.dtype))
@@ -145,7 +157,12 @@ class Int8Linear(_QuantLinear):
         scales = self._cache.get(dtype)
         if scales is None:
             scales = self._cache[dtype] = self.scales.to(dtype)
+        if x2.device.type == "cuda":  # in this form torch.compile fuses the int8 -> bf16 conversion into the matmul
+            return F.linear(x2, self.qweight.to(dtype)) * scales
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, scales)
+
+    def _native(self, x: Tensor) -> Tensor:
+        return kernels.linear_int8(x, self.qweight, self.scales)
 
 
 def check_int4_shape(in_features: int, out_features: int, group_size: int, name: str = "") -> None:
@@ -234,10 +251,17 @@ class Int4Linear(_QuantLinear):
         q = self.codes()
         if device.type == "cuda":  # the CUDA kernel takes bytes with the even column in the high nibble
             hi_lo = (q[:, 0::2] << 4) | q[:, 1::2]
-            packed = torch.ops.aten._convert_weight_to_int4pack(hi_lo.contiguous(), 8)
+            tiles = next(t for t in (8, 4, 2) if (q.shape[1] // 16) % t == 0)  # K=576 (SmolLM2) takes 4
+            packed = torch.ops.aten._convert_weight_to_int4pack(hi_lo.contiguous(), tiles)
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         return packed, self.scales_and_zeros.to(dtype).contiguous()
+
+    def _native(self, x: Tensor) -> Tensor:
+        scale_bias = self._cache.get("native")
+        if scale_bias is None:  # each row's scales and biases contiguous (a copy the size of scales_and_zeros)
+            scale_bias = self._cache["native"] = kernels.int4_scale_bias(self.scales_and_zeros)
+        return kernels.linear_int4(x, self.qweight, scale_bias, self.group_size)
 
 
 class BlockInt8Linear(_QuantLinear):
@@ -286,6 +310,12 @@ class BlockInt8Linear(_QuantLinear):
             out = part if out is None else out.add_(part)
         assert out is not None
         return out
+
+    def _has_native(self) -> bool:
+        return self.block == 32  # GGUF's Q8_0 block, the one the native kernel takes
+
+    def _native(self, x: Tensor) -> Tensor:
+        return kernels.linear_q8_0(x, self.qweight, self.scales)
 
 
 QUANT_MODULES: dict[str, type[_QuantLinear]] = {m.kind: m for m in (Int8Linear, Int4Linear, BlockInt8Linear)}

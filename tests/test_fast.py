@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llamaforge import kernels
 from llamaforge.config import get_preset
 from llamaforge.fast import FastForward, compile_forward, fuse_linears, prepare_for_inference
 from llamaforge.generate import decode_fn
@@ -91,6 +92,29 @@ def test_quantized_matches_model(scheme):
     # The kernels round activations to bfloat16, so a different attention summation order can flip
     # the last bit of a bfloat16 input: compare loosely, and the greedy tokens exactly.
     torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0.02)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_native_and_torch_paths_match_model(native, scheme, monkeypatch):
+    """Greedy tokens equal model(...)'s with the native decode step (when built) and with torch's kernels."""
+    if native and not kernels.available():
+        pytest.skip("the native kernels could not be built")
+    model = _model(scheme=scheme)
+    prompt = torch.randint(0, 512, (2, 9))
+    ref_logits, ref_tokens = _run(model, model, prompt, 10)
+    calls = []
+    attend = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or attend(*a))
+    if native:
+        logits, tokens = _run(prepare_for_inference(model), model, prompt, 10)
+    else:
+        with kernels.disabled():
+            logits, tokens = _run(prepare_for_inference(model), model, prompt, 10)
+    assert bool(calls) == native  # one decode_attention per layer and step on the native path
+    tol = 1e-4 if scheme is None else 0.05  # torch's quantized kernels round activations to bfloat16
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
     assert torch.equal(tokens, ref_tokens)
 
 

@@ -77,6 +77,19 @@ def test_rope_rotates_adjacent_pairs_like_complex_multiplication():
     torch.testing.assert_close(got, want)
 
 
+def test_rope_compiled_real_form_matches_eager_complex_form():
+    """Under torch.compile apply_rope takes its real-valued form: same values and gradients as eager."""
+    x = torch.randn(2, 5, 3, 8, requires_grad=True)
+    angles = torch.arange(5).float()[None, :, None] * rope_frequencies(get_preset("tiny", head_dim=8))
+    cos, sin = angles.cos().unsqueeze(2).expand(2, 5, 1, 4), angles.sin().unsqueeze(2).expand(2, 5, 1, 4)
+    grad = torch.randn(2, 5, 3, 8)
+    results = []
+    for fn in (apply_rope, torch.compile(apply_rope, backend="eager", fullgraph=True)):
+        y = fn(x, cos, sin)
+        results.append((y, torch.autograd.grad(y, x, grad)[0]))
+    torch.testing.assert_close(results[0], results[1])
+
+
 def test_llama31_rope_scaling_matches_published_formula():
     """Element-by-element re-derivation of Meta's apply_scaling (wavelength bands)."""
     s = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192)

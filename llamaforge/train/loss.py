@@ -29,36 +29,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w = weight.to(cdt)
         acc = torch.promote_types(cdt, torch.float32)  # float32 for reduced precision, else as given
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        n_rows, device = hidden.shape[0], hidden.device
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
-        all_valid = bool((targets != IGNORE_INDEX).all())
-        for lo in range(0, hidden.shape[0], chunk):
+        valid = targets != IGNORE_INDEX
+        all_valid = bool(valid.all())
+        safe_targets = targets.masked_fill(~valid, 0)
+        target_logit = torch.empty(n_rows, dtype=acc, device=device)
+        target_prob = torch.empty(n_rows, dtype=acc, device=device)
+        # One logits and one probabilities buffer serve every chunk: on CPU a fresh 32 MiB tensor is a fresh
+        # mapping whose page faults, once per chunk, showed in profiles as a doubled softmax time.
+        logits_buf = torch.empty(min(chunk, n_rows), weight.shape[0], dtype=cdt, device=device)
+        probs_buf = torch.empty(logits_buf.shape, dtype=acc, device=device)
+        for lo in range(0, n_rows, chunk):
             h = hidden[lo : lo + chunk].to(cdt)
-            t = targets[lo : lo + chunk]
-            valid = t != IGNORE_INDEX
-            safe_t = t if all_valid else t.masked_fill(~valid, 0)
-            logp = torch.log_softmax(torch.mm(h, w.t()).to(acc), dim=-1)
-            picked = logp.gather(1, safe_t[:, None]).squeeze(1)
-            total -= picked.sum() if all_valid else (picked * valid).sum()
-            if want_h or want_w:
-                # d(sum of losses)/d(logits) = softmax - onehot, zero on ignored rows; reuses logp's memory
-                g = logp.exp_()
-                g[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                if not all_valid:
-                    g.mul_(valid[:, None])
-                g = g.to(cdt)
-                if want_h:
-                    torch.mm(g, w, out=grad_h[lo : lo + chunk]) if hidden.dtype == cdt else \
-                        grad_h[lo : lo + chunk].copy_(g @ w)  # fmt: skip
-                if want_w:
-                    if cdt == acc:
-                        grad_w.addmm_(g.t(), h)
-                    else:
-                        grad_w.add_(g.t() @ h)
+            t = safe_targets[lo : lo + chunk, None]
+            n = len(t)
+            logits = torch.mm(h, w.t(), out=logits_buf[:n])
+            probs = torch.softmax(logits, dim=-1, dtype=acc, out=probs_buf[:n])
+            target_logit[lo : lo + n] = logits.gather(1, t).squeeze(1)
+            target_prob[lo : lo + n] = probs.gather(1, t).squeeze(1)
+            if not (want_h or want_w):
+                continue
+            # d(sum of losses)/d(logits) = softmax - onehot, zero on ignored rows; reuses the probabilities' memory
+            g = probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+            if not all_valid:
+                g.mul_(valid[lo : lo + n, None])
+            g = g.to(cdt)
+            if want_h:
+                torch.mm(g, w, out=grad_h[lo : lo + n]) if hidden.dtype == cdt else grad_h[lo : lo + n].copy_(g @ w)
+            if want_w:
+                if cdt == acc:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w.add_(g.t() @ h)
+        losses = _token_losses(hidden, w, target_logit, target_prob, valid)
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
         ctx.weight_dtype = weight.dtype
-        return total
+        return losses.masked_fill(~valid, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -66,6 +74,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None
+
+
+def _token_losses(hidden: Tensor, w: Tensor, target_logit: Tensor, target_prob: Tensor, valid: Tensor) -> Tensor:
+    """-log p(target) per token from the softmax's value at the target (one pass over the logits, not
+    log_softmax then exp). Where that probability is below the smallest normal float its log has lost
+    precision; those rare rows take the exact logsumexp - logit instead."""
+    losses = -target_prob.log()
+    low = (target_prob < torch.finfo(target_prob.dtype).tiny) & valid
+    if low.any():
+        rows = low.nonzero().squeeze(1)
+        logits = (hidden[rows].to(w.dtype) @ w.t()).to(losses.dtype)
+        losses[rows] = torch.logsumexp(logits, dim=-1) - target_logit[rows]
+    return losses
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int | None = None) -> Tensor:

@@ -73,6 +73,60 @@ def test_linear_cross_entropy_matches_reference(chunk: int | None) -> None:
         assert linear_cross_entropy(h, w, t, chunk).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+def test_linear_cross_entropy_float32_gradients(ignored: bool) -> None:
+    """float32 (the CPU training dtype), chunks of 7 over 40 tokens (a remainder of 5), against F.linear +
+    F.cross_entropy; with every target valid the ignored-row masking is skipped."""
+    torch.manual_seed(1)
+    h = torch.randn(40, 24, requires_grad=True)
+    w = torch.randn(90, 24, requires_grad=True)
+    t = torch.randint(0, 90, (40,))
+    if ignored:
+        t[[0, 6, 7, 39]] = -100
+    loss = linear_cross_entropy(h, w, t, chunk_tokens=7)
+    ref = F.cross_entropy(F.linear(h, w), t, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    got = torch.autograd.grad(loss / 3, (h, w))
+    want = torch.autograd.grad(ref / 3, (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_linear_cross_entropy_bfloat16_autocast() -> None:
+    """Under CPU autocast the logits are bfloat16 products and the softmax and sums float32."""
+    torch.manual_seed(3)
+    h = torch.randn(19, 16, requires_grad=True)
+    w = torch.randn(70, 16, requires_grad=True)
+    t = torch.randint(0, 70, (19,))
+    t[4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, chunk_tokens=6)
+    ref = F.cross_entropy(F.linear(h.bfloat16(), w.bfloat16()).float(), t, ignore_index=-100, reduction="sum")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref)
+    got = torch.autograd.grad(loss, (h, w))
+    want = torch.autograd.grad(ref, (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_linear_cross_entropy_target_probability_underflow() -> None:
+    """Targets whose softmax probability underflows float32 (loss > 87) take the exact logsumexp path."""
+    torch.manual_seed(2)
+    h = (torch.randn(12, 8) * 40).requires_grad_()
+    w = torch.randn(30, 8, requires_grad=True)
+    t = F.linear(h, w).argmin(-1)  # the least likely token: a loss of hundreds of nats
+    t[5] = -100
+    loss = linear_cross_entropy(h, w, t, chunk_tokens=5)
+    ref = F.cross_entropy(F.linear(h.double(), w.double()), t, ignore_index=-100, reduction="sum")
+    assert ref.item() / 11 > 150 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref)
+    got = torch.autograd.grad(loss, (h, w))
+    want = torch.autograd.grad(F.cross_entropy(F.linear(h, w), t, ignore_index=-100, reduction="sum"), (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_causal_lm_loss_fused_equals_logits_path() -> None:
     torch.manual_seed(0)
     model = build_model(get_preset("stories15m", n_layers=1, vocab_size=300))  # tied embeddings
