@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,7 @@ CPP_CONFIGS = ["cpp-F32", "cpp-F16", "cpp-Q8_0", "cpp-Q4_1"]
 DESCRIPTIONS = {
     "lf-f32": "llamaforge float32",
     "lf-bf16": "llamaforge bfloat16",
-    "lf-f16": "llamaforge float16 (fbgemm fp16 GEMM)",
+    "lf-f16": "llamaforge float16",
     "lf-int8": "llamaforge int8 (per channel)",
     "lf-int4": "llamaforge int4 (group 32)",
     "lf-gguf": "llamaforge GGUF blocks (Q4_1, Q8_0 head)",
@@ -311,13 +312,25 @@ def write_results(table: str, args, command: str) -> None:
         f"{SECTION}\n\nSmolLM2-135M-Instruct (the built-in GGUF), {args.threads} threads, prompt {args.prompt} "
         f"tokens, {args.decode} decoded tokens, perplexity/KL on {args.eval_tokens} tokens of argparse "
         f"docstrings. {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}, {time.strftime('%Y-%m-%d')}. Each row runs in its own process; the machine "
-        f"was shared with other work, so timings are noisy.\n\n"
+        f"{torch.__version__}, {time.strftime('%Y-%m-%d')}. Each row runs in its own process; speeds are the "
+        f"median of {args.repeat} interleaved round(s) (single runs of 128 tokens vary by up to 25% here).\n\n"
         f"    {command}\n\n{table}\n"
     )
     from results import replace_section
 
     replace_section(body, path=RESULTS)
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """One configuration's runs as one row: median speeds, largest peak memory (quality is the same each run)."""
+    ok = [r for r in rows if "note" not in r and "error" not in r]
+    if not ok:
+        return rows[0]
+    row = dict(ok[0])
+    for key in ("prefill_tps", "decode_tps"):
+        row[key] = statistics.median(r[key] for r in ok)
+    row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    return row
 
 
 def main() -> None:
@@ -331,6 +344,8 @@ def main() -> None:
     p.add_argument("--path", choices=("fast", "eager", "compile"), default="fast",
                    help="llamaforge forward: fast (fused, the default generation path on CPU), eager (the plain "
                         "model), compile (torch.compile of the fast path)")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds over the configurations (interleaved); speeds shown are each one's median")  # fmt: skip
     p.add_argument("--no-results", action="store_true", help="do not update benchmarks/RESULTS.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -350,17 +365,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_generate.") as tmp:
         work = Path(tmp)
         notes = prepare(args, work, configs)
-        rows = []
-        for config in configs:
-            if config in notes and notes[config].startswith("skipped"):
-                rows.append({"config": config, "note": notes[config]})
-            else:
-                rows.append(run_config(config, args, work))
-            r = rows[-1]
-            shown = (
-                r.get("note") or r.get("error") or {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
-            )
-            print(f"{config}: {shown}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeat):  # rounds over every configuration, so that a noisy spell hits all of them
+            for config in configs:
+                if config in notes and notes[config].startswith("skipped"):
+                    runs[config] = [{"config": config, "note": notes[config]}]
+                    continue
+                runs.setdefault(config, []).append(run_config(config, args, work))
+                r = runs[config][-1]
+                shown = r.get("error") or {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                print(f"{config}: {shown}", file=sys.stderr, flush=True)
+        rows = [_median_row(runs[config]) for config in configs]
     table = format_table(rows)
     print(table)
     if not args.no_results:
