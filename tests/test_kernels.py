@@ -133,3 +133,18 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("LLAMAFORGE_NATIVE", "0")
     assert not kernels.available()
+
+
+@pytest.mark.parametrize(
+    "make", [lambda w: Int4Linear.from_float(w, 32), lambda w: BlockInt8Linear.from_blocks(*_q8(w))]
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs_give_nan_like_a_float_matmul(make, bad):
+    """4-bit and Q8_0 kernels round activations to int16; a NaN/inf must not be rounded into a number."""
+    torch.manual_seed(0)
+    mod = make(torch.randn(48, K))
+    x = torch.randn(2, K)
+    x[0, 5] = bad
+    y = mod(x)
+    assert torch.isnan(y[0]).all()
+    _close(y[1], F.linear(x[1:], mod.dequantize())[0], rel=1e-4)

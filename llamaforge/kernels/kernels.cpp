@@ -220,9 +220,14 @@ Int16Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, boo
       float mx = 0.f, sum = 0.f;
       for (int i = 0; i < 32; ++i) mx = std::max(mx, std::fabs(xc[i])), sum += xc[i];
       r.sum[(m * K + c) / group] += sum;
+      int16_t* qc = r.q.data() + m * K + c;
+      if (!std::isfinite(sum) || !std::isfinite(mx)) {  // NaN/inf in x: a NaN scale makes the outputs NaN, as
+        r.scale[(m * K + c) / 32] = std::nanf("");      // a float matmul's would be (no int16 rounding of it)
+        std::fill(qc, qc + 32, int16_t{0});
+        continue;
+      }
       const float inv = mx > 0.f ? 32767.f / mx : 0.f;
       r.scale[(m * K + c) / 32] = mx / 32767.f;
-      int16_t* qc = r.q.data() + m * K + c;
       for (int i = 0; i < 32; ++i) {
         const int j = pair_order ? (i < 16 ? 2 * i : 2 * (i - 16) + 1) : i;
         qc[i] = static_cast<int16_t>(std::nearbyint(xc[j] * inv));
