@@ -10,8 +10,14 @@ import torch
 from llamaforge.config import get_preset
 from llamaforge.model import Transformer, build_model
 
-# Tests use tiny models, where a second thread only adds synchronisation (and, on a busy machine, waits).
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny models, where a second thread only adds synchronisation (and, on a busy machine, waits).
+    Set before every test: an in-process CLI call may change the thread count."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,6 @@ from llamaforge.sampling import SamplingParams
 BOS, EOS, USER, ASSISTANT, END = 256, 257, 258, 259, 260
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ByteTokenizer:
     """Byte-level test tokenizer: ids 0..255 are bytes (so characters span tokens), then specials."""
 

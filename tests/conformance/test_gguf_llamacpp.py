@@ -26,15 +26,6 @@ GGML_TYPE_F32 = 0
 TOKENS = [1, 300, 42, 511, 7, 99, 260, 5, 400, 3, 17, 255, 256, 128, 64, 32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a shared, busy 2-core machine two threads wait on each other at every op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SpmVocab:
     """A minimal valid llama.cpp "llama" (SentencePiece) vocabulary: specials, 256 byte tokens, word pieces."""
 

@@ -46,17 +46,6 @@ def make_hf_model(directory: Path, seed: int = 0, vocab_size: int = 384, layers:
     return directory
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the shared machine's cores stay free for others."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers")

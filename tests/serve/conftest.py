@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 import torch
 
-torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared machine
-
 API_KEY = "test-key-123"
 MODEL = "tiny-chat"
 CHATML = (

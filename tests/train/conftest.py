@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from llamaforge.train.data import Source, prepare_data
 
@@ -41,15 +40,6 @@ def write_corpus(folder: Path, n_files: int = 12, docs_per_file: int = 40, seed:
                     sentences.append(" ".join(WORDS[start : start + rng.randint(4, 8)]).capitalize() + ".")
                 fh.write(json.dumps({"text": " ".join(sentences)}) + "\n")
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine's cores are shared: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
