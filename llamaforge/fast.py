@@ -14,9 +14,10 @@ computes the same function with fewer, larger kernels:
   registers with F16C), faster at one row than the generic half-precision matmuls. The packed copy is
   extra memory (the model's own 16-bit weights stay, for saving and for uncached forwards).
 - With the native kernels (``llamaforge.kernels``), a step of one token per sequence (up to
-  ``kernels.MAX_ROWS`` sequences) runs as ~10 ops per layer: fused RMSNorm, native matmuls reading the
-  weights as stored, one op for RoPE + KV-cache write + attention, fused SiLU-gate. The residual stream
-  stays float32 there (as llama.cpp's does), also for 16-bit models; the KV cache keeps the model dtype.
+  ``kernels.MAX_ROWS`` sequences) runs through all layers as one op, ``kernels.decode_step`` (RMSNorm,
+  matmuls reading the weights as stored, RoPE + KV-cache write + attention, SiLU-gate, residual adds),
+  then the head. The residual stream stays float32 there (as llama.cpp's does), also for 16-bit models;
+  the KV cache keeps the model dtype.
 
 The model's own modules (norms, embeddings, KV caches, rope functions) do the rest, so the numbers match
 ``model(...)`` up to float rounding. Models with features this path does not cover (mixture of experts,
@@ -26,6 +27,7 @@ in ``torch.compile`` with the inductor settings that suit CPU decoding.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -74,9 +76,12 @@ class _FloatLinear(nn.Module):
         super().__init__()
         self.weight, self.gemm = weight, gemm
 
+    def native_weights(self) -> tuple[Tensor, None]:
+        return self.weight, None
+
     def forward(self, x: Tensor) -> Tensor:
         if kernels.usable(x):
-            return kernels.linear_float(x, self.weight)
+            return kernels.linear(x, self.weight)
         return self.gemm(x)
 
 
@@ -103,9 +108,25 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
 
     Float linears: their weights are copied into one matrix and each ``lin.weight`` becomes a view of its
     rows (same parameter object, same values, no extra memory). Quantized linears of one kind: a new
-    module with the rows concatenated (see ``quantize.fuse_quantized``).
+    module with the rows concatenated (see ``quantize.fuse_quantized``). Neighbours stored differently
+    (q and k in 4 bits, v in float, as in GGUF Q4_K_M files) are fused in runs and the runs concatenated.
     """
-    if all(isinstance(m, nn.Linear) and m.bias is None for m in linears):
+    runs = [list(run) for _, run in itertools.groupby(linears, key=_fusion_key)]
+    fused = [_fuse_run(run) for run in runs]
+    return fused[0] if len(fused) == 1 else _Concat(fused)
+
+
+def _fusion_key(m: nn.Module) -> tuple:
+    """Linears with equal keys can be fused into one."""
+    if isinstance(m, nn.Linear) and m.bias is None:
+        return ("float",)
+    if is_quantized(m):
+        return (type(m), m.in_features, getattr(m, "group_size", None), getattr(m, "block", None), m.compute_dtype)
+    return ("alone", id(m))
+
+
+def _fuse_run(linears: list[nn.Module]) -> nn.Module:
+    if isinstance(linears[0], nn.Linear) and linears[0].bias is None:
         weights = [m.weight for m in linears]
         if len(weights) == 1:
             return _float_kernel(weights[0])
@@ -116,9 +137,7 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
             m.weight.data = fused[start : start + n]
             start += n
         return _float_kernel(fused)
-    if all(is_quantized(m) for m in linears):
-        return fuse_quantized(list(linears)) if len(linears) > 1 else linears[0]
-    return _Concat(linears)
+    return fuse_quantized(linears) if len(linears) > 1 else linears[0]
 
 
 class _Concat(nn.Module):
@@ -128,6 +147,14 @@ class _Concat(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def _native_parts(projection: nn.Module) -> list[tuple[Tensor, Tensor | None]] | None:
+    """The (weight, scales) pairs of a projection's parts as ``kernels.decode_step`` takes them, or None
+    when one of them has no native form (e.g. a float weight on another device)."""
+    modules = list(projection.parts) if isinstance(projection, _Concat) else [projection]
+    native = [m.native_weights() if hasattr(m, "native_weights") else None for m in modules]
+    return None if any(n is None for n in native) else native  # type: ignore[return-value]
 
 
 def unsupported_reason(model: Transformer) -> str | None:
@@ -180,19 +207,6 @@ class _FastLayer(nn.Module):
         g = self.w13(self.ffn_norm(h))
         return h + self.w2(F.silu(g[..., : self.hidden]) * g[..., self.hidden :])
 
-    def native_step(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, rows: Tensor,
-                    cache_len: int) -> Tensor:  # fmt: skip
-        """``forward`` for one token per sequence with the native ops: x [B, dim] float32, cos/sin [B, D/2],
-        positions and cache rows [B]."""
-        cache = self.owner().kv_cache
-        norm = self.attention_norm
-        qkv = self.qkv(kernels.rms_norm(x, norm.weight, norm.eps))
-        y = kernels.decode_attention(qkv, cos, sin, cache.k, cache.v, positions, rows, self.n_heads,
-                                     self.n_kv_heads, cache_len)  # fmt: skip
-        h = x + self.wo(y)
-        norm = self.ffn_norm
-        return h + self.w2(kernels.silu_mul(self.w13(kernels.rms_norm(h, norm.weight, norm.eps))))
-
 
 class FastForward(nn.Module):
     """The cached forward of ``model`` with fused projections; other calls go to the model itself."""
@@ -206,6 +220,28 @@ class FastForward(nn.Module):
         self.layers = nn.ModuleList(_FastLayer(layer) for layer in model.layers)
         self.head = fuse_linears([model.output])
         self._stamp = _stamp(model)
+        self._native = self._native_params(model)
+
+    def _native_params(self, model: Transformer) -> tuple[list[Tensor | None], list[int]] | None:
+        """``kernels.decode_step``'s params and parts for this model, or None when it is not on the CPU or a
+        projection has no native form."""
+        if model.tok_embeddings.weight.device.type != "cpu":
+            return None
+
+        def norm(m: nn.Module) -> Tensor:
+            return m.weight.detach().float().contiguous()  # float32 models: the parameter itself
+
+        params: list[Tensor | None] = []
+        parts: list[int] = []
+        for layer in self.layers:
+            params += [norm(layer.attention_norm), norm(layer.ffn_norm)]
+            for projection in (layer.qkv, layer.wo, layer.w13, layer.w2):
+                native = _native_parts(projection)
+                if native is None:
+                    return None
+                parts.append(len(native))
+                params += [t for pair in native for t in pair]
+        return [*params, norm(model.norm)], parts
 
     @property
     def model(self) -> Transformer:
@@ -230,7 +266,7 @@ class FastForward(nn.Module):
         B, T = tokens.shape
         positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         cache_len = cache_len or model.cache_shape[1]
-        if T == 1 and B <= kernels.MAX_ROWS and tokens.device.type == "cpu" and kernels.available():
+        if T == 1 and B <= kernels.MAX_ROWS and self._native is not None and kernels.available():
             return self._native_step(model, tokens, positions, rows, cache_len, return_hidden)
         x = model.tok_embeddings(tokens)
         keys = torch.arange(cache_len, device=tokens.device)
@@ -246,15 +282,16 @@ class FastForward(nn.Module):
 
     def _native_step(self, model: Transformer, tokens: Tensor, positions: Tensor, rows: Tensor | None,
                      cache_len: int, return_hidden: bool) -> Tensor:  # fmt: skip
+        assert self._native is not None
+        params, parts = self._native
         B = tokens.shape[0]
         dtype = model.tok_embeddings.weight.dtype
-        x = model.tok_embeddings(tokens).view(B, -1).float()
         cos, sin = rope_cos_sin(model.rope_freqs, positions)
-        cos, sin, positions = cos.view(B, -1), sin.view(B, -1), positions.view(B)
-        rows = torch.arange(B) if rows is None else rows
-        for layer in self.layers:
-            x = layer.native_step(x, cos, sin, positions, rows, cache_len)
-        x = kernels.rms_norm(x, model.norm.weight, model.norm.eps)
+        caches = [layer.attention.kv_cache for layer in model.layers]
+        x = kernels.decode_step(model.tok_embeddings(tokens).view(B, -1), cos.view(B, -1), sin.view(B, -1),
+                                positions.view(B), torch.arange(B) if rows is None else rows, cache_len, params,
+                                parts, [c.k for c in caches], [c.v for c in caches], model.config.n_heads,
+                                model.config.kv_heads, model.norm.eps)  # fmt: skip
         out = x if return_hidden else self.head(x)
         return out.view(B, 1, -1).to(dtype)
 

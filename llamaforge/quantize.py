@@ -22,7 +22,7 @@ matmuls (``compute_dtype``); for prompts of ``PREFILL_ROWS`` tokens or more the 
 and multiplied with the regular float GEMM, which is faster there than the weight-only kernels.
 When the native kernels are built (``llamaforge.kernels``) and no ``compute_dtype`` is set, inputs of up
 to ``kernels.MAX_ROWS`` rows on CPU go to them instead: they read these modules' buffers as stored and
-accumulate in float32 (activations float32 for int8, rounded to int16 per 32 columns for 4-bit and Q8_0).
+accumulate in float32 (activations rounded to int16 per 32 columns, relative error ~1e-5).
 
 Saved form (``save_quantized``): ``model.safetensors`` with the quantized modules' buffers under the
 model's own names (``layers.0.attention.wq.qweight``, ``...scales``) plus the float tensors, and
@@ -111,17 +111,16 @@ class _QuantLinear(nn.Module):
     def _kernel(self, x2: Tensor, dtype: torch.dtype) -> Tensor:
         raise NotImplementedError
 
-    def _native(self, x: Tensor) -> Tensor:
+    def native_weights(self) -> tuple[Tensor, Tensor] | None:
+        """(weight, scales) as ``kernels.linear`` takes them, or None when the native kernels do not apply
+        (a compute dtype was asked for, or a layout they lack)."""
         raise NotImplementedError
-
-    def _has_native(self) -> bool:
-        return True
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
-        if self.compute_dtype is None and x.is_floating_point() and self._has_native() and kernels.usable(x):
-            return self._native(x)
+        if x.is_floating_point() and kernels.usable(x) and (native := self.native_weights()) is not None:
+            return kernels.linear(x, *native)
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= PREFILL_ROWS and x.is_floating_point() and x.device.type == "cpu":
             return F.linear(x, self.dequantize(x.dtype))
@@ -161,8 +160,8 @@ class Int8Linear(_QuantLinear):
             return F.linear(x2, self.qweight.to(dtype)) * scales
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, scales)
 
-    def _native(self, x: Tensor) -> Tensor:
-        return kernels.linear_int8(x, self.qweight, self.scales)
+    def native_weights(self) -> tuple[Tensor, Tensor] | None:
+        return None if self.compute_dtype is not None else (self.qweight, self.scales)
 
 
 def check_int4_shape(in_features: int, out_features: int, group_size: int, name: str = "") -> None:
@@ -257,11 +256,13 @@ class Int4Linear(_QuantLinear):
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
         return packed, self.scales_and_zeros.to(dtype).contiguous()
 
-    def _native(self, x: Tensor) -> Tensor:
+    def native_weights(self) -> tuple[Tensor, Tensor] | None:
+        if self.compute_dtype is not None:
+            return None
         scale_bias = self._cache.get("native")
         if scale_bias is None:  # each row's scales and biases contiguous (a copy the size of scales_and_zeros)
             scale_bias = self._cache["native"] = kernels.int4_scale_bias(self.scales_and_zeros)
-        return kernels.linear_int4(x, self.qweight, scale_bias, self.group_size)
+        return self.qweight, scale_bias
 
 
 class BlockInt8Linear(_QuantLinear):
@@ -311,11 +312,10 @@ class BlockInt8Linear(_QuantLinear):
         assert out is not None
         return out
 
-    def _has_native(self) -> bool:
-        return self.block == 32  # GGUF's Q8_0 block, the one the native kernel takes
-
-    def _native(self, x: Tensor) -> Tensor:
-        return kernels.linear_q8_0(x, self.qweight, self.scales)
+    def native_weights(self) -> tuple[Tensor, Tensor] | None:
+        if self.compute_dtype is not None or self.block != 32:  # GGUF's Q8_0 block, the one the kernel takes
+            return None
+        return self.qweight, self.scales
 
 
 QUANT_MODULES: dict[str, type[_QuantLinear]] = {m.kind: m for m in (Int8Linear, Int4Linear, BlockInt8Linear)}

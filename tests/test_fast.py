@@ -105,14 +105,14 @@ def test_native_and_torch_paths_match_model(native, scheme, monkeypatch):
     prompt = torch.randint(0, 512, (2, 9))
     ref_logits, ref_tokens = _run(model, model, prompt, 10)
     calls = []
-    attend = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a: calls.append(1) or attend(*a))
+    step = kernels.decode_step
+    monkeypatch.setattr(kernels, "decode_step", lambda *a: calls.append(1) or step(*a))
     if native:
         logits, tokens = _run(prepare_for_inference(model), model, prompt, 10)
     else:
         with kernels.disabled():
             logits, tokens = _run(prepare_for_inference(model), model, prompt, 10)
-    assert bool(calls) == native  # one decode_attention per layer and step on the native path
+    assert len(calls) == (10 if native else 0)  # one decode_step per token on the native path
     tol = 1e-4 if scheme is None else 0.05  # torch's quantized kernels round activations to bfloat16
     torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
     assert torch.equal(tokens, ref_tokens)

@@ -1,4 +1,5 @@
-"""Native kernels (llamaforge/kernels): each op against torch / model.py references, and the modules' dispatch."""
+"""Native kernels (llamaforge/kernels): linear against F.linear on each weight format, decode_step against
+model.py's forward, and the modules' dispatch."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from llamaforge import kernels
-from llamaforge.model import KVCache, RMSNorm, apply_rope, rope_cos_sin
+from llamaforge.config import ModelConfig
+from llamaforge.fast import prepare_for_inference
+from llamaforge.model import build_model
 from llamaforge.quantize import BlockInt8Linear, Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the native kernels could not be built")
@@ -25,14 +28,15 @@ def _close(got: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> None:
 def test_linear_float(m, dtype):
     torch.manual_seed(0)
     x, w = torch.randn(m, K), torch.randn(N, K).to(dtype)
-    _close(kernels.linear_float(x, w), F.linear(x, w.float()))
+    _close(kernels.linear(x, w), F.linear(x, w.float()))
 
 
 @pytest.mark.parametrize("m", ROWS)
-def test_linear_int8(m):
+@pytest.mark.parametrize("k", [K, 40])  # 40: not a multiple of 32, float activations
+def test_linear_int8(m, k):
     torch.manual_seed(0)
-    x, q, scales = torch.randn(m, K), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N)
-    _close(kernels.linear_int8(x, q, scales), F.linear(x, q.float() * scales[:, None]))
+    x, q, scales = torch.randn(m, k), torch.randint(-127, 128, (N, k), dtype=torch.int8), torch.rand(N)
+    _close(kernels.linear(x, q, scales), F.linear(x, q.float() * scales[:, None]), rel=1e-4)  # int16 activations
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -46,7 +50,7 @@ def test_linear_int4(m, group):
     scales, zeros = sz[..., 0].t().repeat_interleave(group, 1), sz[..., 1].t().repeat_interleave(group, 1)
     ref = F.linear(x, (codes - 8) * scales + zeros)
     # x is rounded to int16 per 32 columns inside: about 1e-5 of the largest output (bfloat16 would be 4e-3)
-    _close(kernels.linear_int4(x, packed, kernels.int4_scale_bias(sz), group), ref, rel=1e-4)
+    _close(kernels.linear(x, packed, kernels.int4_scale_bias(sz)), ref, rel=1e-4)
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -55,12 +59,12 @@ def test_linear_q8_0(m):
     x, q, scales = torch.randn(m, K), torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N, K // 32)
     mod = BlockInt8Linear.from_blocks(q, scales)  # stores [K/32, N, 32] blocks
     ref = F.linear(x, q.float() * scales.repeat_interleave(32, 1))
-    _close(kernels.linear_q8_0(x, mod.qweight, mod.scales), ref, rel=1e-4)  # int16 activations, as for int4
+    _close(kernels.linear(x, mod.qweight, mod.scales), ref, rel=1e-4)  # int16 activations, as for int4
 
 
 def test_leading_dims_and_dtype_kept():
     x, w = torch.randn(2, 3, K, dtype=torch.bfloat16), torch.randn(N, K)
-    y = kernels.linear_float(x, w)
+    y = kernels.linear(x, w)
     assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16
     torch.testing.assert_close(y, F.linear(x.float(), w).bfloat16())
 
@@ -84,49 +88,97 @@ def _q8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(blocks / scales[..., None]).to(torch.int8).view_as(w), scales
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_rms_norm_matches_model(rows):
+def test_linear_rejects_mismatched_inputs():
+    with pytest.raises(RuntimeError, match="input has 10 features, the weights take 256"):
+        kernels.linear(torch.randn(1, 10), torch.randn(N, K))
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        kernels.linear(torch.randn(1, K), torch.zeros(N, K, dtype=torch.int8), torch.rand(N + 1))
+
+
+def _step_model(dtype: torch.dtype, head_dim: int, scheme: str | None = None):
+    """Two layers, GQA (6 query heads on 2 KV heads), caches of 3 rows whose first slots hold earlier tokens."""
     torch.manual_seed(0)
-    norm = RMSNorm(96, 1e-5)
-    norm.weight.data = torch.randn(96)
-    x = torch.randn(rows, 96)
-    _close(kernels.rms_norm(x, norm.weight, norm.eps), norm(x).detach())
+    config = ModelConfig(dim=6 * head_dim, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=64, vocab_size=128,
+                         max_seq_len=64)  # fmt: skip
+    model = build_model(config, dtype=dtype).eval()
+    for name, w in model.named_parameters():  # norm weights away from 1, so that a missed one shows
+        if name.endswith("norm.weight"):
+            w.data.uniform_(0.5, 1.5)
+    if scheme:
+        from llamaforge.quantize import quantize_model
+
+        quantize_model(model, scheme)
+    model.setup_caches(3, 40)
+    with torch.inference_mode():
+        model(torch.randint(0, 128, (3, 20)), torch.arange(20))
+    return model
 
 
-def test_silu_mul_matches_model():
-    g = torch.randn(3, 2 * 100) * 4
-    _close(kernels.silu_mul(g), F.silu(g[:, :100]) * g[:, 100:])
+@pytest.mark.parametrize(("dtype", "head_dim", "scheme"), [
+    (torch.float32, 16, None), (torch.float32, 6, None), (torch.bfloat16, 16, None), (torch.float16, 16, None),
+    (torch.float32, 32, "int8"), (torch.float32, 32, "int4"),
+])  # fmt: skip
+@torch.inference_mode()
+def test_decode_step_matches_model(dtype, head_dim, scheme):
+    """One token for each of two sequences (cache rows 2 and 0, different positions): decode_step's hidden
+    state and the keys/values it writes against model.py's forward (RoPE, cache update, SDPA, SwiGLU).
+    head_dim 6 takes the plain C++ attention, 16 the AVX2 one."""
+    model = _step_model(dtype, head_dim, scheme)
+    ref_model = _step_model(dtype, head_dim, scheme)
+    fast = prepare_for_inference(model)
+    assert fast._native is not None
+    tokens, rows, positions = torch.tensor([[5], [77]]), torch.tensor([2, 0]), torch.tensor([[17], [5]])
+    got = fast(tokens, positions, rows=rows, cache_len=32, return_hidden=True)
+    ref = ref_model(tokens, positions, rows=rows, cache_len=32, return_hidden=True)
+    # Reference rounding: model.py keeps 16-bit activations between ops, the kernel float32.
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype] if scheme is None else 1e-3
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+    for layer, ref_layer in zip(model.layers, ref_model.layers, strict=True):
+        cache, ref_cache = layer.attention.kv_cache, ref_layer.attention.kv_cache
+        torch.testing.assert_close(cache.k.float(), ref_cache.k.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(cache.v.float(), ref_cache.v.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [16, 6])  # 6: the plain-C++ path
-def test_decode_attention_matches_model(dtype, head_dim):
-    """RoPE + cache write + attention against model.py's apply_rope, KVCache.update and SDPA."""
+@torch.inference_mode()
+def test_decode_step_projection_in_parts():
+    """q/k int4 and v float (as in GGUF Q4_K_M files, whose attn_v is Q6_K): qkv runs as two parts."""
+    models = []
+    for _ in range(2):
+        model = _step_model(torch.float32, 32, "int4")
+        for layer in model.layers:
+            att = layer.attention
+            att.wv = torch.nn.Linear(att.wv.in_features, att.wv.out_features, bias=False)
+            att.wv.weight.data = torch.randn(att.wv.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.1
+        models.append(model)
+    fast = prepare_for_inference(models[0])
+    assert fast._native is not None and fast._native[1][0] == 2  # layer 0's qkv: two parts
+    tokens, positions = torch.tensor([[5]]), torch.tensor([[20]])
+    got = fast(tokens, positions, cache_len=32)
+    torch.testing.assert_close(got, models[1](tokens, positions, cache_len=32), rtol=1e-3, atol=1e-3)
+
+
+def test_decode_step_long_context_slices():
+    """A context long enough to be split into several slices per KV head, merged exactly."""
     torch.manual_seed(0)
-    B, H, Hkv, D, S, cache_len = 2, 6, 2, head_dim, 40, 32
-    rows, positions = torch.tensor([2, 0]), torch.tensor([[17], [5]])
-    freqs = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
-    cos, sin = rope_cos_sin(freqs, positions)
-    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D)
-    ref_cache, cache = (KVCache(3, S, Hkv, D, dtype, "cpu") for _ in range(2))
-    for c in (ref_cache, cache):  # earlier positions already filled
-        c.k.copy_(torch.randn(c.k.shape, generator=torch.Generator().manual_seed(1)))
-        c.v.copy_(torch.randn(c.v.shape, generator=torch.Generator().manual_seed(2)))
+    config = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=1, hidden_dim=64, vocab_size=64,
+                         max_seq_len=512)  # fmt: skip
+    model, ref_model = (build_model(config).eval() for _ in range(2))
+    ref_model.load_state_dict(model.state_dict())
+    prompt = torch.randint(0, 64, (1, 400))
+    with torch.inference_mode():
+        for m in (model, ref_model):
+            m.setup_caches(1, 512)
+            m(prompt, torch.arange(400))
+        got = prepare_for_inference(model)(torch.tensor([[3]]), torch.tensor([400]), cache_len=512)
+        ref = ref_model(torch.tensor([[3]]), torch.tensor([400]), cache_len=512)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
-    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
-    q, k = apply_rope(q.view(B, 1, H, D), cos, sin), apply_rope(k.view(B, 1, Hkv, D), cos, sin)
-    keys, values = ref_cache.update(positions, k.transpose(1, 2), v.view(B, 1, Hkv, D).transpose(1, 2), cache_len, rows)
-    mask = torch.arange(cache_len)[None, None, None, :] <= positions[:, None, :, None]
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2).to(dtype).float(), keys.float(), values.float(),
-                                         attn_mask=mask, enable_gqa=True)  # fmt: skip
-    ref = ref.transpose(1, 2).reshape(B, H * D)
 
-    got = kernels.decode_attention(qkv.view(B, -1), cos.view(B, -1), sin.view(B, -1), cache.k, cache.v,
-                                   positions.view(B), rows, H, Hkv, cache_len)  # fmt: skip
-    torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-6, atol=1e-6)  # torch's own paths differ by an ulp
-    assert torch.equal(cache.v, ref_cache.v)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2  # the reference rounds q to the cache dtype
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+def test_decode_step_rejects_bad_positions():
+    model = _step_model(torch.float32, 16)
+    fast = prepare_for_inference(model)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="position 40 or cache row 0 out of range"):
+        fast(torch.tensor([[5]]), torch.tensor([[40]]), cache_len=32)
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -5,13 +5,16 @@ products stream weights from memory, plus the cost of the ~20 small ops per laye
 package compiles (once, cached in torch's extension directory) a C++ library registering torch ops
 ``torch.ops.llamaforge.*``:
 
-- ``linear_float / linear_int8 / linear_int4 / linear_q8_0``: ``y = x @ W.T`` for a few rows of ``x``
-  (decode steps, small batches), reading the weights in the formats llamaforge keeps (float32/16-bit,
-  ``Int8Linear``, ``Int4Linear``, ``BlockInt8Linear``) and accumulating in float32. 4-bit and Q8_0 weights
-  multiply activations rounded to int16 per 32 columns (relative error ~1e-5, vs 4e-3 for the bfloat16
-  activations of torch's int4/int8 kernels): integer multiply-adds are twice as fast as float conversion.
-- ``rms_norm``, ``silu_mul``, ``decode_attention`` (RoPE + KV-cache write + single-query attention): the
-  decode step's small ops fused, with model.py's math (tests compare them with model.py's functions).
+- ``linear``: ``y = x @ W.T`` for a few rows of ``x`` (decode steps, small batches), reading the weights
+  in the formats llamaforge keeps (float32/16-bit, ``Int8Linear``, ``Int4Linear``, ``BlockInt8Linear``) and
+  accumulating in float32. Integer weights multiply activations rounded to int16 per 32 columns (relative
+  error ~1e-5, vs 4e-3 for the bfloat16 activations of torch's int4/int8 kernels): integer multiply-adds
+  are twice as fast as float conversion.
+- ``decode_step``: all layers of a decode step (one token per sequence) in one call, with model.py's math:
+  RMSNorm, the fused projections through ``linear``'s kernels, RoPE + KV-cache write + attention (split
+  by KV head and context slice, so keys and values are read once per KV head), SiLU-gate, residual adds.
+  One call per token instead of ~300 small ones, whose Python and dispatch overhead alone would cost a
+  third of a 135M-parameter model's step.
 
 The ops are threaded with ``at::parallel_for`` (torch's own thread pool). Being registered torch ops,
 ``torch.compile`` treats them as opaque calls. If the library cannot be built (no compiler), ``available()``
@@ -123,15 +126,16 @@ def usable(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() <= MAX_ROWS * x.shape[-1] and available()
 
 
-# Matmuls: y [..., N] = x [..., K] @ W.T in x's dtype (float32 inside) ----------------------------------------
-def linear_float(x: Tensor, weight: Tensor) -> Tensor:
-    """``weight``: float32 / float16 / bfloat16 [N, K], contiguous."""
-    return torch.ops.llamaforge.linear_float(x, weight)
+# Ops ------------------------------------------------------------------------------------------------------
+def linear(x: Tensor, weight: Tensor, scales: Tensor | None = None) -> Tensor:
+    """``y [..., N] = x [..., K] @ W.T`` in x's dtype (float32 inside), for the weight formats the modules keep:
 
-
-def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """``w[n] = qweight[n] * scales[n]``: qweight int8 [N, K], scales float32 [N]."""
-    return torch.ops.llamaforge.linear_int8(x, qweight, scales)
+    - float32 / float16 / bfloat16 ``weight`` [N, K], no scales;
+    - int8 ``weight`` [N, K] with ``scales`` [N] (``Int8Linear``);
+    - 4-bit codes uint8 [N, K/2] (``Int4Linear``'s nibble order) with ``scales`` from ``int4_scale_bias``;
+    - GGUF Q8_0 blocks int8 [K/32, N, 32] with ``scales`` [K/32, N] (``BlockInt8Linear``).
+    """
+    return torch.ops.llamaforge.linear(x, weight, scales)
 
 
 def int4_scale_bias(scales_and_zeros: Tensor) -> Tensor:
@@ -141,52 +145,29 @@ def int4_scale_bias(scales_and_zeros: Tensor) -> Tensor:
     return torch.stack((s.t(), (z - 8.0 * s).t()), dim=1).contiguous()
 
 
-def linear_int4(x: Tensor, qweight: Tensor, scale_bias: Tensor, group: int) -> Tensor:
-    """4-bit groups: qweight uint8 [N, K/2] (``Int4Linear``'s nibble order), scale_bias from ``int4_scale_bias``."""
-    return torch.ops.llamaforge.linear_int4(x, qweight, scale_bias, group)
+def decode_step(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, rows: Tensor, cache_len: int,
+                params: list[Tensor | None], parts: list[int], k_caches: list[Tensor], v_caches: list[Tensor],
+                n_heads: int, n_kv_heads: int, eps: float) -> Tensor:  # fmt: skip
+    """All layers of a decode step, one token per sequence b: x [B, dim] token embeddings, cos/sin [B, D/2] of
+    each sequence's position ``positions[b]``; its keys and values go to ``cache[rows[b], :, positions[b]]``
+    and it attends over slots ``0..positions[b]`` (within the first ``cache_len``).
 
-
-def linear_q8_0(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """``BlockInt8Linear``'s layout with GGUF's block of 32: qweight int8 [K/32, N, 32], scales float32 [K/32, N]."""
-    return torch.ops.llamaforge.linear_q8_0(x, qweight, scales)
-
-
-# Fused decode-step ops (float32 results) -----------------------------------------------------------------
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """``model.RMSNorm`` in float32."""
-    return torch.ops.llamaforge.rms_norm(x, weight, eps)
-
-
-def silu_mul(g: Tensor) -> Tensor:
-    """``silu(g[..., :H]) * g[..., H:]`` for g [..., 2H]: SwiGLU after the fused w1/w3 matmul."""
-    return torch.ops.llamaforge.silu_mul(g)
-
-
-def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
-                     rows: Tensor, n_heads: int, n_kv_heads: int, cache_len: int) -> Tensor:  # fmt: skip
-    """One query per sequence b: RoPE on its q/k heads (qkv [B, (H + 2 Hkv) D], cos/sin [B, D/2]), k and v
-    written to ``cache[rows[b], :, positions[b]]``, attention over cache slots ``0..positions[b]`` (within
-    the first ``cache_len``). Returns [B, H D] float32."""
-    return torch.ops.llamaforge.decode_attention(qkv, cos, sin, k_cache, v_cache, positions, rows, n_heads,
-                                                 n_kv_heads, cache_len)  # fmt: skip
+    ``params`` per layer: the attention_norm and ffn_norm weights (float32), then (weight, scales) as for
+    ``linear`` for each part of the qkv, wo, w13 (w1 and w3 rows) and w2 projections, ``parts[4 l + i]``
+    parts in projection i of layer l (one, unless a model stores e.g. q, k and v in different formats);
+    last, the final norm's weight. Returns the final normalized hidden state [B, dim] in float32."""
+    return torch.ops.llamaforge.decode_step(x, cos, sin, positions, rows, cache_len, params, parts, k_caches,
+                                            v_caches, n_heads, n_kv_heads, eps)  # fmt: skip
 
 
 def _register_fakes() -> None:
     """Shape-only versions of the ops, so that torch.compile can trace through calls to them."""
-    lib = "llamaforge::"
 
-    def rows_out(x: Tensor, n: int) -> Tensor:
+    @torch.library.register_fake("llamaforge::linear")
+    def _(x, w, scales=None):
+        n = w.shape[1] if w.dim() == 3 else w.shape[0]
         return x.new_empty((*x.shape[:-1], n))
 
-    torch.library.register_fake(lib + "linear_float")(lambda x, w: rows_out(x, w.shape[0]))
-    torch.library.register_fake(lib + "linear_int8")(lambda x, q, s: rows_out(x, q.shape[0]))
-    torch.library.register_fake(lib + "linear_int4")(lambda x, q, sb, group: rows_out(x, q.shape[0]))
-    torch.library.register_fake(lib + "linear_q8_0")(lambda x, q, s: rows_out(x, q.shape[1]))
-    torch.library.register_fake(lib + "rms_norm")(lambda x, w, eps: x.new_empty(x.shape, dtype=torch.float32))
-    torch.library.register_fake(lib + "silu_mul")(
-        lambda g: g.new_empty((*g.shape[:-1], g.shape[-1] // 2), dtype=torch.float32)
-    )
-
-    @torch.library.register_fake(lib + "decode_attention")
-    def _(qkv, cos, sin, k_cache, v_cache, positions, rows, n_heads, n_kv_heads, cache_len):
-        return qkv.new_empty((qkv.shape[0], n_heads * k_cache.shape[-1]), dtype=torch.float32)
+    @torch.library.register_fake("llamaforge::decode_step")
+    def _(x, cos, sin, positions, rows, cache_len, params, parts, k_caches, v_caches, n_heads, n_kv_heads, eps):
+        return x.new_empty(x.shape, dtype=torch.float32)

@@ -1,12 +1,15 @@
 // llamaforge native CPU kernels, registered as torch ops (torch.ops.llamaforge.*).
 //
-// 1. Small-M matmuls y[M, N] = x[M, K] @ W[N, K]^T for every weight format llamaforge stores: float32,
-//    float16, bfloat16, int8 per-row scale, 4-bit groups, GGUF Q8_0 blocks. Decoding reads every weight
-//    once per token, so these stream the weights once per call (the few rows of x reuse each weight row
-//    from L1) and accumulate in float32. Float and int8 weights are converted to float32 in registers;
-//    4-bit and Q8_0 weights meet activations rounded to int16 per 32 columns (integer madds: see below).
-// 2. Fused decode-step pieces: RMSNorm, SiLU(a) * b, and single-query attention with RoPE and the KV-cache
-//    write, each one op instead of ~10 small torch ops. Their math is llamaforge/model.py's (tested there).
+// 1. linear: y[M, N] = x[M, K] @ W[N, K]^T for a few rows of x and every weight format llamaforge stores:
+//    float32, float16, bfloat16, int8 per-row scale, 4-bit groups, GGUF Q8_0 blocks. Decoding reads every
+//    weight once per token, so these stream the weights once per call (the few rows of x reuse each weight
+//    row from L1) and accumulate in float32. Float weights are converted to float32 in registers; integer
+//    weights meet activations rounded to int16 per 32 columns (integer multiply-adds, see below).
+// 2. decode_step: a whole decode step (one token per sequence) through all layers: RMSNorm, the fused qkv
+//    matmul, RoPE + KV-cache write + attention, output projection, RMSNorm, the fused w1/w3 matmul,
+//    SiLU-gate, w2, residual adds, and the final norm. One op call instead of ~10 per layer: at 135M
+//    parameters a token takes ~10 ms, and ~300 Python-level op calls would add 3 ms to it. The math is
+//    llamaforge/model.py's (tests compare the two).
 //
 // AVX2 + FMA (+ F16C) intrinsics under __AVX2__; elsewhere plain loops that compilers vectorize.
 // Threads: at::parallel_for, i.e. torch's own OpenMP pool.
@@ -18,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #ifdef __AVX2__
@@ -31,15 +35,8 @@ using at::Tensor;
 // Rows of W per task: at least ~32K weights so that a thread's share is worth waking it for.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
 
-Tensor as_float_rows(const Tensor& x, int64_t K) {
-  return x.reshape({-1, K}).to(at::kFloat).contiguous();
-}
-
-Tensor shaped_output(const Tensor& y, const Tensor& x, int64_t N) {
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return y.view(sizes).to(x.scalar_type());
-}
+// y = v, or y += v when accumulating into a residual stream.
+inline void put(float* y, float v, bool accumulate) { *y = accumulate ? *y + v : v; }
 
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
@@ -103,8 +100,53 @@ struct I8 {
 #endif
 };
 
-// out[m] = dot(x[m, :K], w[:K]) for MT rows of x (row stride ldx). One pass over w for all MT rows;
-// with few rows, several accumulators per row hide the FMA latency.
+// Weights as stored ---------------------------------------------------------------------------------------
+enum class Format { F32, F16, BF16, Int8, Int4, Q8_0 };
+
+// A linear layer's weights, y[m, n] = sum_k x[m, k] w[n, k]. `aux` holds the scales: int8 [N] per row;
+// 4-bit [N, 2, K/group] (scale, bias) per row and group; Q8_0 [K/32, N] per block.
+struct Weights {
+  Format format;
+  int64_t N, K, group;
+  const void* w;
+  const float* aux;
+};
+
+Weights weights_of(const Tensor& w, const std::optional<Tensor>& aux, const char* who) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), who, ": weights must be contiguous CPU tensors");
+  auto scales = [&](int64_t numel, const char* layout) -> const float* {
+    TORCH_CHECK(aux.has_value() && aux->scalar_type() == at::kFloat && aux->is_contiguous() && aux->numel() == numel,
+                who, ": scales must be float32 ", layout, " (", numel, " values)");
+    return aux->data_ptr<float>();
+  };
+  if (!aux.has_value()) {
+    TORCH_CHECK(w.dim() == 2, who, ": float weight must be [N, K]");
+    const auto dtype = w.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, who,
+                ": unsupported float weight dtype ", dtype);
+    const Format f = dtype == at::kFloat ? Format::F32 : (dtype == at::kHalf ? Format::F16 : Format::BF16);
+    return {f, w.size(0), w.size(1), 0, w.data_ptr(), nullptr};
+  }
+  if (w.scalar_type() == at::kChar && w.dim() == 2)
+    return {Format::Int8, w.size(0), w.size(1), 0, w.data_ptr(), scales(w.size(0), "[N]")};
+  if (w.scalar_type() == at::kChar && w.dim() == 3) {
+    TORCH_CHECK(w.size(2) == 32, who, ": Q8_0 weight must be [K/32, N, 32]");
+    const int64_t nb = w.size(0), N = w.size(1);
+    return {Format::Q8_0, N, nb * 32, 32, w.data_ptr(), scales(nb * N, "[K/32, N]")};
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, who, ": weight must be float [N, K], int8 [N, K], ",
+              "uint8 4-bit codes [N, K/2] or int8 Q8_0 blocks [K/32, N, 32]; got ", w.scalar_type(), " ", w.sizes());
+  const int64_t N = w.size(0), K = 2 * w.size(1);
+  TORCH_CHECK(aux->dim() == 3 && aux->size(0) == N && aux->size(1) == 2 && aux->size(2) > 0,
+              who, ": 4-bit scale_bias must be [N, 2, K/group]");  // fmt: skip
+  const int64_t group = K / aux->size(2);
+  TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0 && group * aux->size(2) == K, who,
+              ": 4-bit group must be 32 * 2^i and divide K");
+  return {Format::Int4, N, K, group, w.data_ptr(), scales(N * 2 * (K / group), "[N, 2, K/group]")};
+}
+
+// Float weights: out[m] = dot(x[m, :K], w[:K]) for MT rows of x (row stride ldx), one pass over w for all
+// MT rows; with few rows, several accumulators per row hide the FMA latency.
 template <class W, int MT>
 inline void dot_rows(const float* x, int64_t ldx, const typename W::T* w, int64_t K, float* out) {
   float tail[MT] = {};
@@ -152,10 +194,10 @@ inline void for_row_chunks(int64_t M, Body&& body) {
   }
 }
 
-// y[m, n] = scale[n] * dot(x[m], w[n]) (scale 1 when row_scale is null).
+// y[m, n] (+)= scale[n] * dot(x[m], w[n]) (scale 1 when row_scale is null).
 template <class W>
-void rows_kernel(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, const float* row_scale,
-                 float* y) {
+void float_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, const float* row_scale,
+                float* y, int64_t ldy, bool accumulate) {
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const typename W::T* wn = w + n * K;
@@ -163,87 +205,94 @@ void rows_kernel(const float* x, int64_t M, int64_t K, const typename W::T* w, i
       for_row_chunks(M, [&]<int MT>(int64_t m) {
         float out[MT];
         dot_rows<W, MT>(x + m * K, K, wn, K, out);
-        for (int i = 0; i < MT; ++i) y[(m + i) * N + n] = out[i] * s;
+        for (int i = 0; i < MT; ++i) put(y + (m + i) * ldy + n, out[i] * s, accumulate);
       });
     }
   });
 }
 
-Tensor linear_float(const Tensor& x, const Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "linear_float: weight must be a contiguous [N, K] matrix");
-  const int64_t N = w.size(0), K = w.size(1);
-  Tensor xf = as_float_rows(x, K);
-  const int64_t M = xf.size(0);
-  Tensor y = at::empty({M, N}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (w.scalar_type()) {
-    case at::kFloat: rows_kernel<F32>(xp, M, K, w.data_ptr<float>(), N, nullptr, yp); break;
-    case at::kHalf: rows_kernel<F16>(xp, M, K, w.data_ptr<at::Half>(), N, nullptr, yp); break;
-    case at::kBFloat16: rows_kernel<BF16>(xp, M, K, w.data_ptr<at::BFloat16>(), N, nullptr, yp); break;
-    default: TORCH_CHECK(false, "linear_float: unsupported weight dtype ", w.scalar_type());
-  }
-  return shaped_output(y, x, N);
-}
-
-Tensor linear_int8(const Tensor& x, const Tensor& q, const Tensor& scales) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kChar, "linear_int8: qweight int8 [N, K]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == q.size(0),
-              "linear_int8: scales float32 [N]");
-  const int64_t N = q.size(0), K = q.size(1);
-  Tensor xf = as_float_rows(x, K);
-  const int64_t M = xf.size(0);
-  Tensor y = at::empty({M, N}, xf.options());
-  rows_kernel<I8>(xf.data_ptr<float>(), M, K, q.data_ptr<int8_t>(), N, scales.data_ptr<float>(), y.data_ptr<float>());
-  return shaped_output(y, x, N);
-}
-
-// 4-bit groups -------------------------------------------------------------------------------------------
-// Codes: uint8 [N, K/2], byte j = column 2j (low nibble) | column 2j+1 (high nibble). scale_bias: float32
-// [N, 2, K/group]: per group s and b = zero - 8 s, so that w = q * s + b and
-// dot(x_g, w_g) = s * dot(x_g, q_g) + b * sum(x_g).
-// dot(x_g, q_g) is computed in integers: each 32 columns of x are rounded to int16 with their own scale
-// (relative error < 2e-5 of the chunk's largest value, far below bfloat16's 4e-3), so that 16 codes
-// times 16 activations take one madd instead of float conversions. The int16 copy of x is permuted per
-// 32 columns (even columns, then odd ones) to match the nibble order after a plain mask/shift.
+// Integer weights meet activations rounded to int16 per 32 columns (relative error < 2e-5 of the chunk's
+// largest value, far below bfloat16's 4e-3), so that 16 weights times 16 activations take one madd
+// instead of float conversions. For 4-bit codes the int16 copy of x is permuted per 32 columns (even
+// columns, then odd ones) to match the nibble order after a plain mask/shift.
 struct Int16Rows {
-  std::vector<int16_t> q;   // [M, K], permuted per 32 columns
-  std::vector<float> scale; // [M, K/32]
-  std::vector<float> sum;   // [M, K/group]: exact float sums of x per group, for the bias term
+  const int16_t* q;   // [M, K], permuted per 32 columns for 4-bit codes
+  const float* scale; // [M, K/32]
+  const float* sum;   // [M, K/group]: exact float sums of x per group, for 4-bit biases
 };
 
-Int16Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, bool pair_order = true) {
-  Int16Rows r{std::vector<int16_t>(M * K), std::vector<float>(M * K / 32), std::vector<float>(M * K / group, 0.f)};
+Int16Rows quantize_rows(const float* x, int64_t M, int64_t K, int64_t group, bool pair_order) {
+  thread_local std::vector<int16_t> q;  // reused across calls: no allocation per matmul
+  thread_local std::vector<float> scale, sum;
+  q.resize(M * K), scale.resize(M * K / 32), sum.assign(M * K / group, 0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < K; c += 32) {
       const float* xc = x + m * K + c;
-      float mx = 0.f, sum = 0.f;
-      for (int i = 0; i < 32; ++i) mx = std::max(mx, std::fabs(xc[i])), sum += xc[i];
-      r.sum[(m * K + c) / group] += sum;
-      int16_t* qc = r.q.data() + m * K + c;
-      if (!std::isfinite(sum) || !std::isfinite(mx)) {  // NaN/inf in x: a NaN scale makes the outputs NaN, as
-        r.scale[(m * K + c) / 32] = std::nanf("");      // a float matmul's would be (no int16 rounding of it)
+      float mx = 0.f, total = 0.f;
+      for (int i = 0; i < 32; ++i) mx = std::max(mx, std::fabs(xc[i])), total += xc[i];
+      sum[(m * K + c) / group] += total;
+      int16_t* qc = q.data() + m * K + c;
+      if (!std::isfinite(total) || !std::isfinite(mx)) {  // NaN/inf in x: a NaN scale makes the outputs NaN,
+        scale[(m * K + c) / 32] = std::nanf("");        // as a float matmul's would be (no int16 rounding)
         std::fill(qc, qc + 32, int16_t{0});
         continue;
       }
       const float inv = mx > 0.f ? 32767.f / mx : 0.f;
-      r.scale[(m * K + c) / 32] = mx / 32767.f;
+      scale[(m * K + c) / 32] = mx / 32767.f;
       for (int i = 0; i < 32; ++i) {
         const int j = pair_order ? (i < 16 ? 2 * i : 2 * (i - 16) + 1) : i;
         qc[i] = static_cast<int16_t>(std::nearbyint(xc[j] * inv));
       }
     }
-  return r;
+  return {q.data(), scale.data(), sum.data()};
 }
 
-// out[r] = dot(x row m, w row r) for R consecutive rows of codes q [R, K/2] and their scale_bias sb [R, 2, K/group]:
-// the rows share each load of x.
+// Per-row int8 weights [N, K] (K a multiple of 32): out[r] = dot(x row m, w row r) / row scale, for R
+// consecutive rows sharing each load of x.
+template <int R>
+inline void int8_rows(const Int16Rows& xr, int64_t m, int64_t K, const int8_t* q, float* out) {
+  const int64_t nc = K / 32;
+  const int16_t* xq = xr.q + m * K;
+  const float* xs = xr.scale + m * nc;
+#ifdef __AVX2__
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nc; ++c) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 32));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + c * 32 + 16));
+    const __m256 xscale = _mm256_broadcast_ss(xs + c);
+    for (int r = 0; r < R; ++r) {
+      const __m128i* w = reinterpret_cast<const __m128i*>(q + r * K + c * 32);
+      const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(w)), x0),
+                                         _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(w + 1)), x1));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), xscale, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+#else
+  for (int r = 0; r < R; ++r) {
+    float s = 0.f;
+    for (int64_t c = 0; c < nc; ++c) {
+      const int8_t* w = q + r * K + c * 32;
+      int32_t t = 0;
+#pragma omp simd reduction(+ : t)
+      for (int i = 0; i < 32; ++i) t += int32_t(w[i]) * xq[c * 32 + i];
+      s += xs[c] * static_cast<float>(t);
+    }
+    out[r] = s;
+  }
+#endif
+}
+
+// 4-bit codes: uint8 [N, K/2], byte j = column 2j (low nibble) | column 2j+1 (high nibble); per row and
+// group a scale s and bias b = zero - 8 s, so that w = q * s + b and dot(x_g, w_g) = s * dot(x_g, q_g) +
+// b * sum(x_g). out[r] for R consecutive rows sharing each load of x.
 template <int R>
 inline void int4_rows(const Int16Rows& xr, int64_t m, int64_t K, int gshift, const uint8_t* q, const float* sb,
                       float* out) {
   const int64_t nc = K / 32, ng = nc >> gshift;
-  const int16_t* xq = xr.q.data() + m * K;
-  const float* xs = xr.scale.data() + m * nc;
+  const int16_t* xq = xr.q + m * K;
+  const float* xs = xr.scale + m * nc;
   float res[R] = {};
 #ifdef __AVX2__
   const __m128i low4 = _mm_set1_epi8(0x0F);
@@ -274,7 +323,7 @@ inline void int4_rows(const Int16Rows& xr, int64_t m, int64_t K, int gshift, con
       res[r] += sb[r * 2 * ng + (c >> gshift)] * (xs[c] * static_cast<float>(t));
     }
 #endif
-  const float* xsum = xr.sum.data() + m * ng;
+  const float* xsum = xr.sum + m * ng;
   for (int r = 0; r < R; ++r) {
     float bias = 0.f;
     const float* b = sb + r * 2 * ng + ng;
@@ -284,49 +333,36 @@ inline void int4_rows(const Int16Rows& xr, int64_t m, int64_t K, int gshift, con
   }
 }
 
-Tensor linear_int4(const Tensor& x, const Tensor& q, const Tensor& scale_bias, int64_t group) {
-  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && q.scalar_type() == at::kByte, "linear_int4: qweight uint8 [N, K/2]");
-  const int64_t N = q.size(0), K = q.size(1) * 2;
-  int gshift = 0;
-  while ((int64_t{32} << gshift) < group) ++gshift;
-  TORCH_CHECK((int64_t{32} << gshift) == group && K % group == 0, "linear_int4: group must be 32 * 2^i and divide K");
-  TORCH_CHECK(scale_bias.scalar_type() == at::kFloat && scale_bias.is_contiguous() &&
-                  scale_bias.numel() == N * 2 * (K / group),
-              "linear_int4: scale_bias float32 [N, 2, K/group]");
-  Tensor xf = as_float_rows(x, K);
-  const int64_t M = xf.size(0), ng = K / group;
-  const Int16Rows xr = quantize_rows(xf.data_ptr<float>(), M, K, group);
-  Tensor y = at::empty({M, N}, xf.options());
-  const float* sb = scale_bias.data_ptr<float>();
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+// Row-wise integer formats (int8, 4-bit): 4 rows at a time, each row's codes staying in L1 across the rows
+// of x. `rows<R>(m, n, out)` computes out[0..R) for rows n..n+R of x row m; `scale(n)` is the per-row factor.
+template <class Rows, class Scale>
+void integer_rows(int64_t M, int64_t N, int64_t K, float* y, int64_t ldy, bool accumulate, Rows&& rows,
+                  Scale&& scale) {
   at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
     float out[4];
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4)
-      for (int64_t m = 0; m < M; ++m) {  // the rows' codes stay in L1 across the rows of x
-        int4_rows<4>(xr, m, K, gshift, qp + n * (K / 2), sb + n * 2 * ng, out);
-        for (int r = 0; r < 4; ++r) yp[m * N + n + r] = out[r];
+      for (int64_t m = 0; m < M; ++m) {
+        rows.template operator()<4>(m, n, out);
+        for (int r = 0; r < 4; ++r) put(y + m * ldy + n + r, out[r] * scale(n + r), accumulate);
       }
     for (; n < n1; ++n)
       for (int64_t m = 0; m < M; ++m) {
-        int4_rows<1>(xr, m, K, gshift, qp + n * (K / 2), sb + n * 2 * ng, out);
-        yp[m * N + n] = out[0];
+        rows.template operator()<1>(m, n, out);
+        put(y + m * ldy + n, out[0] * scale(n), accumulate);
       }
   });
-  return shaped_output(y, x, N);
 }
 
 // GGUF Q8_0 in BlockInt8Linear's layout: qweight int8 [K/32, N, 32], scales float32 [K/32, N]. Rows are taken
 // in tiles whose blocks are contiguous in memory; each row keeps a vector accumulator across blocks.
-// Activations are rounded to int16 per 32 columns as for 4-bit weights, so a block is two madds.
 constexpr int64_t Q8_TILE = 64;
 
 void q8_0_tile(const Int16Rows& xr, int64_t m, int64_t K, const int8_t* q, const float* scales, int64_t N,
-               int64_t t0, int64_t t1, float* y) {
+               int64_t t0, int64_t t1, float* y, bool accumulate) {
   const int64_t nb = K / 32;
-  const int16_t* xq = xr.q.data() + m * K;
-  const float* xs = xr.scale.data() + m * nb;
+  const int16_t* xq = xr.q + m * K;
+  const float* xs = xr.scale + m * nb;
 #ifdef __AVX2__
   __m256 acc[Q8_TILE];
   for (int64_t n = 0; n < t1 - t0; ++n) acc[n] = _mm256_setzero_ps();
@@ -341,7 +377,7 @@ void q8_0_tile(const Int16Rows& xr, int64_t m, int64_t K, const int8_t* q, const
       acc[n - t0] = _mm256_fmadd_ps(f, _mm256_cvtepi32_ps(p), acc[n - t0]);
     }
   }
-  for (int64_t n = t0; n < t1; ++n) y[n] = hsum(acc[n - t0]);
+  for (int64_t n = t0; n < t1; ++n) put(y + n, hsum(acc[n - t0]), accumulate);
 #else
   float acc[Q8_TILE] = {};
   for (int64_t b = 0; b < nb; ++b)
@@ -352,62 +388,84 @@ void q8_0_tile(const Int16Rows& xr, int64_t m, int64_t K, const int8_t* q, const
       for (int i = 0; i < 32; ++i) t += int32_t(w[i]) * xq[b * 32 + i];
       acc[n - t0] += scales[b * N + n] * xs[b] * static_cast<float>(t);
     }
-  for (int64_t n = t0; n < t1; ++n) y[n] = acc[n - t0];
+  for (int64_t n = t0; n < t1; ++n) put(y + n, acc[n - t0], accumulate);
 #endif
 }
 
-Tensor linear_q8_0(const Tensor& x, const Tensor& q, const Tensor& scales) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == at::kChar && q.size(2) == 32,
-              "linear_q8_0: qweight int8 [K/32, N, 32]");
-  const int64_t nb = q.size(0), N = q.size(1), K = nb * 32;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == nb * N,
-              "linear_q8_0: scales float32 [K/32, N]");
-  Tensor xf = as_float_rows(x, K);
-  const int64_t M = xf.size(0);
-  const Int16Rows xr = quantize_rows(xf.data_ptr<float>(), M, K, 32, /*pair_order=*/false);
-  Tensor y = at::empty({M, N}, xf.options());
-  const float* sp = scales.data_ptr<float>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, std::max<int64_t>(Q8_TILE, row_grain(K)), [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = n0; t0 < n1; t0 += Q8_TILE)
-      for (int64_t m = 0; m < M; ++m) q8_0_tile(xr, m, K, qp, sp, N, t0, std::min(n1, t0 + Q8_TILE), yp + m * N);
-  });
-  return shaped_output(y, x, N);
+// y [M, N] (row stride ldy) = x [M, K] @ W^T, or y += it.
+void matmul(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, bool accumulate) {
+  const int64_t N = W.N, K = W.K;
+  switch (W.format) {
+    case Format::F32: return float_rows<F32>(x, M, K, static_cast<const float*>(W.w), N, nullptr, y, ldy, accumulate);
+    case Format::F16: return float_rows<F16>(x, M, K, static_cast<const at::Half*>(W.w), N, nullptr, y, ldy, accumulate);
+    case Format::BF16:
+      return float_rows<BF16>(x, M, K, static_cast<const at::BFloat16*>(W.w), N, nullptr, y, ldy, accumulate);
+    case Format::Int8: {
+      const int8_t* q = static_cast<const int8_t*>(W.w);
+      if (K % 32) return float_rows<I8>(x, M, K, q, N, W.aux, y, ldy, accumulate);
+      const Int16Rows xr = quantize_rows(x, M, K, 32, /*pair_order=*/false);
+      return integer_rows(
+          M, N, K, y, ldy, accumulate,
+          [&]<int R>(int64_t m, int64_t n, float* out) { int8_rows<R>(xr, m, K, q + n * K, out); },
+          [&](int64_t n) { return W.aux[n]; });
+    }
+    case Format::Int4: {
+      int gshift = 0;
+      while ((int64_t{32} << gshift) < W.group) ++gshift;
+      const int64_t ng = K / W.group;
+      const uint8_t* q = static_cast<const uint8_t*>(W.w);
+      const Int16Rows xr = quantize_rows(x, M, K, W.group, /*pair_order=*/true);
+      return integer_rows(
+          M, N, K, y, ldy, accumulate,
+          [&]<int R>(int64_t m, int64_t n, float* out) {
+            int4_rows<R>(xr, m, K, gshift, q + n * (K / 2), W.aux + n * 2 * ng, out);
+          },
+          [](int64_t) { return 1.f; });
+    }
+    case Format::Q8_0: {
+      const int8_t* q = static_cast<const int8_t*>(W.w);
+      const Int16Rows xr = quantize_rows(x, M, K, 32, /*pair_order=*/false);
+      at::parallel_for(0, N, std::max<int64_t>(Q8_TILE, row_grain(K)), [&](int64_t n0, int64_t n1) {
+        for (int64_t t0 = n0; t0 < n1; t0 += Q8_TILE)
+          for (int64_t m = 0; m < M; ++m)
+            q8_0_tile(xr, m, K, q, W.aux, N, t0, std::min(n1, t0 + Q8_TILE), y + m * ldy, accumulate);
+      });
+      return;
+    }
+  }
 }
 
-// Fused decode-step pieces (float32 activations) ---------------------------------------------------------
+Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& aux) {
+  const Weights W = weights_of(w, aux, "linear");
+  TORCH_CHECK(x.size(-1) == W.K, "linear: input has ", x.size(-1), " features, the weights take ", W.K);
+  Tensor xf = x.reshape({-1, W.K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  Tensor y = at::empty({M, W.N}, xf.options());
+  matmul(W, xf.data_ptr<float>(), M, y.data_ptr<float>(), W.N, false);
+  auto sizes = x.sizes().vec();
+  sizes.back() = W.N;
+  return y.view(sizes).to(x.scalar_type());
+}
+
+// The decode step's other pieces (float32 activations) -----------------------------------------------------
 // model.RMSNorm: x / sqrt(mean(x^2) + eps) * weight, per row of x [R, D].
-Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
-  const int64_t D = x.size(-1);
-  Tensor xf = as_float_rows(x, D);
-  Tensor wf = weight.to(at::kFloat).contiguous();
-  Tensor y = at::empty_like(xf);
-  const float *xp = xf.data_ptr<float>(), *wp = wf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t r = 0; r < xf.size(0); ++r) {
-    const float* xr = xp + r * D;
+void rms_norm(const float* x, const float* w, int64_t R, int64_t D, float eps, float* y) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * D;
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+    const float inv = 1.f / std::sqrt(ss / D + eps);
 #pragma omp simd
-    for (int64_t i = 0; i < D; ++i) yp[r * D + i] = xr[i] * inv * wp[i];
+    for (int64_t i = 0; i < D; ++i) y[r * D + i] = xr[i] * inv * w[i];
   }
-  return y.view(x.sizes());
 }
 
-// SwiGLU's gate: g [R, 2H] -> silu(g[:, :H]) * g[:, H:].
-Tensor silu_mul(const Tensor& g) {
-  const int64_t H2 = g.size(-1), H = H2 / 2;
-  Tensor gf = as_float_rows(g, H2);
-  const int64_t R = gf.size(0);
-  Tensor y = at::empty({R, H}, gf.options());
-  const float* gp = gf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+// SwiGLU's gate: g [R, 2H] -> y [R, H] = silu(g[:, :H]) * g[:, H:].
+void silu_mul(const float* g, int64_t R, int64_t H, float* y) {
   for (int64_t r = 0; r < R; ++r) {
-    const float *a = gp + r * H2, *b = a + H;
-    float* out = yp + r * H;
+    const float *a = g + r * 2 * H, *b = a + H;
+    float* out = y + r * H;
     int64_t i = 0;
 #ifdef __AVX2__
     for (; i + 8 <= H; i += 8) {
@@ -418,21 +476,20 @@ Tensor silu_mul(const Tensor& g) {
 #endif
     for (; i < H; ++i) out[i] = a[i] / (1.f + std::exp(-a[i])) * b[i];
   }
-  auto sizes = g.sizes().vec();
-  sizes.back() = H;
-  return y.view(sizes);
 }
 
-// Softmax attention of one query q [D] over len cached keys/values [len, D] (element format W).
+// Softmax attention of one query q [D] over the cached keys/values [n, D] (element format W) of one slice
+// of the context: returns the slice's largest score m and sum of exp(score - m) l, and o [D] = the
+// exp(score - m)-weighted sum of the values (unnormalized; slices are merged afterwards).
 template <class W>
-void attend_one(const float* q, const typename W::T* kc, const typename W::T* vc, int64_t len, int64_t D,
-                float* scores, float* y) {
+void attend_slice(const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n, int64_t D,
+                  float* scores, float* o, float& m, float& l) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   float mx = -INFINITY, total = 0.f;
 #ifdef __AVX2__
   if (D % 8 == 0 && D <= 256) {
     int64_t j = 0;
-    for (; j + 4 <= len; j += 4) {  // four keys at a time: independent FMA chains, one combined reduction
+    for (; j + 4 <= n; j += 4) {  // four keys at a time: independent FMA chains, one combined reduction
       const typename W::T* kj = kc + j * D;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int64_t d = 0; d < D; d += 8) {
@@ -446,43 +503,43 @@ void attend_one(const float* q, const typename W::T* kc, const typename W::T* vc
       const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
       _mm_storeu_ps(scores + j, _mm_mul_ps(dots, _mm_set1_ps(scale)));
     }
-    for (; j < len; ++j) {
+    for (; j < n; ++j) {
       const typename W::T* kj = kc + j * D;
       __m256 acc = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), W::load8(kj + d), acc);
       scores[j] = hsum(acc) * scale;
     }
-    for (j = 0; j < len; ++j) mx = std::max(mx, scores[j]);
+    for (j = 0; j < n; ++j) mx = std::max(mx, scores[j]);
     j = 0;
     __m256 sum = _mm256_setzero_ps();
-    for (; j + 8 <= len; j += 8) {
+    for (; j + 8 <= n; j += 8) {
       const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(mx)));
       _mm256_storeu_ps(scores + j, e);
       sum = _mm256_add_ps(sum, e);
     }
     total = hsum(sum);
-    for (; j < len; ++j) total += (scores[j] = std::exp(scores[j] - mx));
-    const __m256 inv = _mm256_set1_ps(1.f / total);
+    for (; j < n; ++j) total += (scores[j] = std::exp(scores[j] - mx));
     int64_t d0 = 0;
     for (; d0 + 64 <= D; d0 += 64) {  // 64 columns at a time: 8 accumulators that stay in registers
       __m256 acc[8];
       for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-      for (j = 0; j < len; ++j) {
+      for (j = 0; j < n; ++j) {
         const __m256 p = _mm256_broadcast_ss(scores + j);
         const typename W::T* vj = vc + j * D + d0;
         for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, W::load8(vj + 8 * c), acc[c]);
       }
-      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(y + d0 + 8 * c, _mm256_mul_ps(acc[c], inv));
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
     }
     for (; d0 < D; d0 += 8) {
       __m256 acc = _mm256_setzero_ps();
-      for (j = 0; j < len; ++j) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + j), W::load8(vc + j * D + d0), acc);
-      _mm256_storeu_ps(y + d0, _mm256_mul_ps(acc, inv));
+      for (j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + j), W::load8(vc + j * D + d0), acc);
+      _mm256_storeu_ps(o + d0, acc);
     }
+    m = mx, l = total;
     return;
   }
 #endif
-  for (int64_t j = 0; j < len; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const typename W::T* kj = kc + j * D;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -490,29 +547,42 @@ void attend_one(const float* q, const typename W::T* kc, const typename W::T* vc
     scores[j] = s * scale;
     mx = std::max(mx, scores[j]);
   }
-  for (int64_t j = 0; j < len; ++j) total += (scores[j] = std::exp(scores[j] - mx));
-  for (int64_t d = 0; d < D; ++d) y[d] = 0.f;
-  for (int64_t j = 0; j < len; ++j) {
+  for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - mx));
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
     const typename W::T* vj = vc + j * D;
-    const float p = scores[j] / total;
+    const float p = scores[j];
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) y[d] += p * W::get(vj + d);
+    for (int64_t d = 0; d < D; ++d) o[d] += p * W::get(vj + d);
   }
+  m = mx, l = total;
 }
 
-// One query per sequence: qkv [B, (H + 2 Hkv) D] (q, k, v heads), cos/sin [B, D/2] of its position.
-// RoPE (model.apply_rope: adjacent pairs) on q and k, k/v written to cache[rows[b], :, positions[b]],
-// then softmax attention over cache slots 0..positions[b] (the causal mask within the first cache_len
-// slots). Returns y [B, H D] in float32.
+// Where the decode step's attention reads and writes: caches [max_batch, Hkv, S, D], and per sequence b its
+// position pos[b] and cache row rows[b].
+struct Batch {
+  int64_t B, H, Hkv, D, S, cache_len;
+  const int64_t *pos, *rows;
+  const float *cos, *sin;  // [B, D/2] at each sequence's position
+};
+
+// One query per sequence: qkv [B, (H + 2 Hkv) D] (q, k, v heads). RoPE (model.apply_rope: adjacent pairs)
+// on q and k, k/v written to cache[rows[b], :, pos[b]], then softmax attention over cache slots 0..pos[b]
+// (the causal mask within the first cache_len slots) into y [B, H D].
+//
+// Work is split by sequence, KV head and slice of the context (flash-decoding): a task attends the G = H/Hkv
+// query heads sharing a KV head over one slice, so each key and value is read from memory once per KV head
+// and stays in cache for the other G - 1 queries; the slices' partial softmaxes are merged exactly.
 template <class W>
-void decode_attention_impl(const float* qkv, const float* cs, const float* sn, typename W::T* kc, typename W::T* vc, const int64_t* pos,
-                           const int64_t* rows, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t S,
-                           int64_t cache_len, float* q_rot, float* y) {
+void attention(const float* qkv, typename W::T* kc, typename W::T* vc, const Batch& a, float* q_rot, float* y) {
   using T = typename W::T;
-  const int64_t width = (H + 2 * Hkv) * D, half = D / 2;
+  const int64_t B = a.B, H = a.H, Hkv = a.Hkv, D = a.D, S = a.S, half = D / 2, G = H / Hkv;
+  const int64_t width = (H + 2 * Hkv) * D;
+  int64_t longest = 1;
   for (int64_t b = 0; b < B; ++b) {
-    const float *src = qkv + b * width, *c = cs + b * half, *s = sn + b * half;
-    const int64_t p = pos[b], r = rows[b];
+    const float *src = qkv + b * width, *c = a.cos + b * half, *s = a.sin + b * half;
+    const int64_t p = a.pos[b], r = a.rows[b];
+    longest = std::max(longest, std::min(p + 1, a.cache_len));
     for (int64_t h = 0; h < H + Hkv; ++h) {
       float* dst = h < H ? q_rot + (b * H + h) * D : nullptr;
       T* kdst = h < H ? nullptr : kc + ((r * Hkv + (h - H)) * S + p) * D;
@@ -531,73 +601,195 @@ void decode_attention_impl(const float* qkv, const float* cs, const float* sn, t
       for (int64_t d = 0; d < D; ++d) vdst[d] = static_cast<T>(src[(H + Hkv + h) * D + d]);
     }
   }
-  const int64_t G = H / Hkv;
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(static_cast<size_t>(cache_len));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, kvh = h / G;
-      const int64_t len = std::min(pos[b] + 1, cache_len);
-      const int64_t off = (rows[b] * Hkv + kvh) * S * D;
-      attend_one<W>(q_rot + i * D, kc + off, vc + off, len, D, scores.data(), y + i * D);
+  // Enough slices for ~8 tasks per thread (even shares), none shorter than 32 keys.
+  const int64_t want = (8 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv);
+  const int64_t n_slices = std::max<int64_t>(1, std::min(want, longest / 32));
+  const int64_t slice = (longest + n_slices - 1) / n_slices;
+  std::vector<float> parts(static_cast<size_t>(B * H * n_slices * (D + 2)));  // per (b, h, slice): m, l, o[D]
+  at::parallel_for(0, B * Hkv * n_slices, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(static_cast<size_t>(slice));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (Hkv * n_slices), kvh = (t / n_slices) % Hkv, sl = t % n_slices;
+      const int64_t len = std::min(a.pos[b] + 1, a.cache_len);
+      const int64_t j0 = std::min(len, sl * slice), j1 = std::min(len, j0 + slice);
+      const int64_t off = ((a.rows[b] * Hkv + kvh) * S + j0) * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = kvh * G + g;
+        float* part = parts.data() + ((b * H + h) * n_slices + sl) * (D + 2);
+        if (j1 > j0) {
+          attend_slice<W>(q_rot + (b * H + h) * D, kc + off, vc + off, j1 - j0, D, scores.data(), part + 2,
+                          part[0], part[1]);
+        } else {  // an empty slice (a sequence shorter than the longest): no weight in the merge
+          part[0] = -INFINITY, part[1] = 0.f;
+          std::fill(part + 2, part + 2 + D, 0.f);
+        }
+      }
     }
   });
+  for (int64_t i = 0; i < B * H; ++i) {  // merge: rescale each slice to the common maximum
+    const float* p = parts.data() + i * n_slices * (D + 2);
+    float mx = -INFINITY, total = 0.f;
+    for (int64_t sl = 0; sl < n_slices; ++sl) mx = std::max(mx, p[sl * (D + 2)]);
+    float* out = y + i * D;
+    std::fill(out, out + D, 0.f);
+    for (int64_t sl = 0; sl < n_slices; ++sl) {
+      const float* part = p + sl * (D + 2);
+      if (part[1] == 0.f) continue;
+      const float w = std::exp(part[0] - mx);
+      total += w * part[1];
+      for (int64_t d = 0; d < D; ++d) out[d] += w * part[2 + d];
+    }
+    const float inv = 1.f / total;
+    for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+  }
 }
 
-Tensor decode_attention(const Tensor& qkv, const Tensor& cos, const Tensor& sin, Tensor& k_cache, Tensor& v_cache,
-                        const Tensor& positions, const Tensor& rows, int64_t n_heads, int64_t n_kv_heads,
-                        int64_t cache_len) {
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.scalar_type() == v_cache.scalar_type() && k_cache.sizes() == v_cache.sizes(),
-              "decode_attention: k/v caches must be contiguous [max_batch, Hkv, S, D] of one dtype");
-  const int64_t D = k_cache.size(3), S = k_cache.size(2), H = n_heads, Hkv = n_kv_heads;
-  TORCH_CHECK(k_cache.size(1) == Hkv && H % Hkv == 0 && D % 2 == 0, "decode_attention: head counts do not fit");
-  Tensor x = as_float_rows(qkv, (H + 2 * Hkv) * D);
-  const int64_t B = x.size(0);
+// The whole decode step ---------------------------------------------------------------------------------------
+// A projection: one or more linears sharing the input, their outputs side by side (a model whose q, k and v
+// are stored in different formats keeps them apart).
+struct Projection {
+  std::vector<Weights> parts;
+  int64_t N = 0;
+
+  void apply(const float* x, int64_t M, float* y, bool accumulate) const {
+    int64_t offset = 0;
+    for (const Weights& W : parts) matmul(W, x, M, y + offset, N, accumulate), offset += W.N;
+  }
+};
+
+struct Layer {
+  const float *attention_norm, *ffn_norm;
+  Projection qkv, wo, w13, w2;
+};
+
+// params: per layer the attention_norm and ffn_norm weights (float32), then the weights and scales (None for
+// float weights) of each part of qkv, wo, w13 (w1 and w3 rows) and w2, with parts[4 l + i] parts in
+// projection i of layer l; last, the final norm's weight. Everything is checked before anything is written.
+std::vector<Layer> layers_of(const c10::List<std::optional<Tensor>>& params, at::IntArrayRef parts, int64_t L,
+                             int64_t dim, int64_t q_width, int64_t qkv_width, const float*& final_norm) {
+  TORCH_CHECK(static_cast<int64_t>(parts.size()) == 4 * L, "decode_step: expected 4 part counts per layer for ", L,
+              " layers, got ", parts.size());
+  for (int64_t n : parts) TORCH_CHECK(n >= 1, "decode_step: a projection needs at least one part");
+  std::vector<Layer> layers(L);
+  size_t i = 0;
+  auto next = [&]() -> std::optional<Tensor> {
+    TORCH_CHECK(i < params.size(), "decode_step: too few parameters for the given parts");
+    return params.get(i++);
+  };
+  auto norm = [&]() -> const float* {
+    const std::optional<Tensor> w = next();
+    TORCH_CHECK(w.has_value() && w->scalar_type() == at::kFloat && w->is_contiguous() && w->numel() == dim,
+                "decode_step: norm weights must be float32 [", dim, "]");
+    return w->data_ptr<float>();
+  };
+  auto projection = [&](int64_t n_parts, int64_t K, const char* name) {
+    Projection p;
+    for (int64_t j = 0; j < n_parts; ++j) {
+      const std::optional<Tensor> w = next();
+      TORCH_CHECK(w.has_value(), "decode_step: missing ", name, " weight");
+      p.parts.push_back(weights_of(*w, next(), name));
+      TORCH_CHECK(p.parts.back().K == K, "decode_step: ", name, " takes ", p.parts.back().K, " inputs, expected ", K);
+      p.N += p.parts.back().N;
+    }
+    return p;
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    Layer& layer = layers[l];
+    layer.attention_norm = norm();
+    layer.ffn_norm = norm();
+    layer.qkv = projection(parts[4 * l], dim, "qkv");
+    layer.wo = projection(parts[4 * l + 1], q_width, "wo");
+    layer.w13 = projection(parts[4 * l + 2], dim, "w13");
+    layer.w2 = projection(parts[4 * l + 3], layer.w13.N / 2, "w2");
+    TORCH_CHECK(layer.qkv.N == qkv_width && layer.wo.N == dim && layer.w13.N % 2 == 0 && layer.w2.N == dim,
+                "decode_step: layer ", l, " projections have ", layer.qkv.N, ", ", layer.wo.N, ", ", layer.w13.N, ", ",
+                layer.w2.N, " outputs; expected ", qkv_width, ", ", dim, ", 2 * hidden, ", dim);
+  }
+  final_norm = norm();
+  TORCH_CHECK(i == params.size(), "decode_step: ", params.size() - i, " parameters left over");
+  return layers;
+}
+
+// x [B, dim] token embeddings; returns the final normalized hidden state [B, dim].
+Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& rows,
+                   int64_t cache_len, const c10::List<std::optional<Tensor>>& params, at::IntArrayRef parts,
+                   at::TensorList k_caches, at::TensorList v_caches, int64_t n_heads, int64_t n_kv_heads, double eps) {
+  const int64_t L = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(v_caches.size()) == L, "decode_step: one k and one v cache per layer");
+  const at::Tensor& k0 = k_caches[0];
+  TORCH_CHECK(k0.dim() == 4, "decode_step: KV caches must be [max_batch, Hkv, S, D]");
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(k_caches[l].is_contiguous() && v_caches[l].is_contiguous() && k_caches[l].sizes() == k0.sizes() &&
+                    v_caches[l].sizes() == k0.sizes() && k_caches[l].scalar_type() == k0.scalar_type() &&
+                    v_caches[l].scalar_type() == k0.scalar_type(),
+                "decode_step: every layer's k/v cache must be contiguous, of one shape and dtype");
+  const int64_t H = n_heads, Hkv = n_kv_heads, D = k0.size(3), S = k0.size(2);
+  TORCH_CHECK(k0.size(1) == Hkv && H % Hkv == 0 && D % 2 == 0, "decode_step: head counts do not fit the caches");
+  TORCH_CHECK(cache_len >= 1 && cache_len <= S, "decode_step: cache_len ", cache_len, " out of range 1..", S);
+
+  Tensor h = x.to(at::kFloat).contiguous().clone();  // the residual stream, updated in place
+  TORCH_CHECK(h.dim() == 2, "decode_step: x must be [B, dim]");
+  const int64_t B = h.size(0), dim = h.size(1);
   Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
   Tensor p = positions.to(at::kLong).contiguous(), r = rows.to(at::kLong).contiguous();
   TORCH_CHECK(c.numel() == B * D / 2 && s.numel() == B * D / 2 && p.numel() == B && r.numel() == B,
-              "decode_attention: one position (and cos/sin) per sequence");
-  TORCH_CHECK(cache_len >= 1 && cache_len <= S, "decode_attention: cache_len out of range");
-  const int64_t* pp = p.data_ptr<int64_t>();
-  const int64_t* rp = r.data_ptr<int64_t>();
+              "decode_step: one position, cache row and cos/sin per sequence");
+  const Batch batch{B, H, Hkv, D, S, cache_len, p.data_ptr<int64_t>(), r.data_ptr<int64_t>(), c.data_ptr<float>(),
+                    s.data_ptr<float>()};
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < S && rp[b] >= 0 && rp[b] < k_cache.size(0), "decode_attention: position or row out of range");
-  Tensor q_rot = at::empty({B, H * D}, x.options());
-  Tensor y = at::empty({B, H * D}, x.options());
-  auto run = [&]<class W>() {
-    decode_attention_impl<W>(x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(),
-                             k_cache.data_ptr<typename W::T>(), v_cache.data_ptr<typename W::T>(), pp, rp, B, H, Hkv, D,
-                             S, cache_len, q_rot.data_ptr<float>(), y.data_ptr<float>());
-  };
-  switch (k_cache.scalar_type()) {
-    case at::kFloat: run.template operator()<F32>(); break;
-    case at::kHalf: run.template operator()<F16>(); break;
-    case at::kBFloat16: run.template operator()<BF16>(); break;
-    default: TORCH_CHECK(false, "decode_attention: unsupported cache dtype ", k_cache.scalar_type());
+    TORCH_CHECK(batch.pos[b] >= 0 && batch.pos[b] < S && batch.rows[b] >= 0 && batch.rows[b] < k0.size(0),
+                "decode_step: position ", batch.pos[b], " or cache row ", batch.rows[b], " out of range");
+  const int64_t width = (H + 2 * Hkv) * D;
+  const float* final_norm = nullptr;
+  const std::vector<Layer> layers = layers_of(params, parts, L, dim, H * D, width, final_norm);
+
+  int64_t hidden = 0;
+  for (const Layer& layer : layers) hidden = std::max(hidden, layer.w13.N / 2);
+  std::vector<float> xn(B * dim), qkv(B * width), q_rot(B * H * D), att(B * H * D), g(B * 2 * hidden),
+      act(B * hidden);
+  float* hp = h.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  for (int64_t l = 0; l < L; ++l) {
+    const Layer& layer = layers[l];
+    rms_norm(hp, layer.attention_norm, B, dim, e, xn.data());
+    layer.qkv.apply(xn.data(), B, qkv.data(), false);
+    switch (k0.scalar_type()) {
+      case at::kFloat:
+        attention<F32>(qkv.data(), k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), batch, q_rot.data(),
+                       att.data());
+        break;
+      case at::kHalf:
+        attention<F16>(qkv.data(), k_caches[l].data_ptr<at::Half>(), v_caches[l].data_ptr<at::Half>(), batch,
+                       q_rot.data(), att.data());
+        break;
+      case at::kBFloat16:
+        attention<BF16>(qkv.data(), k_caches[l].data_ptr<at::BFloat16>(), v_caches[l].data_ptr<at::BFloat16>(), batch,
+                        q_rot.data(), att.data());
+        break;
+      default: TORCH_CHECK(false, "decode_step: unsupported cache dtype ", k0.scalar_type());
+    }
+    layer.wo.apply(att.data(), B, hp, true);
+    rms_norm(hp, layer.ffn_norm, B, dim, e, xn.data());
+    const int64_t hl = layer.w13.N / 2;
+    layer.w13.apply(xn.data(), B, g.data(), false);
+    silu_mul(g.data(), B, hl, act.data());
+    layer.w2.apply(act.data(), B, hp, true);
   }
-  return y;
+  Tensor out = at::empty_like(h);
+  rms_norm(hp, final_norm, B, dim, e, out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(llamaforge, m) {
-  m.def("linear_float(Tensor x, Tensor w) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor qweight, Tensor scale_bias, int group) -> Tensor");
-  m.def("linear_q8_0(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("silu_mul(Tensor g) -> Tensor");
+  m.def("linear(Tensor x, Tensor w, Tensor? scales=None) -> Tensor");
   m.def(
-      "decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-      "Tensor positions, Tensor rows, int n_heads, int n_kv_heads, int cache_len) -> Tensor");
+      "decode_step(Tensor x, Tensor cos, Tensor sin, Tensor positions, Tensor rows, int cache_len, Tensor?[] params, "
+      "int[] parts, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamaforge, CPU, m) {
-  m.impl("linear_float", &linear_float);
-  m.impl("linear_int8", &linear_int8);
-  m.impl("linear_int4", &linear_int4);
-  m.impl("linear_q8_0", &linear_q8_0);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("decode_attention", &decode_attention);
+  m.impl("linear", &linear);
+  m.impl("decode_step", &decode_step);
 }
