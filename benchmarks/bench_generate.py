@@ -104,13 +104,15 @@ def _lf_model(config: str, gguf_path: Path):
 def run_llamaforge(config: str, args, work: Path) -> dict:
     import torch
 
+    from llamaforge.quantize import kv_cache_dtype
+
     torch.set_num_threads(args.threads)
     prompt, _, tokens = _inputs(work)
     t0 = time.perf_counter()
     model = _lf_model(config, Path(args.gguf))
     load_s = time.perf_counter() - t0
     total = len(prompt) + args.decode
-    model.setup_caches(1, total)
+    model.setup_caches(1, total, kv_cache_dtype(model))  # as generation does
     fn = model
     if args.path != "eager":
         from llamaforge.fast import compile_forward, prepare_for_inference

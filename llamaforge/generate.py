@@ -29,8 +29,9 @@ first event also carries ``prompt_logprobs``: for each prompt token, its logprob
 and the top N alternatives (None for the first token), from the prefill's own hidden states. A request
 that finishes leaves its slot in the same step, and a queued one takes it at the next.
 
-How the engine runs the model: one static KV cache of ``max_batch`` rows (``model.setup_caches``); a
-request owns a row (its slot) while it runs. Each step prefills the waiting prompts in one forward: the
+How the engine runs the model: one static KV cache of ``max_batch`` rows (``model.setup_caches``; in
+float16 for float32 models with quantized weights, see ``quantize.kv_cache_dtype``); a request owns a row
+(its slot) while it runs. Each step prefills the waiting prompts in one forward: the
 rows are right-padded to a common length T, each at its own positions (a pad's cache entry lies past the
 row's last real token, so the row's real token overwrites it before anything attends to it; pad queries
 are ignored), with B x T <= ``prefill_budget`` and at most ``prefill_chunk`` tokens of one prompt per
@@ -56,6 +57,7 @@ import torch
 from torch import Tensor
 
 from .model import Transformer
+from .quantize import kv_cache_dtype
 from .sampling import SamplingBatch, SamplingParams, TokenHistory, sample_from_probs, token_logprobs
 
 if TYPE_CHECKING:
@@ -343,7 +345,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = prefill_budget
         self.device = model.tok_embeddings.weight.device
-        model.setup_caches(max_batch, self.max_seq_len)
+        model.setup_caches(max_batch, self.max_seq_len, kv_cache_dtype(model))
         self._cache = model.layers[0].attention.kv_cache
         self._decode = decode_fn(model, compile)
         # CUDA graphs are recorded per batch size: pad decode batches to powers of two so that requests
@@ -773,7 +775,7 @@ def speculative_generate(llm: LLM, draft: LLM, prompt_ids: list[int], params: Sa
     context = min(target.config.max_seq_len, small.config.max_seq_len)
     length = min(round_up(len(prompt_ids) + params.max_new_tokens + k + 1, CACHE_ROUND), context)
     for model in (target, small):
-        model.setup_caches(1, length)
+        model.setup_caches(1, length, kv_cache_dtype(model))
     device = target.tok_embeddings.weight.device
     if len(prompt_ids) >= length:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate in the "

@@ -155,3 +155,18 @@ def test_errors_are_clear(tmp_path):
         load_quantized(tmp_path)
     with pytest.raises(ValueError, match="has no quantized runtime"):
         gguf_linear(torch.zeros(4, 2 * 64, dtype=torch.uint8), Q.F16, (4, 64))
+
+
+def test_kv_cache_float16_for_quantized_float32_models():
+    from llamaforge.generate import Engine
+    from llamaforge.quantize import kv_cache_dtype
+
+    model = build_model(get_preset("tiny")).eval()
+    assert kv_cache_dtype(model) is None  # float models keep their own dtype
+    quantize_model(model, "int4")
+    assert kv_cache_dtype(model) == torch.float16
+    Engine(model, max_batch=2, max_seq_len=64, tokenizer=object())
+    assert model.layers[0].attention.kv_cache.k.dtype == torch.float16
+    half = build_model(get_preset("tiny"), dtype=torch.bfloat16).eval()
+    quantize_model(half, "int8")
+    assert kv_cache_dtype(half) is None  # a 16-bit model's cache is already 16-bit
