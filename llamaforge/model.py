@@ -85,17 +85,18 @@ class KVCache(nn.Module):
         self, positions: Tensor, k: Tensor, v: Tensor, length: int, rows: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """Write k, v [B, H, T, D] at `positions` [B, T] of cache rows `rows` [B] (default 0..B-1) and
-        return those rows' first `length` slots (a view when rows is None, a gather otherwise)."""
+        return those rows' first `length` slots (a view when rows is None, a gather otherwise), in k's
+        dtype (a cache may be stored narrower than the activations, e.g. float16 for float32)."""
         B = k.shape[0]
         if rows is None:
             k_rows, v_rows = self.k[:B], self.v[:B]
             index = torch.arange(B, device=k.device)[:, None]
             k_rows[index, :, positions] = k.transpose(1, 2).to(self.k.dtype)
             v_rows[index, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-            return k_rows[:, :, :length], v_rows[:, :, :length]
+            return k_rows[:, :, :length].to(k.dtype), v_rows[:, :, :length].to(k.dtype)
         self.k[rows[:, None], :, positions] = k.transpose(1, 2).to(self.k.dtype)
         self.v[rows[:, None], :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[rows, :, :length], self.v[rows, :, :length]
+        return self.k[rows, :, :length].to(k.dtype), self.v[rows, :, :length].to(k.dtype)
 
 
 class Attention(nn.Module):

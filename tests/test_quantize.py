@@ -160,13 +160,17 @@ def test_errors_are_clear(tmp_path):
 def test_kv_cache_float16_for_quantized_float32_models():
     from llamaforge.generate import Engine
     from llamaforge.quantize import kv_cache_dtype
+    from llamaforge.sampling import SamplingParams
 
     model = build_model(get_preset("tiny")).eval()
     assert kv_cache_dtype(model) is None  # float models keep their own dtype
     quantize_model(model, "int4")
     assert kv_cache_dtype(model) == torch.float16
-    Engine(model, max_batch=2, max_seq_len=64, tokenizer=object())
+    engine = Engine(model, max_batch=2, max_seq_len=64)
     assert model.layers[0].attention.kv_cache.k.dtype == torch.float16
+    # Prefill (torch's attention, float32 queries on float16 keys) and decode steps run on it.
+    (done,) = engine.run([engine.add([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=4, temperature=0))])
+    assert len(done.token_ids) == 4
     half = build_model(get_preset("tiny"), dtype=torch.bfloat16).eval()
     quantize_model(half, "int8")
     assert kv_cache_dtype(half) is None  # a 16-bit model's cache is already 16-bit
