@@ -158,9 +158,10 @@ def test_decode_step_projection_in_parts():
 
 
 def test_decode_step_long_context_slices():
-    """A context long enough to be split into several slices per KV head, merged exactly."""
+    """A context long enough to be split into several slices per KV head, merged exactly; 8 query heads on
+    one KV head (two passes of 4 over each slice)."""
     torch.manual_seed(0)
-    config = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=1, hidden_dim=64, vocab_size=64,
+    config = ModelConfig(dim=128, n_layers=1, n_heads=8, n_kv_heads=1, hidden_dim=64, vocab_size=64,
                          max_seq_len=512)  # fmt: skip
     model, ref_model = (build_model(config).eval() for _ in range(2))
     ref_model.load_state_dict(model.state_dict())

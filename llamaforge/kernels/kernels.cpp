@@ -497,84 +497,128 @@ void silu_mul(const float* g, int64_t R, int64_t H, float* y) {
   }
 }
 
-// Softmax attention of one query q [D] over the cached keys/values [n, D] (element format W) of one slice
-// of the context: returns the slice's largest score m and sum of exp(score - m) l, and o [D] = the
-// exp(score - m)-weighted sum of the values (unnormalized; slices are merged afterwards).
+// Attention of NG query heads sharing a KV head, over the cached keys/values [n, D] (element format W) of one
+// slice of the context. For each query g, parts[g] receives {m, l, o[D]}: the slice's largest score m, the sum
+// l of exp(score - m), and o = the exp(score - m)-weighted sum of the values (unnormalized; slices are merged
+// afterwards). scores: room for NG * n floats.
+//
+// Plain loops, one query at a time (any D, any CPU).
 template <class W>
-void attend_slice(const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n, int64_t D,
-                  float* scores, float* o, float& m, float& l) {
+void attend_plain(int64_t NG, const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n,
+                  int64_t D, float* scores, float* const* parts) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  float mx = -INFINITY, total = 0.f;
+  for (int64_t g = 0; g < NG; ++g) {
+    const float* qg = q + g * D;
+    float mx = -INFINITY, total = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      const typename W::T* kj = kc + j * D;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * W::get(kj + d);
+      scores[j] = s * scale;
+      mx = std::max(mx, scores[j]);
+    }
+    for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - mx));
+    float* o = parts[g] + 2;
+    std::fill(o, o + D, 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const typename W::T* vj = vc + j * D;
+      const float p = scores[j];
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) o[d] += p * W::get(vj + d);
+    }
+    parts[g][0] = mx, parts[g][1] = total;
+  }
+}
+
 #ifdef __AVX2__
-  if (D % 8 == 0 && D <= 256) {
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {  // four keys at a time: independent FMA chains, one combined reduction
-      const typename W::T* kj = kc + j * D;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < D; d += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + d);
-        a0 = _mm256_fmadd_ps(qv, W::load8(kj + d), a0);
-        a1 = _mm256_fmadd_ps(qv, W::load8(kj + D + d), a1);
-        a2 = _mm256_fmadd_ps(qv, W::load8(kj + 2 * D + d), a2);
-        a3 = _mm256_fmadd_ps(qv, W::load8(kj + 3 * D + d), a3);
+// o[g][d0 .. d0 + 8 NV) for the NG queries: each value vector is loaded (and converted) once for all of them.
+template <class W, int NG, int NV>
+inline void weigh_values(const float* p, const typename W::T* vc, int64_t n, int64_t D, int64_t d0,
+                         float* const* parts) {
+  __m256 acc[NG][NV];
+  for (int g = 0; g < NG; ++g)
+    for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m256 vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = W::load8(vc + j * D + d0 + 8 * v);
+    for (int g = 0; g < NG; ++g) {
+      const __m256 pb = _mm256_broadcast_ss(p + g * n + j);
+      for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_fmadd_ps(pb, vv[v], acc[g][v]);
+    }
+  }
+  for (int g = 0; g < NG; ++g)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(parts[g] + 2 + d0 + 8 * v, acc[g][v]);
+}
+
+// AVX2, D a multiple of 8: each key and value row is loaded and converted once for the NG queries, and the
+// dot products run as 2 NG independent FMA chains (two keys at a time).
+template <class W, int NG>
+void attend_group(const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n, int64_t D,
+                  float* scores, float* const* parts) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    __m256 acc[NG][2];
+    for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 k0 = W::load8(kc + j * D + d), k1 = W::load8(kc + (j + 1) * D + d);
+      for (int g = 0; g < NG; ++g) {
+        const __m256 qv = _mm256_loadu_ps(q + g * D + d);
+        acc[g][0] = _mm256_fmadd_ps(qv, k0, acc[g][0]);
+        acc[g][1] = _mm256_fmadd_ps(qv, k1, acc[g][1]);
       }
-      const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-      const __m128 dots = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-      _mm_storeu_ps(scores + j, _mm_mul_ps(dots, _mm_set1_ps(scale)));
     }
-    for (; j < n; ++j) {
-      const typename W::T* kj = kc + j * D;
+    for (int g = 0; g < NG; ++g) scores[g * n + j] = hsum(acc[g][0]) * scale, scores[g * n + j + 1] = hsum(acc[g][1]) * scale;
+  }
+  for (; j < n; ++j)
+    for (int g = 0; g < NG; ++g) {
       __m256 acc = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), W::load8(kj + d), acc);
-      scores[j] = hsum(acc) * scale;
+      for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), W::load8(kc + j * D + d), acc);
+      scores[g * n + j] = hsum(acc) * scale;
     }
-    for (j = 0; j < n; ++j) mx = std::max(mx, scores[j]);
-    j = 0;
+  for (int g = 0; g < NG; ++g) {  // softmax numerators in place
+    float* s = scores + g * n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, s[i]);
+    int64_t i = 0;
     __m256 sum = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(mx)));
-      _mm256_storeu_ps(scores + j, e);
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(s + i, e);
       sum = _mm256_add_ps(sum, e);
     }
-    total = hsum(sum);
-    for (; j < n; ++j) total += (scores[j] = std::exp(scores[j] - mx));
-    int64_t d0 = 0;
-    for (; d0 + 64 <= D; d0 += 64) {  // 64 columns at a time: 8 accumulators that stay in registers
-      __m256 acc[8];
-      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
-      for (j = 0; j < n; ++j) {
-        const __m256 p = _mm256_broadcast_ss(scores + j);
-        const typename W::T* vj = vc + j * D + d0;
-        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(p, W::load8(vj + 8 * c), acc[c]);
+    float total = hsum(sum);
+    for (; i < n; ++i) total += (s[i] = std::exp(s[i] - mx));
+    parts[g][0] = mx, parts[g][1] = total;
+  }
+  constexpr int NV = NG == 1 ? 8 : (NG == 2 ? 4 : 2);  // column vectors per pass: at most 8 accumulators
+  int64_t d0 = 0;
+  for (; d0 + 8 * NV <= D; d0 += 8 * NV) weigh_values<W, NG, NV>(scores, vc, n, D, d0, parts);
+  for (; d0 < D; d0 += 8) weigh_values<W, NG, 1>(scores, vc, n, D, d0, parts);
+}
+#endif
+
+// The G query heads of one KV head over one slice, up to 4 heads per pass over the keys and values.
+template <class W>
+void attend_heads(int64_t G, const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n, int64_t D,
+                  float* scores, float* const* parts) {
+#ifdef __AVX2__
+  if (D % 8 == 0 && D <= 256) {
+    for (int64_t g = 0; g < G; g += 4) {
+      const float* qg = q + g * D;
+      float* const* pg = parts + g;
+      switch (std::min<int64_t>(G - g, 4)) {
+        case 1: attend_group<W, 1>(qg, kc, vc, n, D, scores, pg); break;
+        case 2: attend_group<W, 2>(qg, kc, vc, n, D, scores, pg); break;
+        case 3: attend_group<W, 3>(qg, kc, vc, n, D, scores, pg); break;
+        default: attend_group<W, 4>(qg, kc, vc, n, D, scores, pg); break;
       }
-      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
     }
-    for (; d0 < D; d0 += 8) {
-      __m256 acc = _mm256_setzero_ps();
-      for (j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + j), W::load8(vc + j * D + d0), acc);
-      _mm256_storeu_ps(o + d0, acc);
-    }
-    m = mx, l = total;
     return;
   }
 #endif
-  for (int64_t j = 0; j < n; ++j) {
-    const typename W::T* kj = kc + j * D;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t d = 0; d < D; ++d) s += q[d] * W::get(kj + d);
-    scores[j] = s * scale;
-    mx = std::max(mx, scores[j]);
-  }
-  for (int64_t j = 0; j < n; ++j) total += (scores[j] = std::exp(scores[j] - mx));
-  for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    const typename W::T* vj = vc + j * D;
-    const float p = scores[j];
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[d] += p * W::get(vj + d);
-  }
-  m = mx, l = total;
+  attend_plain<W>(G, q, kc, vc, n, D, scores, parts);
 }
 
 // Where the decode step's attention reads and writes: caches [max_batch, Hkv, S, D], and per sequence b its
@@ -626,22 +670,18 @@ void attention(const float* qkv, typename W::T* kc, typename W::T* vc, const Bat
   const int64_t slice = (longest + n_slices - 1) / n_slices;
   std::vector<float> parts(static_cast<size_t>(B * H * n_slices * (D + 2)));  // per (b, h, slice): m, l, o[D]
   at::parallel_for(0, B * Hkv * n_slices, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores(static_cast<size_t>(slice));
+    std::vector<float> scores(static_cast<size_t>(std::min<int64_t>(G, 4) * slice));
+    std::vector<float*> part(static_cast<size_t>(G));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (Hkv * n_slices), kvh = (t / n_slices) % Hkv, sl = t % n_slices;
       const int64_t len = std::min(a.pos[b] + 1, a.cache_len);
       const int64_t j0 = std::min(len, sl * slice), j1 = std::min(len, j0 + slice);
       const int64_t off = ((a.rows[b] * Hkv + kvh) * S + j0) * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kvh * G + g;
-        float* part = parts.data() + ((b * H + h) * n_slices + sl) * (D + 2);
-        if (j1 > j0) {
-          attend_slice<W>(q_rot + (b * H + h) * D, kc + off, vc + off, j1 - j0, D, scores.data(), part + 2,
-                          part[0], part[1]);
-        } else {  // an empty slice (a sequence shorter than the longest): no weight in the merge
-          part[0] = -INFINITY, part[1] = 0.f;
-          std::fill(part + 2, part + 2 + D, 0.f);
-        }
+      for (int64_t g = 0; g < G; ++g) part[g] = parts.data() + ((b * H + kvh * G + g) * n_slices + sl) * (D + 2);
+      if (j1 > j0) {
+        attend_heads<W>(G, q_rot + (b * H + kvh * G) * D, kc + off, vc + off, j1 - j0, D, scores.data(), part.data());
+      } else {  // an empty slice (a sequence shorter than the longest): no weight in the merge
+        for (float* pg : part) pg[0] = -INFINITY, pg[1] = 0.f, std::fill(pg + 2, pg + 2 + D, 0.f);
       }
     }
   });
