@@ -189,11 +189,12 @@ def test_disabled_by_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda w: Int4Linear.from_float(w, 32), lambda w: BlockInt8Linear.from_blocks(*_q8(w))]
+    "make",
+    [Int8Linear.from_float, lambda w: Int4Linear.from_float(w, 32), lambda w: BlockInt8Linear.from_blocks(*_q8(w))],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_inputs_give_nan_like_a_float_matmul(make, bad):
-    """4-bit and Q8_0 kernels round activations to int16; a NaN/inf must not be rounded into a number."""
+    """Integer kernels round activations to int16; a NaN/inf must not be rounded into a number."""
     torch.manual_seed(0)
     mod = make(torch.randn(48, K))
     x = torch.randn(2, K)

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -34,6 +35,21 @@ using at::Tensor;
 
 // Rows of W per task: at least ~32K weights so that a thread's share is worth waking it for.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
+
+// Rows 0..N of a matmul in chunks handed out to the threads as they come free: with static shares, the step
+// waits for the slower thread whenever one core is busier (a VM neighbour, the Python thread).
+template <class F>
+void parallel_rows(int64_t N, int64_t grain, const F& f) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max(grain, (N + 8 * threads - 1) / (8 * threads));
+  const int64_t n_chunks = (N + chunk - 1) / chunk;
+  if (threads == 1 || n_chunks == 1 || at::in_parallel_region()) return f(0, N);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n_chunks;)
+      f(c * chunk, std::min(N, (c + 1) * chunk));
+  });
+}
 
 // Integer kernels prefetch the weights this many bytes ahead: a thread's rows are one sequential stream, and
 // the hardware prefetcher alone leaves them at about half the memory bandwidth.
@@ -202,7 +218,7 @@ inline void for_row_chunks(int64_t M, Body&& body) {
 template <class W>
 void float_rows(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, const float* row_scale,
                 float* y, int64_t ldy, bool accumulate) {
-  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+  parallel_rows(N, row_grain(K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const typename W::T* wn = w + n * K;
       const float s = row_scale ? row_scale[n] : 1.f;
@@ -348,7 +364,7 @@ inline void int4_rows(const Int16Rows& xr, int64_t m, int64_t K, int gshift, con
 template <int R1, class Rows, class Scale>
 void integer_rows(int64_t M, int64_t N, int64_t K, float* y, int64_t ldy, bool accumulate, Rows&& rows,
                   Scale&& scale) {
-  at::parallel_for(0, N, row_grain(K), [&](int64_t n0, int64_t n1) {
+  parallel_rows(N, row_grain(K), [&](int64_t n0, int64_t n1) {
     float out[4];
     int64_t n = n0;
     if (M == 1) {
@@ -444,7 +460,7 @@ void matmul(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, 
     case Format::Q8_0: {
       const int8_t* q = static_cast<const int8_t*>(W.w);
       const Int16Rows xr = quantize_rows(x, M, K, 32, /*pair_order=*/false);
-      at::parallel_for(0, N, std::max<int64_t>(64, row_grain(K)), [&](int64_t n0, int64_t n1) {
+      parallel_rows(N, std::max<int64_t>(64, row_grain(K)), [&](int64_t n0, int64_t n1) {
         for (int64_t t0 = n0; t0 < n1; t0 += Q8_TILE)
           for (int64_t m = 0; m < M; ++m)
             q8_0_tile(xr, m, K, q, W.aux, N, t0, std::min(n1, t0 + Q8_TILE), y + m * ldy, accumulate);
