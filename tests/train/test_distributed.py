@@ -22,10 +22,21 @@ SINGLE = {"data.micro_batch_size": "2"}
 DOUBLE = {"data.micro_batch_size": "1"}
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free now (bound together, then released), not a port and its neighbours, which
+    may be taken."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
 
 
 def _capture_weights(box: dict, steps: int):
@@ -48,18 +59,18 @@ def _run(recipe, callbacks=()) -> dict:
             "val": [v["val_loss"] for v in trainer.val_history], "killed": box.get("killed", False)}  # fmt: skip
 
 
-def _worker(rank: int, port: int, mode: str, data: str, out: str, result_file: str) -> None:
+def _worker(rank: int, ports: list[int], mode: str, data: str, out: str, result_file: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       GLOO_SOCKET_IFNAME="lo")  # fmt: skip
     torch.set_num_threads(1)
     results = {}
     par = {**DOUBLE, "train.parallel": mode}
-    os.environ["MASTER_PORT"] = str(port)
+    os.environ["MASTER_PORT"] = str(ports[0])
     results["straight"] = _run(tiny_recipe(Path(data), Path(out) / "straight", **par))
     if mode == "fsdp":
-        os.environ["MASTER_PORT"] = str(port + 1)
+        os.environ["MASTER_PORT"] = str(ports[1])
         results["killed"] = _run(tiny_recipe(Path(data), Path(out) / "resumed", **par), [kill_at(6)])
-        os.environ["MASTER_PORT"] = str(port + 2)
+        os.environ["MASTER_PORT"] = str(ports[2])
         results["resumed"] = _run(tiny_recipe(Path(data), Path(out) / "resumed", **par, **{"train.resume": "true"}))
     if rank == 0:
         torch.save(results, result_file)
@@ -67,8 +78,8 @@ def _worker(rank: int, port: int, mode: str, data: str, out: str, result_file: s
 
 def _spawn(mode: str, data: Path, out: Path) -> dict:
     result_file = out / f"{mode}.pt"
-    port = _free_port()
-    mp.start_processes(_worker, args=(port, mode, str(data), str(out), str(result_file)), nprocs=2,
+    ports = _free_ports(3)
+    mp.start_processes(_worker, args=(ports, mode, str(data), str(out), str(result_file)), nprocs=2,
                        start_method="spawn")  # fmt: skip
     return torch.load(result_file, weights_only=False)
 
