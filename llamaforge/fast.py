@@ -17,7 +17,7 @@ computes the same function with fewer, larger kernels:
   ``kernels.MAX_ROWS`` sequences) runs through all layers as one op, ``kernels.decode_step`` (RMSNorm,
   matmuls reading the weights as stored, RoPE + KV-cache write + attention, SiLU-gate, residual adds),
   then the head. The residual stream stays float32 there (as llama.cpp's does), also for 16-bit models;
-  the KV cache keeps the model dtype.
+  the KV cache is whatever ``setup_caches`` allocated (float16 for quantized float32 models in generation).
 
 The model's own modules (norms, embeddings, KV caches, rope functions) do the rest, so the numbers match
 ``model(...)`` up to float rounding. Models with features this path does not cover (mixture of experts,
@@ -228,8 +228,8 @@ class FastForward(nn.Module):
         if model.tok_embeddings.weight.device.type != "cpu":
             return None
 
-        def norm(m: nn.Module) -> Tensor:
-            return m.weight.detach().float().contiguous()  # float32 models: the parameter itself
+        def norm(m: nn.Module) -> Tensor:  # the parameter itself: later in-place updates are seen
+            return m.weight.detach()
 
         params: list[Tensor | None] = []
         parts: list[int] = []

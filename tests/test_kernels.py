@@ -157,6 +157,19 @@ def test_decode_step_projection_in_parts():
     torch.testing.assert_close(got, models[1](tokens, positions, cache_len=32), rtol=1e-3, atol=1e-3)
 
 
+def test_decode_step_sees_norm_updates_after_preparation():
+    """A 16-bit model's norm weights are read each step, not copied once (training between generations)."""
+    model, ref = _step_model(torch.bfloat16, 16), _step_model(torch.bfloat16, 16)
+    fast = prepare_for_inference(model)
+    with torch.no_grad():
+        for m in (model, ref):
+            m.layers[1].ffn_norm.weight.mul_(2)
+    tokens, positions = torch.tensor([[5]]), torch.tensor([[20]])
+    with torch.inference_mode():
+        got = fast(tokens, positions, cache_len=32, return_hidden=True)
+        torch.testing.assert_close(got, ref(tokens, positions, cache_len=32, return_hidden=True), rtol=3e-2, atol=3e-2)
+
+
 def test_decode_step_long_context_slices():
     """A context long enough to be split into several slices per KV head, merged exactly; 8 query heads on
     one KV head (two passes of 4 over each slice)."""

@@ -152,7 +152,7 @@ def decode_step(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, rows: Te
     each sequence's position ``positions[b]``; its keys and values go to ``cache[rows[b], :, positions[b]]``
     and it attends over slots ``0..positions[b]`` (within the first ``cache_len``).
 
-    ``params`` per layer: the attention_norm and ffn_norm weights (float32), then (weight, scales) as for
+    ``params`` per layer: the attention_norm and ffn_norm weights, then (weight, scales) as for
     ``linear`` for each part of the qkv, wo, w13 (w1 and w3 rows) and w2 projections, ``parts[4 l + i]``
     parts in projection i of layer l (one, unless a model stores e.g. q, k and v in different formats);
     last, the final norm's weight. Returns the final normalized hidden state [B, dim] in float32."""

@@ -737,11 +737,12 @@ struct Layer {
   Projection qkv, wo, w13, w2;
 };
 
-// params: per layer the attention_norm and ffn_norm weights (float32), then the weights and scales (None for
+// params: per layer the attention_norm and ffn_norm weights, then the weights and scales (None for
 // float weights) of each part of qkv, wo, w13 (w1 and w3 rows) and w2, with parts[4 l + i] parts in
 // projection i of layer l; last, the final norm's weight. Everything is checked before anything is written.
 std::vector<Layer> layers_of(const c10::List<std::optional<Tensor>>& params, at::IntArrayRef parts, int64_t L,
-                             int64_t dim, int64_t q_width, int64_t qkv_width, const float*& final_norm) {
+                             int64_t dim, int64_t q_width, int64_t qkv_width, const float*& final_norm,
+                             std::vector<Tensor>& norms) {
   TORCH_CHECK(static_cast<int64_t>(parts.size()) == 4 * L, "decode_step: expected 4 part counts per layer for ", L,
               " layers, got ", parts.size());
   for (int64_t n : parts) TORCH_CHECK(n >= 1, "decode_step: a projection needs at least one part");
@@ -753,9 +754,10 @@ std::vector<Layer> layers_of(const c10::List<std::optional<Tensor>>& params, at:
   };
   auto norm = [&]() -> const float* {
     const std::optional<Tensor> w = next();
-    TORCH_CHECK(w.has_value() && w->scalar_type() == at::kFloat && w->is_contiguous() && w->numel() == dim,
-                "decode_step: norm weights must be float32 [", dim, "]");
-    return w->data_ptr<float>();
+    TORCH_CHECK(w.has_value() && w->is_floating_point() && w->numel() == dim,
+                "decode_step: norm weights must be floating point [", dim, "]");
+    norms.push_back(w->to(at::kFloat).contiguous());  // float32 ones as they are, no copy
+    return norms.back().data_ptr<float>();
   };
   auto projection = [&](int64_t n_parts, int64_t K, const char* name) {
     Projection p;
@@ -816,7 +818,8 @@ Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const 
                 "decode_step: position ", batch.pos[b], " or cache row ", batch.rows[b], " out of range");
   const int64_t width = (H + 2 * Hkv) * D;
   const float* final_norm = nullptr;
-  const std::vector<Layer> layers = layers_of(params, parts, L, dim, H * D, width, final_norm);
+  std::vector<Tensor> norms;  // norm weights in float32 (16-bit models' converted here, each step)
+  const std::vector<Layer> layers = layers_of(params, parts, L, dim, H * D, width, final_norm, norms);
 
   int64_t hidden = 0;
   for (const Layer& layer : layers) hidden = std::max(hidden, layer.w13.N / 2);
