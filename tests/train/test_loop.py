@@ -21,6 +21,7 @@ def tiny_recipe(data: Path, out: Path, **overrides: str) -> Recipe:
         "data.val_batches": "2", "optim.lr": "3e-3", "optim.warmup_steps": "3", "train.steps": "8",
         "train.out_dir": str(out), "train.log_interval": "4", "train.eval_interval": "4", "train.ckpt_interval": "4",
         "train.seed": "0", "logging.console": "false",
+        "train.device": "cpu",  # the stored loss curve is float32 CPU arithmetic (a GPU trains in bf16)
     }  # fmt: skip
     return Recipe.load(None, {**base, **overrides})
 
