@@ -51,8 +51,8 @@ void parallel_rows(int64_t N, int64_t grain, const F& f) {
   });
 }
 
-// Integer kernels prefetch the weights this many bytes ahead: a thread's rows are one sequential stream, and
-// the hardware prefetcher alone leaves them at about half the memory bandwidth.
+// Integer and 16-bit kernels prefetch the weights this many bytes ahead: a thread's rows are one sequential
+// stream, and the hardware prefetcher alone leaves them at about half the memory bandwidth.
 constexpr int64_t PREFETCH = 1024;
 
 // y = v, or y += v when accumulating into a residual stream.
@@ -177,6 +177,11 @@ inline void dot_rows(const float* x, int64_t ldx, const typename W::T* w, int64_
   for (int m = 0; m < MT; ++m)
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   for (; k + 8 * U <= K; k += 8 * U) {
+    // One row streaming (decode): 16-bit weights are fetched a line (32 weights) per iteration, too slowly for
+    // the hardware prefetcher alone; prefetching ahead made bfloat16 decode steps 12% faster, float16 5%.
+    // float32 rows (two lines per iteration) measured no gain, so they are left to the hardware.
+    if constexpr (MT == 1 && sizeof(typename W::T) == 2)
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + PREFETCH, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) {
       __m256 wv = W::load8(w + k + 8 * u);
       for (int m = 0; m < MT; ++m) acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * ldx + k + 8 * u), acc[m][u]);
