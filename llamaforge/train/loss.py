@@ -9,6 +9,9 @@ saves memory and, on CPU, most of the memory traffic of a 32K-vocabulary head. T
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,7 +21,7 @@ IGNORE_INDEX = -100
 # On a GPU few large chunks win: each chunk adds its part of the output matrix's gradient into the float32 total,
 # a pass over [vocab, dim] (1 GiB for Llama 3's 128K vocabulary), and small chunks make the matmuls thin. Measured
 # on an H100 (16K tokens, 128K vocab, bf16): 144 ms with 256-token chunks, 62 ms with 4096-token ones.
-_CHUNK_ELEMENTS = {"cpu": 1 << 23}
+_CHUNK_ELEMENTS_CPU = 1 << 23
 _CHUNK_ELEMENTS_ACCELERATOR = 1 << 29
 
 
@@ -28,34 +31,29 @@ def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _softmax_grad(logits: Tensor, targets: Tensor, valid: Tensor | None, acc: torch.dtype,
-                  probs_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """For one chunk of logits [n, V] and targets [n, 1]: d(sum of losses)/d(logits) = softmax - onehot (zero on
-    rows where ``valid`` is False) in the logits' dtype, and each row's target logit and probability in ``acc``.
-    The softmax is taken in ``acc`` (float32 for 16-bit logits) so that p - 1 keeps its precision for confident
-    targets. Under torch.compile this is one fused pass; eagerly ``probs_out`` is a reused buffer."""
+def _softmax_grad(logits: Tensor, targets: Tensor, valid: Tensor | None, acc: torch.dtype, grad: bool,
+                  probs_out: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:  # fmt: skip
+    """For one chunk of logits [n, V] and targets [n, 1]: each row's target logit and probability in ``acc``, and
+    (when ``grad``) d(sum of losses)/d(logits) = softmax - onehot (zero on rows where ``valid`` is False) in the
+    logits' dtype. The softmax is taken in ``acc`` (float32 for 16-bit logits) so that p - 1 keeps its precision
+    for confident targets. Under torch.compile this is one fused pass; eagerly ``probs_out`` is a reused buffer."""
     if probs_out is None:
         probs = torch.softmax(logits, dim=-1, dtype=acc)
     else:
         probs = torch.softmax(logits, dim=-1, dtype=acc, out=probs_out)
     target_logit = logits.gather(1, targets).squeeze(1).to(acc)
     target_prob = probs.gather(1, targets).squeeze(1)
+    if not grad:
+        return None, target_logit, target_prob
     g = probs.scatter_add_(1, targets, probs.new_full(targets.shape, -1.0))
     if valid is not None:
         g = g.mul_(valid[:, None])
     return g.to(logits.dtype), target_logit, target_prob
 
 
-_compiled_softmax_grad = None
-
-
-def _softmax_grad_fn(compile: bool):
-    global _compiled_softmax_grad
-    if not compile:
-        return _softmax_grad
-    if _compiled_softmax_grad is None:
-        _compiled_softmax_grad = torch.compile(_softmax_grad, dynamic=False)
-    return _compiled_softmax_grad
+@functools.cache
+def _compiled_softmax_grad() -> Callable[..., tuple[Tensor | None, Tensor, Tensor]]:
+    return torch.compile(_softmax_grad, dynamic=False)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -77,7 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # mapping whose page faults, once per chunk, showed in profiles as a doubled softmax time.
         logits_buf = torch.empty(min(chunk, n_rows), weight.shape[0], dtype=cdt, device=device)
         probs_buf = None if compile else torch.empty(logits_buf.shape, dtype=acc, device=device)
-        softmax_grad = _softmax_grad_fn(compile)
+        softmax_grad = _compiled_softmax_grad() if compile else _softmax_grad
         # CUDA's matmul can add a 16-bit product straight into a float32 total (no 16-bit partial, no extra pass)
         add_in_acc = want_w and device.type == "cuda" and cdt != acc
         for lo in range(0, n_rows, chunk):
@@ -86,7 +84,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = len(t)
             logits = torch.mm(h, w.t(), out=logits_buf[:n])
             g, target_logit[lo : lo + n], target_prob[lo : lo + n] = softmax_grad(
-                logits, t, None if all_valid else valid[lo : lo + n], acc, None if probs_buf is None else probs_buf[:n]
+                logits,
+                t,
+                None if all_valid else valid[lo : lo + n],
+                acc,
+                want_h or want_w,
+                None if probs_buf is None else probs_buf[:n],
             )
             if want_h:
                 torch.mm(g, w, out=grad_h[lo : lo + n]) if hidden.dtype == cdt else grad_h[lo : lo + n].copy_(g @ w)
@@ -131,7 +134,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_
     ``compile`` fuses each chunk's softmax and gradient into one ``torch.compile``d pass over the logits.
     """
     device_type = hidden.device.type
-    budget = _CHUNK_ELEMENTS.get(device_type, _CHUNK_ELEMENTS_ACCELERATOR)
+    budget = _CHUNK_ELEMENTS_CPU if device_type == "cpu" else _CHUNK_ELEMENTS_ACCELERATOR
     chunk = chunk_tokens or max(256, budget // weight.shape[0])
     cdt = _compute_dtype(device_type, hidden.dtype)
     with torch.autocast(device_type, enabled=False):
