@@ -580,7 +580,6 @@ def size_main(args, command: str) -> None:
     contexts = [int(c) for c in args.context.split(",")] if args.context else [args.prompt]
     contenders = _contenders(args)
     paths = make_model_files(args, sizes, formats)
-    facts = {(s, f): _gguf_facts(Path(paths[s][f])) for s in sizes for f in formats[s]}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     load_before = os.getloadavg()
     runs: dict[tuple, list[dict]] = {}
@@ -607,6 +606,9 @@ def size_main(args, command: str) -> None:
                                                          for k, v in row.items()}  # fmt: skip
                             print(f"{size} {fmt} ctx={ctx} {label}: {shown}", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
+    # After the runs: reading the headers (a 49K-token vocabulary each) raises this process's peak RSS, which
+    # workers started later would inherit in their ru_maxrss.
+    facts = {(s, f): _gguf_facts(Path(paths[s][f])) for s in sizes for f in formats[s]}
     ok_bw = [b["gbps"] for b in bandwidth if "gbps" in b]
     gbps = max(ok_bw) if ok_bw else None
     rows = {key: _median_size_row(v) for key, v in runs.items()}

@@ -34,8 +34,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 SIZES = ("135m", "1b", "8b")
 # llama.cpp's llama_ftype of each quantized format (llama.h: LLAMA_FTYPE_MOSTLY_*).
@@ -172,16 +176,22 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 # Writing F16 files tensor by tensor -----------------------------------------------------------------------
 def tokenizer_fields(source: Path) -> list[tuple[str, object, object, object]]:
-    """The ``tokenizer.*`` metadata of a GGUF as (key, value, value type, array element type)."""
+    """The ``tokenizer.*`` metadata of a GGUF file as (key, value, value type, array element type)."""
     stat = Path(source).stat()
     return _tokenizer_fields(str(source), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer_fields(source: str, _mtime: int, _size: int) -> list[tuple[str, object, object, object]]:
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFReader
 
-    reader = GGUFReader(source)  # parsing a 49K-token vocabulary takes seconds: once per file
+    return tokenizer_fields_of(GGUFReader(source))  # parsing a 49K-token vocabulary takes seconds: once per file
+
+
+def tokenizer_fields_of(reader: GGUFReader) -> list[tuple[str, object, object, object]]:
+    """``tokenizer_fields`` of an open ``gguf.GGUFReader``."""
+    from gguf import GGUFValueType
+
     out = []
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
@@ -190,7 +200,7 @@ def _tokenizer_fields(source: str, _mtime: int, _size: int) -> list[tuple[str, o
         sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         out.append((key, field.contents(), vtype, sub))
     if not any(k == "tokenizer.ggml.tokens" for k, *_ in out):
-        raise ValueError(f"{source}: no tokenizer.ggml.tokens: cannot copy a vocabulary from it")
+        raise ValueError(f"{reader.data.filename}: no tokenizer.ggml.tokens: cannot copy a vocabulary from it")
     return out
 
 
