@@ -11,6 +11,8 @@ import os
 import shutil
 from typing import Any
 
+import pytest
+
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -24,8 +26,11 @@ CHROMIUM_ARGS = [
 
 
 def chromium_path() -> str | None:
-    """$LLAMAFORGE_CHROMIUM, else chromium on the PATH."""
-    return os.environ.get("LLAMAFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    """$LLAMAFORGE_CHROMIUM (when it is a file), else chromium on the PATH."""
+    given = os.environ.get("LLAMAFORGE_CHROMIUM")
+    if given:
+        return given if os.path.isfile(given) else None
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def browser_missing() -> str | None:
@@ -37,6 +42,16 @@ def browser_missing() -> str | None:
     if chromium_path() is None:
         return "chromium is not installed (apt-get install chromium), or set LLAMAFORGE_CHROMIUM to its path"
     return None
+
+
+def require_browser() -> None:
+    """Skip the calling test when the browser is missing; fail it instead under LLAMAFORGE_REQUIRE_BROWSER=1."""
+    missing = browser_missing()
+    if missing is None:
+        return
+    if os.environ.get("LLAMAFORGE_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"LLAMAFORGE_REQUIRE_BROWSER=1 but {missing}")
+    pytest.skip(missing)
 
 
 def launch(playwright: Any) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from chromium import require_browser
 from conftest import API_KEY, run_server
 
 from llamaforge.cli import build_parser
@@ -52,6 +53,17 @@ def test_cli_flag():
     assert parser.parse_args(["serve"]).webui is True
     assert parser.parse_args(["serve", "--no-webui"]).webui is False
     assert "--no-webui" in parser._subparsers._group_actions[0].choices["serve"].format_help()
+
+
+def test_a_missing_browser_skips_the_browser_tests_except_where_they_are_required(monkeypatch):
+    monkeypatch.setenv("LLAMAFORGE_CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.delenv("LLAMAFORGE_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="chromium is not installed"):
+        require_browser()
+    monkeypatch.setenv("LLAMAFORGE_REQUIRE_BROWSER", "1")  # as .ci/run sets it
+    with pytest.raises(pytest.fail.Exception, match="LLAMAFORGE_REQUIRE_BROWSER=1 but chromium is not installed"):
+        require_browser()
+    assert "LLAMAFORGE_REQUIRE_BROWSER=1" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_the_page_files_are_package_data():

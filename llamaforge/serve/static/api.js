@@ -15,8 +15,13 @@ export class ApiError extends Error {
   }
 }
 
-/** The server could not be reached (down, restarting, or the connection broke). */
-export class NetworkError extends Error {}
+/** The server could not be reached (down, restarting, or the connection broke); `reason` says what the browser saw. */
+export class NetworkError extends Error {
+  constructor(message, reason = message) {
+    super(message);
+    this.reason = reason;
+  }
+}
 
 function headers(json = false) {
   const out = {};
@@ -44,7 +49,7 @@ async function call(path, options = {}) {
     response = await fetch(path, { cache: "no-store", ...options });
   } catch (error) {
     if (error.name === "AbortError") throw error;
-    throw new NetworkError(`Cannot reach the server (${error.message}).`);
+    throw new NetworkError(`Cannot reach the server (${error.message}).`, error.message);
   }
   if (!response.ok) throw await errorFrom(response);
   return response;
@@ -65,10 +70,10 @@ export async function health() {
     if (error instanceof ApiError) {
       if (error.code === "model_loading") return { state: "loading", message: error.message };
       if (error.code === "load_failed") return { state: "failed", message: error.message };
-      if (error.code === "shutting_down") return { state: "down", message: "The server is shutting down or restarting." };
-      return { state: "down", message: `The server answered ${error.status}: ${error.message}` };
+      if (error.code === "shutting_down") return { state: "down", message: "it is shutting down" };
+      return { state: "down", message: `it answered ${error.status}: ${error.message}` };
     }
-    return { state: "down", message: error.message };
+    return { state: "down", message: error.reason ?? error.message };
   }
 }
 
@@ -90,7 +95,8 @@ export async function* streamChat(body, signal) {
         chunk = await reader.read();
       } catch (error) {
         if (error.name === "AbortError" || signal?.aborted) throw error;
-        throw new NetworkError(`The connection to the server broke while the answer streamed (${error.message}).`);
+        const reason = error.message;
+        throw new NetworkError(`The connection to the server broke while the answer streamed (${reason}).`, reason);
       }
       if (chunk.done) break;
       buffer += decoder.decode(chunk.value, { stream: true });
@@ -118,7 +124,7 @@ export async function* streamChat(body, signal) {
         yield payload;
       }
     }
-    throw new NetworkError("The server closed the stream before the answer was complete.");
+    throw new NetworkError("The server closed the stream before the answer was complete.", "stream cut off");
   } finally {
     reader.cancel().catch(() => {});
   }

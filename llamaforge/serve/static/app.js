@@ -65,19 +65,24 @@ function persist(conv, touch = true) {
     store.saveConversation(conv, touch);
     ui.storageWarning.hidden = true;
   } catch (error) {
-    ui.storageWarning.textContent = error instanceof store.StorageFullError ? error.message : `Not saved: ${error.message}`;
+    ui.storageWarning.textContent =
+      error instanceof store.StorageFullError ? error.message : `Not saved: ${error.message}`;
     ui.storageWarning.hidden = false;
   }
   renderSidebar();
 }
 
-let saveTimer = null;
+// While an answer streams it is saved about once a second, so that a reload keeps what had arrived.
+const saveTimers = new Map(); // conversation id -> timer
 function saveSoon(conv) {
-  if (saveTimer) return;
-  saveTimer = setTimeout(() => {
-    saveTimer = null;
-    persist(conv);
-  }, 1000);
+  if (saveTimers.has(conv.id)) return;
+  saveTimers.set(
+    conv.id,
+    setTimeout(() => {
+      saveTimers.delete(conv.id);
+      persist(conv);
+    }, 1000),
+  );
 }
 
 function saveDraft() {
@@ -149,8 +154,16 @@ function renderSidebar() {
       state.runs.has(entry.id) ? h("span", { class: "busy", title: "answering" }) : null,
       h("small", {}, when(entry.updated)),
     );
-    const rename = h("button", { type: "button", class: "ghost icon-only rename", title: "Rename", "aria-label": "Rename" }, icon("pencil"));
-    const remove = h("button", { type: "button", class: "ghost icon-only delete", title: "Delete", "aria-label": "Delete" }, icon("trash"));
+    const rename = h(
+      "button",
+      { type: "button", class: "ghost icon-only rename", title: "Rename", "aria-label": "Rename" },
+      icon("pencil"),
+    );
+    const remove = h(
+      "button",
+      { type: "button", class: "ghost icon-only delete", title: "Delete", "aria-label": "Delete" },
+      icon("trash"),
+    );
     rename.addEventListener("click", () => startRename(item, entry));
     remove.addEventListener("click", () => removeConversation(entry.id));
     item.append(open, rename, remove);
@@ -171,7 +184,8 @@ function startRename(item, entry) {
     done = true;
     const name = input.value.trim();
     if (save && name && name !== entry.title) {
-      const conv = state.live.get(entry.id) ?? (state.conv?.id === entry.id ? state.conv : store.loadConversation(entry.id));
+      const conv =
+        state.live.get(entry.id) ?? (state.conv?.id === entry.id ? state.conv : store.loadConversation(entry.id));
       if (conv) {
         conv.title = name;
         persist(conv, false);
@@ -261,11 +275,23 @@ function fillBody(body, conv, msg) {
   body.replaceChildren();
   if (msg.role === "user") {
     const images = (msg.images ?? []).filter((src) => typeof src === "string" && src.startsWith("data:image/"));
-    if (images.length) body.append(h("div", { class: "images" }, images.map((src) => h("img", { src, alt: "attached image" }))));
+    if (images.length)
+      body.append(
+        h(
+          "div",
+          { class: "images" },
+          images.map((src) => h("img", { src, alt: "attached image" })),
+        ),
+      );
     if (msg.content) body.append(h("div", { class: "text" }, msg.content));
   } else if (msg.role === "tool") {
     body.append(
-      h("details", { class: "tool-result" }, h("summary", {}, h("span", { class: "tag" }, "tool result"), ` ${msg.name ?? ""}`), h("pre", {}, msg.content)),
+      h(
+        "details",
+        { class: "tool-result" },
+        h("summary", {}, h("span", { class: "tag" }, "tool result"), ` ${msg.name ?? ""}`),
+        h("pre", {}, msg.content),
+      ),
     );
   } else {
     if (msg.content) body.append(renderMarkdown(msg.content));
@@ -308,12 +334,23 @@ function fillMeta(meta, conv, msg, index) {
     meta.append(copyButton(() => msg.content ?? ""));
   }
   if (busy(conv) || msg.role === "tool") return;
-  meta.append(h("button", { type: "button", class: "ghost edit", onclick: () => startEdit(msg) }, icon("pencil"), "Edit"));
+  meta.append(
+    h("button", { type: "button", class: "ghost edit", onclick: () => startEdit(msg) }, icon("pencil"), "Edit"),
+  );
   if (msg.role === "assistant" && last) {
-    meta.append(h("button", { type: "button", class: "ghost regenerate", onclick: () => regenerate(conv, index) }, icon("retry"), "Regenerate"));
+    meta.append(
+      h(
+        "button",
+        { type: "button", class: "ghost regenerate", onclick: () => regenerate(conv, index) },
+        icon("retry"),
+        "Regenerate",
+      ),
+    );
   }
   if (msg.role === "user" && last && !msg.error) {
-    meta.append(h("button", { type: "button", class: "ghost", onclick: () => generate(conv) }, icon("send"), "Get an answer"));
+    meta.append(
+      h("button", { type: "button", class: "ghost", onclick: () => generate(conv) }, icon("send"), "Get an answer"),
+    );
   }
 }
 
@@ -336,7 +373,11 @@ function startEdit(msg) {
 }
 
 function editor(conv, msg, index) {
-  const area = h("textarea", { class: "edit-area", rows: Math.min(12, (msg.content ?? "").split("\n").length + 1), "aria-label": "Edit the message" });
+  const area = h("textarea", {
+    class: "edit-area",
+    rows: Math.min(12, (msg.content ?? "").split("\n").length + 1),
+    "aria-label": "Edit the message",
+  });
   area.value = msg.content ?? "";
   const cancel = () => {
     state.editing = null;
@@ -390,7 +431,13 @@ function toolResultForm(conv) {
   });
   const send = () => {
     for (const { call, area } of fields) {
-      conv.messages.push({ id: store.newId(), role: "tool", tool_call_id: call.id, name: call.function?.name, content: area.value });
+      conv.messages.push({
+        id: store.newId(),
+        role: "tool",
+        tool_call_id: call.id,
+        name: call.function?.name,
+        content: area.value,
+      });
     }
     persist(conv);
     renderMessages();
@@ -564,7 +611,7 @@ async function generate(conv) {
     reply.stats = {
       completion_tokens: n ?? null,
       prompt_tokens: usage?.prompt_tokens ?? null,
-      tps: n > 1 && decode > 0 ? (n - 1) / decode : null,
+      tps: n > 1 && decode >= 0.005 ? (n - 1) / decode : null, // tokens that arrived in one burst have no rate
       ttft: first != null ? (first - started) / 1000 : null,
       seconds,
       finish,
@@ -579,8 +626,8 @@ async function generate(conv) {
 }
 
 function finishRun(conv) {
-  clearTimeout(saveTimer);
-  saveTimer = null;
+  clearTimeout(saveTimers.get(conv.id));
+  saveTimers.delete(conv.id);
   if (!state.waiting.has(conv.id)) state.live.delete(conv.id);
   persist(conv);
   refresh(conv);
@@ -589,9 +636,9 @@ function finishRun(conv) {
 function handleFailure(conv, cause, error) {
   if (error instanceof ApiError && error.status === 401) {
     cause.error = `The server needs an API key: ${error.message}`;
-    askKey(store.getApiKey() ? `The server did not accept the saved key: ${error.message}` : "This server needs an API key.").then(
-      (ok) => ok && generate(conv),
-    );
+    askKey(
+      store.getApiKey() ? `The server did not accept the saved key: ${error.message}` : "This server needs an API key.",
+    ).then((ok) => ok && generate(conv));
   } else if (error instanceof NetworkError || (error instanceof ApiError && [502, 503, 504].includes(error.status))) {
     state.waiting.add(conv.id); // sent again when /health says the server is back
     state.live.set(conv.id, conv);
@@ -716,12 +763,12 @@ const connection = {
 
   showBanner() {
     const seconds = Math.max(0, Math.ceil((this.retryAt - Date.now()) / 1000));
-    const again = seconds ? `trying again in ${seconds} s` : "trying again now";
+    const again = seconds ? `Trying again in ${seconds} s.` : "Trying again now.";
     const waiting = state.waiting.size ? " Your message is kept and sent when it is back." : "";
     const text = {
-      down: `Cannot reach the server: it may be down or restarting (${this.message}). ${again}.${waiting}`,
-      loading: `The server is loading its model; ${again}.${waiting}`,
-      failed: `The server could not load its model (${this.message}); ${again}.`,
+      down: `Cannot reach the server (${this.message}): it may be down or restarting. ${again}${waiting}`,
+      loading: `The server is loading its model. ${again}${waiting}`,
+      failed: `The server cannot answer: ${this.message}. ${again}`,
     }[this.state];
     ui.bannerText.textContent = text ?? "";
     ui.banner.dataset.state = this.state;
@@ -886,6 +933,12 @@ function wire() {
   ui.bannerRetry.addEventListener("click", () => {
     connection.delay = 1000;
     connection.check();
+  });
+  document.querySelector("main").addEventListener("click", (event) => {
+    // On a narrow screen the list lies over the chat: a click beside it closes it.
+    if (ui.app.classList.contains("show-sidebar") && !ui.toggleSidebar.contains(event.target)) {
+      ui.app.classList.remove("show-sidebar");
+    }
   });
   ui.toggleSidebar.addEventListener("click", () => {
     const narrow = window.matchMedia("(max-width: 800px)").matches;

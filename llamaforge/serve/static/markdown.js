@@ -33,7 +33,11 @@ function isOrdered(marker) {
 function startsBlock(lines, i) {
   const line = lines[i];
   return (
-    FENCE.test(line) || HEADING.test(line) || RULE.test(line) || QUOTE.test(line) || ITEM.test(line) ||
+    FENCE.test(line) ||
+    HEADING.test(line) ||
+    RULE.test(line) ||
+    QUOTE.test(line) ||
+    ITEM.test(line) ||
     isTableStart(lines, i)
   );
 }
@@ -100,7 +104,12 @@ function codeBlock(lines, i, open, parent) {
     h(
       "div",
       { class: "code-block" },
-      h("div", { class: "code-head" }, h("span", { class: "lang" }, language || "text"), copyButton(() => text)),
+      h(
+        "div",
+        { class: "code-head" },
+        h("span", { class: "lang" }, language || "text"),
+        copyButton(() => text),
+      ),
       h("pre", {}, h("code", {}, text)),
     ),
   );
@@ -192,11 +201,17 @@ const INLINE = [
   { re: /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, render: (m) => h("code", {}, m[2].replace(/^ (.*) $/s, "$1")) },
   { re: /\\([!-/:-@[-`{-~])/g, render: (m) => m[1] },
   { re: /<((?:https?:\/\/|mailto:)[^\s<>]+)>/g, render: (m) => link(m[1], m[1]) },
-  { re: /!?\[([^\]\n]*)\]\(\s*<?([^\s<>()]*(?:\([^\s<>()]*\)[^\s<>()]*)*)>?(?:\s+["'][^"'\n]*["'])?\s*\)/g, render: (m) => link(m[2], m[1] || m[2], true) },
+  {
+    re: /!?\[([^\]\n]*)\]\(\s*<?([^\s<>()]*(?:\([^\s<>()]*\)[^\s<>()]*)*)>?(?:\s+["'][^"'\n]*["'])?\s*\)/g,
+    render: (m) => link(m[2], m[1] || m[2], true),
+  },
   { re: /\bhttps?:\/\/[^\s<>"]*[^\s<>"'.,;:!?)\]*_~]/g, render: (m) => link(m[0], m[0]) },
   { re: /\*\*(?=\S)([\s\S]*?\S)\*\*|\b__(?=\S)([\s\S]*?\S)__\b/g, render: (m) => inline(m[1] ?? m[2], h("strong")) },
   { re: /~~(?=\S)([\s\S]*?\S)~~/g, render: (m) => inline(m[1], h("del")) },
-  { re: /\*(?=[^\s*])([\s\S]*?[^\s*])\*(?!\*)|\b_(?=[^\s_])([\s\S]*?[^\s_])_\b/g, render: (m) => inline(m[1] ?? m[2], h("em")) },
+  {
+    re: /\*(?=[^\s*])([\s\S]*?[^\s*])\*(?!\*)|\b_(?=[^\s_])([\s\S]*?[^\s_])_\b/g,
+    render: (m) => inline(m[1] ?? m[2], h("em")),
+  },
   { re: /\n/g, render: () => h("br") },
 ];
 

@@ -56,7 +56,9 @@ export function newId() {
 /** Index entries {id, title, updated}, most recently updated first. */
 export function listConversations() {
   const index = read(INDEX, []);
-  return (Array.isArray(index) ? index : []).filter((c) => c && typeof c.id === "string").sort((a, b) => b.updated - a.updated);
+  return (Array.isArray(index) ? index : [])
+    .filter((c) => c && typeof c.id === "string")
+    .sort((a, b) => b.updated - a.updated);
 }
 
 export function loadConversation(id) {
@@ -82,7 +84,10 @@ export function saveConversation(conv, touch = true) {
 
 export function deleteConversation(id) {
   localStorage.removeItem(record(id));
-  write(INDEX, listConversations().filter((c) => c.id !== id));
+  write(
+    INDEX,
+    listConversations().filter((c) => c.id !== id),
+  );
   setDraft(id, "");
 }
 
