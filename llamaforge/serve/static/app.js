@@ -86,6 +86,7 @@ function saveSoon(conv) {
 }
 
 function saveDraft() {
+  if (state.conv.deleted) return;
   try {
     store.setDraft(draftKey(state.conv), ui.input.value);
   } catch (error) {
