@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import subprocess
+import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
 import pytest
 from chromium import require_browser
-from conftest import API_KEY, run_server
+from conftest import API_KEY, free_port, run_server
 
 from llamaforge.cli import build_parser
 from llamaforge.serve.webui import CSP, STATIC_DIR
@@ -46,6 +49,28 @@ def test_no_webui_serves_the_api_only(tiny_model_dir):
             assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", path
         assert httpx.get(srv.base_url + "/").status_code == 401  # without the page, / is just another API path
         assert srv.http().get("/v1/models").status_code == 200
+
+
+def test_llamaforge_serve_serves_the_page(tiny_model_dir):
+    """The real command, as a user starts it: the page at / (even before the model is loaded), its address printed."""
+    port = free_port()
+    command = [sys.executable, "-m", "llamaforge", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+               "--log-level", "warning", "--threads", "1"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/")
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        assert page.status_code == 200 and "<title>llamaforge</title>" in page.text
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=60)[0]
+    assert f"chat page at http://127.0.0.1:{port}/" in out, out
 
 
 def test_cli_flag():

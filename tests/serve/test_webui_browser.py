@@ -320,6 +320,23 @@ def test_a_4xx_is_shown_next_to_its_message_and_nothing_typed_is_lost(open_serve
     assert page.input_value("#input") == "half-written thought"
 
 
+def test_an_answer_cut_short_keeps_its_text_and_says_why(open_server, open_page):
+    page = open_page(open_server.base_url + "/")
+    error = {"error": {"message": "the engine failed", "type": "server_error", "param": None, "code": None}}
+    cut = "".join(f"data: {json.dumps(c)}\n\n" for c in [chunk({"content": "Half an ans"})])  # no [DONE]
+    with_error = f"data: {json.dumps(chunk({'content': 'Once upon'}))}\n\ndata: {json.dumps(error)}\n\n"
+    stub_chat(page, with_error, cut)
+    send(page, "Tell me a story")
+    wait_answers(page, 1)
+    answer = page.locator("#messages .msg.assistant")
+    assert answer.locator(".body").inner_text() == "Once upon"
+    assert answer.locator(".error").inner_text().startswith("The server answered 500: the engine failed")
+    page.click("#messages .msg.assistant button.regenerate")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .error')?.textContent.includes('closed')")
+    assert answer.locator(".body").inner_text() == "Half an ans"
+    assert "incomplete" in answer.locator(".error").inner_text()
+
+
 def test_the_page_waits_for_a_restarting_server_then_sends(tiny_model_dir, open_page):
     port = free_port()
     with run_server(tiny_model_dir, port=port) as srv:
