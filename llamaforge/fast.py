@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .model import FeedForward, Transformer, apply_rope, rope_cos_sin
-from .quantize import fuse_quantized, is_quantized
+from .quantize import GGUFLinear, fuse_quantized, is_quantized
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -120,7 +120,7 @@ def _fusion_key(m: nn.Module) -> tuple:
     """Linears with equal keys can be fused into one."""
     if isinstance(m, nn.Linear) and m.bias is None:
         return ("float",)
-    if is_quantized(m):
+    if is_quantized(m) and not isinstance(m, GGUFLinear):  # GGUF blocks stay where the file has them: no copies
         return (type(m), m.in_features, getattr(m, "group_size", None), getattr(m, "block", None), m.compute_dtype)
     return ("alone", id(m))
 
@@ -285,10 +285,11 @@ class FastForward(nn.Module):
         assert self._native is not None
         params, parts = self._native
         B = tokens.shape[0]
-        dtype = model.tok_embeddings.weight.dtype
+        embeddings = model.tok_embeddings(tokens)
+        dtype = embeddings.dtype
         cos, sin = rope_cos_sin(model.rope_freqs, positions)
         caches = [layer.attention.kv_cache for layer in model.layers]
-        x = kernels.decode_step(model.tok_embeddings(tokens).view(B, -1), cos.view(B, -1), sin.view(B, -1),
+        x = kernels.decode_step(embeddings.view(B, -1), cos.view(B, -1), sin.view(B, -1),
                                 positions.view(B), torch.arange(B) if rows is None else rows, cache_len, params,
                                 parts, [c.k for c in caches], [c.v for c in caches], model.config.n_heads,
                                 model.config.kv_heads, model.norm.eps)  # fmt: skip

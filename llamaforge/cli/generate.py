@@ -52,7 +52,9 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES),
+                   help="weights dtype (default: the checkpoint's; a quantized GGUF runs its own blocks unless a dtype "
+                   "is given, which dequantizes it)")  # fmt: skip
     p.add_argument(
         "--quantize",
         choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf"],
