@@ -61,16 +61,31 @@ WEIGHTS_FILE = "model.safetensors"
 _LINEAR_NAMES = re.compile(r"(^|\.)(wq|wk|wv|wo|w1|w2|w3|output)$")
 
 
+def gguf_schemes() -> tuple[str, ...]:
+    """GGUF block types an in-memory model can be quantized to (those ``gguf_quants`` has quantizers for)."""
+    from .gguf_quants import QUANTIZABLE
+
+    return tuple(sorted(t.name.lower() for t in QUANTIZABLE if t.name in GGUF_BLOCK_TYPES))
+
+
 def parse_scheme(scheme: str, group_size: int | None = None) -> tuple[str, int | None]:
-    """("int8", None) or ("int4", group) from a scheme name such as "int4-g64"; clear errors otherwise."""
+    """("int8", None), ("int4", group) from a scheme name such as "int4-g64", or ("gguf", ggml type) for a GGUF
+    block type ("q8_0", "q4_k", ...); clear errors otherwise."""
     s = scheme.lower().strip()
+    if s in gguf_schemes():
+        from gguf import GGMLQuantizationType
+
+        if group_size is not None:
+            raise ValueError(f"{scheme} has its own block size; group_size applies only to int4")
+        return "gguf", int(GGMLQuantizationType[s.upper()])
     if s == "int8":
         if group_size is not None:
             raise ValueError("int8 quantization is per output channel; group_size applies only to int4")
         return "int8", None
     m = re.fullmatch(r"int4(?:-g(\d+))?", s)
     if m is None:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of "
+                         f"{', '.join(SCHEMES + gguf_schemes())}")  # fmt: skip
     named = int(m.group(1)) if m.group(1) else None
     if named is not None and group_size is not None and named != group_size:
         raise ValueError(f"scheme {scheme!r} names group size {named} but group_size={group_size} was given")
@@ -338,24 +353,47 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(model: Transformer, scheme: str = "int8", group_size: int | None = None,
                    compute_dtype: torch.dtype | None = None) -> Transformer:  # fmt: skip
-    """Swap the attention/FFN linears and the output head for int8 or int4 modules, in place.
+    """Swap the attention/FFN linears and the output head for quantized modules, in place: int8 or int4 (torch's
+    kernels' layouts), or GGUF blocks ("q8_0", "q4_0", ... as ``GGUFLinear``, the kernels llamaforge runs GGUF
+    files with; a matrix whose rows do not fill that type's blocks takes Q8_0, as llama.cpp's quantizer does).
 
     Shapes are checked for every layer before anything changes, so a failure leaves the model intact.
     A tied output head is quantized as its own copy (the embedding table stays float).
     """
+    from tqdm import tqdm
+
     kind, group = parse_scheme(scheme, group_size)
     targets = list(_target_linears(model))
     if kind == "int4":
         for name, lin in targets:
             check_int4_shape(lin.in_features, lin.out_features, group, name)  # type: ignore[arg-type]
-    for name, lin in targets:
+    if kind == "gguf":
+        for name, lin in targets:
+            _block_type(group, lin.in_features, name)  # type: ignore[arg-type]
+    for name, lin in tqdm(targets, desc=f"quantizing to {scheme}", unit="matrix", disable=None, leave=False):
         if kind == "int8":
             new: nn.Module = Int8Linear.from_float(lin.weight, compute_dtype)
-        else:
+        elif kind == "int4":
             new = Int4Linear.from_float(lin.weight, group, compute_dtype)  # type: ignore[arg-type]
+        else:
+            new = GGUFLinear.from_float(lin.weight, _block_type(group, lin.in_features, name))  # type: ignore[arg-type]
         _set_module(model, name, new)
-    model.quantization = {"scheme": kind, "group_size": group}  # type: ignore[assignment]
+    named = scheme.lower() if kind == "gguf" else kind
+    model.quantization = {"scheme": named, "group_size": group if kind == "int4" else None}  # type: ignore[assignment]
     return model
+
+
+def _block_type(qtype: int, in_features: int, name: str) -> int:
+    """The GGUF type a matrix takes: `qtype`, or Q8_0 when its rows do not fill `qtype`'s blocks."""
+    from gguf import GGMLQuantizationType as Q
+
+    from .gguf_quants import BLOCK_SIZES
+
+    if in_features % BLOCK_SIZES[Q(qtype)][0] == 0:
+        return qtype
+    if in_features % 32 == 0:
+        return int(Q.Q8_0)
+    raise ValueError(f"{name}: in_features {in_features} is not a multiple of 32, the smallest GGUF block")
 
 
 def quantized_modules(model: nn.Module) -> dict[str, _QuantLinear]:
@@ -433,7 +471,10 @@ class GGUFLinear(_QuantLinear):
         from .gguf_quants import BLOCK_SIZES
 
         super().__init__(in_features, out_features)
-        self.qtype = GGMLQuantizationType(qtype)
+        try:
+            self.qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
+        except (KeyError, ValueError):
+            raise ValueError(f"unknown GGUF type {qtype!r}") from None
         block, size = BLOCK_SIZES[self.qtype]
         if in_features % block:
             raise ValueError(f"{self.qtype.name}: in_features {in_features} is not a multiple of its block of {block}")
@@ -448,6 +489,14 @@ class GGUFLinear(_QuantLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, qtype={self.qtype.name}"
+
+    @classmethod
+    def from_float(cls, weight: Tensor, qtype: Any) -> GGUFLinear:
+        """Quantize a float weight [N, K] to GGUF blocks (ggml's reference quantizers, ``gguf_quants.quantize``)."""
+        from .gguf_quants import quantize
+
+        w = weight.detach()
+        return cls(w.shape[1], w.shape[0], qtype, quantize(w, qtype).to(w.device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> Tensor:
         from .gguf_quants import dequantize
@@ -483,6 +532,9 @@ class GGUFLinear(_QuantLinear):
             out = part if out is None else out + part
         assert out is not None
         return out
+
+
+QUANT_MODULES[GGUFLinear.kind] = GGUFLinear
 
 
 class _BlocksMatmul(torch.autograd.Function):
@@ -709,7 +761,8 @@ def save_quantized(model: Transformer, path: str | os.PathLike) -> Path:
         "config": _config_dict(model.config),
         "modules": {
             n: {"kind": m.kind, **({"group_size": m.group_size} if isinstance(m, Int4Linear) else {}),
-                **({"block": m.block} if isinstance(m, BlockInt8Linear) else {})}
+                **({"block": m.block} if isinstance(m, BlockInt8Linear) else {}),
+                **({"qtype": m.qtype.name} if isinstance(m, GGUFLinear) else {})}
             for n, m in modules.items()
         },
     }  # fmt: skip
@@ -753,7 +806,7 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
         if kind not in QUANT_MODULES:
             raise ValueError(f"{path / META_FILE}: module {name!r} has unknown kind {kind!r}")
         lin = model.get_submodule(name)
-        args = {k: spec[k] for k in ("group_size", "block") if k in spec}
+        args = {k: spec[k] for k in ("group_size", "block", "qtype") if k in spec}
         _set_module(model, name, QUANT_MODULES[kind](lin.in_features, lin.out_features, device="meta", **args))
     expected = model.state_dict()
     seen = set()

@@ -237,3 +237,31 @@ def test_a_type_without_kernel_is_refused_naming_tensor_and_type(tmp_path):
     w.close()
     with pytest.raises(CheckpointError, match=r"blk\.0\.ffn_gate\.weight.* IQ2_XXS, which llamaforge cannot run"):
         llamaforge.load(path)
+
+
+@pytest.mark.parametrize("scheme", ["q8_0", "q4_0", "q4_1"])
+def test_float_model_quantized_to_blocks_runs_and_saves(tmp_path, scheme):
+    from llamaforge.quantize import load_quantized, quantize_model, save_quantized
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    tokens = torch.randint(0, 512, (1, 12))
+    with torch.no_grad():
+        ref = model(tokens)
+    quantize_model(model, scheme)
+    wq = model.layers[0].attention.wq
+    assert isinstance(wq, GGUFLinear) and wq.qtype == Q[scheme.upper()]
+    with torch.no_grad():
+        got = model(tokens)
+    assert (got - ref).abs().max() < {"q8_0": 0.05, "q4_0": 0.2, "q4_1": 0.2}[scheme] * ref.abs().max()
+    save_quantized(model, tmp_path / "q")
+    back = load_quantized(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(back(tokens), got)
+
+
+def test_unknown_block_scheme_lists_the_choices():
+    from llamaforge.quantize import parse_scheme
+
+    with pytest.raises(ValueError, match=r"unknown quantization scheme 'q9_0'; choose one of .*q8_0"):
+        parse_scheme("q9_0")

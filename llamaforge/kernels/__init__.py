@@ -69,7 +69,9 @@ def _build() -> None:
     from torch.utils.cpp_extension import _get_build_directory, load
 
     flags = _CFLAGS + _march()
-    text = "".join(p.read_text() for p in SOURCES + HEADERS)
+    # The sources' location is part of the name: torch's build files record it, so two checkouts of the same
+    # sources sharing one build directory would rebuild in turn (and wait on each other's lock).
+    text = "".join(str(p.resolve()) + p.read_text() for p in SOURCES + HEADERS)
     digest = hashlib.sha256((text + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
     name = f"llamaforge_kernels_{digest}"
     if not any(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
