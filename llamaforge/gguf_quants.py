@@ -14,6 +14,8 @@ Block layouts (little endian, ``d``/``m``/``dmin`` are float16):
 - Q5_0 / Q5_1 (32, 22 / 24 B): as Q4_0 / Q4_1 plus ``qh`` (32 fifth bits); Q5_0 subtracts 16.
 - K-quants (256-weight super-blocks): Q2_K, Q3_K, Q4_K, Q5_K (16 or 8 sub-blocks with 4-/6-bit
   scales and mins), Q6_K (16 sub-blocks of 16, int8 scales).
+- IQ4_NL (32, 18 B): ``d, qs[16]``, the nibbles index a fixed grid of 16 values; IQ4_XS (256, 136 B): ``d``,
+  8 six-bit sub-block scales (minus 32), the same grid.
 """
 
 from __future__ import annotations
@@ -149,6 +151,36 @@ def _deq_q3_k(b: Tensor, out: Tensor) -> None:
     out.view(n, 16, 16).mul_(dl)
 
 
+# IQ4_NL / IQ4_XS: 4-bit codes index a non-uniform grid of 16 int8 values (the GGUF specification's table).
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_grid(codes: Tensor) -> Tensor:
+    return torch.tensor(_IQ4_VALUES, dtype=torch.float32, device=codes.device)[codes.long()]
+
+
+def _deq_iq4_nl(b: Tensor, out: Tensor) -> None:
+    qs = b[:, 2:]
+    halves = out.view(-1, 2, 16)
+    halves[:, 0].copy_(_iq4_grid(qs & 0x0F))
+    halves[:, 1].copy_(_iq4_grid(qs >> 4))
+    out.mul_(_f16(b[:, :2]))
+
+
+def _deq_iq4_xs(b: Tensor, out: Tensor) -> None:
+    n = b.shape[0]
+    # 8 six-bit scales: low nibbles in bytes 4..7 (two per byte), high bit pairs in the 16-bit word at byte 2.
+    lo = (b[:, 4:8].reshape(n, 4, 1) >> torch.tensor([0, 4], dtype=torch.uint8, device=b.device)).reshape(n, 8) & 0x0F
+    high_word = b[:, 2].int() | (b[:, 3].int() << 8)
+    hi = (high_word.reshape(n, 1) >> torch.arange(0, 16, 2, device=b.device)) & 3
+    scales = (lo.int() | (hi << 4)) - 32
+    qs = b[:, 8:].reshape(n, 8, 16)
+    groups = out.view(n, 8, 2, 16)
+    groups[:, :, 0].copy_(_iq4_grid(qs & 0x0F))
+    groups[:, :, 1].copy_(_iq4_grid(qs >> 4))
+    out.view(n, 8, 32).mul_(_f16(b[:, :2]).reshape(n, 1, 1) * scales.float().reshape(n, 8, 1))
+
+
 def _deq_bf16(b: Tensor, out: Tensor) -> None:
     out.copy_(b.contiguous().view(torch.bfloat16))
 
@@ -175,6 +207,8 @@ _DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[Tensor, Tensor], None]] = {
     Q.Q4_K: _deq_q4_k,
     Q.Q5_K: _deq_q5_k,
     Q.Q6_K: _deq_q6_k,
+    Q.IQ4_NL: _deq_iq4_nl,
+    Q.IQ4_XS: _deq_iq4_xs,
 }
 
 DEQUANTIZABLE: frozenset[GGMLQuantizationType] = frozenset(_DEQUANTIZERS)

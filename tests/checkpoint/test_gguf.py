@@ -88,7 +88,7 @@ def test_dequantize_rejects_bad_input() -> None:
 # The built-in SmolLM2 file ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    return llamaforge.load(smollm2_gguf)
+    return llamaforge.load(smollm2_gguf, dtype=torch.float32)  # the dequantized path; blocks: test_gguf_blocks.py
 
 
 @pytest.fixture(scope="module")
