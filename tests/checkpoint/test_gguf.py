@@ -64,7 +64,7 @@ def test_dequantize_quantized_weights_matches_gguf(qtype: Q) -> None:
     assert torch.allclose(ours, torch.from_numpy(x), atol=0.6)  # and it really is an approximation of x
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
 def test_quantize_matches_gguf(qtype: Q) -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((32, 128)).astype(np.float32)
@@ -81,8 +81,12 @@ def test_dequantize_rejects_bad_input() -> None:
         gguf_quants.dequantize(torch.zeros(33, dtype=torch.uint8), Q.Q8_0)
     with pytest.raises(NotImplementedError, match="IQ2_XXS"):
         gguf_quants.dequantize(torch.zeros(66, dtype=torch.uint8), Q.IQ2_XXS)
-    with pytest.raises(NotImplementedError, match="Q6_K"):
-        gguf_quants.quantize(torch.zeros(256), Q.Q6_K)
+    with pytest.raises(NotImplementedError, match="IQ4_NL"):
+        gguf_quants.quantize(torch.zeros(256), Q.IQ4_NL)
+    with pytest.raises(ValueError, match="Q6_K: row length 96 is not a multiple of 256"):
+        gguf_quants.quantize(torch.zeros(2, 96), Q.Q6_K)
+    with pytest.raises(TypeError, match="float weights"):
+        gguf_quants.quantize(torch.zeros(2, 256, dtype=torch.int8), Q.Q6_K)
 
 
 # The built-in SmolLM2 file ----------------------------------------------------------------------
