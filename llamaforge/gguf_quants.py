@@ -249,13 +249,22 @@ def _nearest_int(v: np.ndarray) -> np.ndarray:
 
 
 def _levels(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """``MAX(lo, MIN(hi, nearest_int(v)))`` as float32: the quantization level of each weight."""
-    r = v + _MAGIC
-    bits = r.view(np.int32)
+    """``MAX(lo, MIN(hi, nearest_int(v)))`` as float32, computed in place in `v` (a temporary float32 array):
+    the quantization level of each weight."""
+    v += _MAGIC
+    bits = v.view(np.int32)
     bits &= 0x7FFFFF
-    bits |= 0x4B000000  # r = 2**23 + the low mantissa bits, so r - 1.5 * 2**23 = nearest_int(v) exactly
-    r -= _MAGIC
-    return np.clip(r, lo, hi, out=r)
+    bits |= 0x4B000000  # v = 2**23 + the low mantissa bits, so v - 1.5 * 2**23 = nearest_int(v) exactly
+    v -= _MAGIC
+    return np.clip(v, lo, hi, out=v)
+
+
+def _scaled(x: np.ndarray, offset: np.ndarray | None, iscale: np.ndarray) -> np.ndarray:
+    """``iscale * (x - offset)`` (``iscale * x`` without an offset) in a new float32 array."""
+    v = np.multiply(iscale, x) if offset is None else np.subtract(x, offset)
+    if offset is not None:
+        v *= iscale
+    return v
 
 
 def _seq_sum(t: np.ndarray, from_first: bool = False) -> np.ndarray:
@@ -389,12 +398,12 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     iscale = _F(nmax) / (hi - lo0)
     scale = _F(1) / iscale
     lo = lo0
-    best = error(scale, _levels(iscale * (x - lo), 0, nmax), lo)
+    best = error(scale, _levels(_scaled(x, lo, iscale), 0, nmax), lo)
     best_iscale, best_lo = iscale, lo  # the levels of the best fit are recomputed from these at the end
     for step in range(nstep + 1):
         c = _F(_F(rmin) + _F(rdelta) * _F(step)) + _F(nmax)
         iscale = c / (hi - lo)
-        cand = _levels(iscale * (x - lo), 0, nmax)
+        cand = _levels(_scaled(x, lo, iscale), 0, nmax)
         wl = np.multiply(w, cand, out=terms[:, 0])
         np.multiply(wl, cand, out=terms[:, 1])
         np.multiply(wl, x, out=terms[:, 2])
@@ -414,7 +423,7 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
             best_lo = np.where(better, lo, best_lo)
             lo = np.where(better, this_min, lo)
     flat = hi == lo0
-    levels = np.where(flat, _F(0), _levels(best_iscale * (x - best_lo), 0, nmax))
+    levels = np.where(flat, _F(0), _levels(_scaled(x, best_lo, best_iscale), 0, nmax))
     return np.where(flat, _F(0), scale), -np.where(flat, lo0, lo), levels
 
 
@@ -666,3 +675,22 @@ def quantize(x: Tensor, qtype: GGMLQuantizationType | int) -> Tensor:
         for start in starts:
             run(start)
     return torch.from_numpy(out).to(x.device).reshape(*x.shape[:-1], x.shape[-1] // block * type_size)
+
+
+def quantize_weights(weight: Tensor, qtype: GGMLQuantizationType | int | str) -> Tensor:
+    """A weight matrix [rows, n] as GGUF blocks, uint8 [rows, bytes_per_row]: the layout of a quantized GGUF
+    tensor (what ``checkpoint.gguf.read_raw`` gives), e.g. to build a GGUF-block linear from a float checkpoint.
+
+    ``qtype``: a GGUF type (``GGMLQuantizationType.Q4_K``, its id, or its name ``"q4_k"``); which type each
+    tensor of a mix gets is ``llamaforge.gguf_mixes.tensor_type``. ``weight`` may be float32, float16 or
+    bfloat16; n must be a multiple of the type's block size (32, or 256 for the K-quants). The blocks are the
+    ones llama.cpp's quantizer writes (see ``quantize``); speed per type is in benchmarks/RESULTS.md.
+    """
+    if isinstance(qtype, str):
+        try:
+            qtype = GGMLQuantizationType[qtype.upper()]
+        except KeyError:
+            raise ValueError(f"unknown GGUF type {qtype!r}") from None
+    if weight.dim() != 2:
+        raise ValueError(f"expected a weight matrix [rows, n], got shape {tuple(weight.shape)}")
+    return quantize(weight, qtype)
