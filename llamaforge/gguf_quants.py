@@ -1,10 +1,11 @@
-"""GGUF (ggml) block formats in torch: vectorized dequantizers and the simple quantizers.
+"""GGUF (ggml) block formats: vectorized dequantizers (torch) and quantizers (numpy).
 
 A quantized row of ``n`` weights is stored as ``n / block_size`` blocks of ``type_size`` bytes
-(``BLOCK_SIZES``). Every function here works on uint8 tensors whose last dimension holds whole blocks,
-so a GGUF matrix stored as ``[rows, bytes_per_row]`` dequantizes to ``[rows, n]``. The arithmetic
-follows ggml's reference code operation for operation, in float32, so results are bit-identical to
-``gguf.quants.dequantize`` (the tests compare them).
+(``BLOCK_SIZES``). The functions here work on uint8 tensors whose last dimension holds whole blocks,
+so a GGUF matrix stored as ``[rows, bytes_per_row]`` dequantizes to ``[rows, n]``, and ``quantize`` /
+``quantize_weights`` give that layout back. The arithmetic follows ggml's reference code operation for
+operation, in float32, so dequantized values are bit-identical to ``gguf.quants.dequantize`` and quantized
+blocks to llama.cpp's quantizer (the tests compare them).
 
 Block layouts (little endian, ``d``/``m``/``dmin`` are float16):
 
