@@ -110,6 +110,39 @@ def test_blocks_match_llama_cpp(real_like_f32, tmp_path: Path, qtype: Q) -> None
         assert not mismatched, f"{name}: rows {mismatched[:10]} differ"
 
 
+@pytest.fixture(scope="module")
+def smollm2_values_f32(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A model whose matrices hold SmolLM2's trained weights (layers 0-3, 2048 embedding rows, dequantized from
+    the built-in Q4_1/Q8_0 file, so full of exact ties), refolded into rows of 512 and 1536."""
+    raw = G.read_raw(smollm2_gguf)
+    names = [n for n in raw if n.startswith(("layers.0.", "layers.1.", "layers.2.", "layers.3.")) and "norm" not in n]
+    pool = torch.cat([raw[n].dequantize().flatten() for n in names]
+                     + [raw["tok_embeddings.weight"].dequantize()[:2048].flatten()])  # fmt: skip
+    config = ModelConfig(dim=512, n_layers=2, n_heads=8, n_kv_heads=2, hidden_dim=1536, vocab_size=1024,
+                         max_seq_len=64)  # fmt: skip
+    tensors, used = {}, 0
+    for name, t in random_model(config).items():
+        if t.dim() == 2:
+            t = pool[used : used + t.numel()].reshape(t.shape).clone()
+            used += t.numel()
+        tensors[name] = t
+    assert used <= pool.numel()
+    path = tmp_path_factory.mktemp("smollm2") / "f32.gguf"
+    G.write(path, config, tensors, dtype="f32")
+    return path, tensors
+
+
+@pytest.mark.slow  # about 5 s a type: 7.3M weights
+@pytest.mark.parametrize("qtype", list(TYPES), ids=lambda q: q.name)
+def test_blocks_match_llama_cpp_on_trained_weights(smollm2_values_f32, tmp_path: Path, qtype: Q) -> None:
+    src, tensors = smollm2_values_f32
+    theirs = llama_cpp_quantize(src, tmp_path / "q.gguf", TYPES[qtype], pure=True)
+    for name, t in tensors.items():
+        if t.dim() == 2:
+            assert theirs[name].qtype == qtype, name
+            assert torch.equal(quantize(t, qtype), theirs[name].data), name
+
+
 # Mixes: small random models whose shapes exercise every rule of llama_tensor_get_type ---------------------
 CONFIGS = {
     # 16 layers: the "more bits" layer pattern (first/last eighth, every third between); 8 query heads per
