@@ -260,11 +260,10 @@ def _levels(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return np.clip(v, lo, hi, out=v)
 
 
-def _scaled(x: np.ndarray, offset: np.ndarray | None, iscale: np.ndarray) -> np.ndarray:
-    """``iscale * (x - offset)`` (``iscale * x`` without an offset) in a new float32 array."""
-    v = np.multiply(iscale, x) if offset is None else np.subtract(x, offset)
-    if offset is not None:
-        v *= iscale
+def _scaled(x: np.ndarray, offset: np.ndarray, iscale: np.ndarray) -> np.ndarray:
+    """``iscale * (x - offset)`` in a new float32 array."""
+    v = np.subtract(x, offset)
+    v *= iscale
     return v
 
 
