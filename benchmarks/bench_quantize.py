@@ -45,20 +45,21 @@ def ggml_quantizer():
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_void_p]  # fmt: skip
 
-    def run(qtype, x: np.ndarray) -> float:
+    def run(qtype, x: np.ndarray) -> tuple[float, float]:
         out = np.empty(x.size * 2, dtype=np.uint8)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     return run
 
 
-def ours(qtype, w: torch.Tensor, threads: int) -> float:
+def ours(qtype, w: torch.Tensor, threads: int) -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds."""
     torch.set_num_threads(threads)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     quantize_weights(w, qtype)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def llama_8b_q4_k_m_weights() -> dict:
@@ -99,19 +100,23 @@ def main() -> None:
             for who, run in [("ours-1", lambda q: ours(q, w, 1)), ("ours-2", lambda q: ours(q, w, 2)),
                              ("ggml-1", (lambda q: ggml(q, x)) if ggml else None)]:  # fmt: skip
                 if run is not None:
-                    best[qtype, who] = min(best.get((qtype, who), float("inf")), run(qtype))
+                    wall, cpu = run(qtype)
+                    best[qtype, who] = min(best.get((qtype, who), float("inf")), wall)
+                    best[qtype, who + "-cpu"] = min(best.get((qtype, who + "-cpu"), float("inf")), cpu)
     load_after = os.getloadavg()
 
     def per_100m(qtype, who) -> str:
         return f"{best[qtype, who] * 1e8 / n:.1f}" if (qtype, who) in best else "n/a"
 
-    rows = ["| type | llamaforge, 1 thread (s / 100M weights) | llamaforge, 2 threads | ggml C reference, 1 thread |",
-            "|---|---:|---:|---:|"]  # fmt: skip
-    for qtype in types:
-        rows.append(f"| {qtype.name} | {per_100m(qtype, 'ours-1')} | {per_100m(qtype, 'ours-2')} | "
-                    f"{per_100m(qtype, 'ggml-1')} |")  # fmt: skip
+    rows = ["| type | llamaforge 1 thread: wall | CPU | llamaforge 2 threads: wall | ggml C, 1 thread: wall | CPU | "
+            "llamaforge / ggml (CPU) |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for q in types:
+        ratio = f"{best[q, 'ours-1-cpu'] / best[q, 'ggml-1-cpu']:.1f}x" if (q, "ggml-1-cpu") in best else "n/a"
+        rows.append(f"| {q.name} | {per_100m(q, 'ours-1')} | {per_100m(q, 'ours-1-cpu')} | {per_100m(q, 'ours-2')} | "
+                    f"{per_100m(q, 'ggml-1')} | {per_100m(q, 'ggml-1-cpu')} | {ratio} |")  # fmt: skip
     weights = llama_8b_q4_k_m_weights()
-    projected = {who: sum(count * best[q, who] / n for q, count in weights.items()) for who in ("ours-1", "ours-2")}
+    projected = {who: sum(count * best[q, who] / n for q, count in weights.items())
+                 for who in ("ours-1", "ours-2", "ours-1-cpu")}  # fmt: skip
     mix = ", ".join(f"{count / 1e9:.2f}B {q.name}" for q, count in sorted(weights.items(), key=lambda kv: -kv[1]))
     text = "\n".join([
         SECTION,
@@ -119,13 +124,15 @@ def main() -> None:
         f"`python benchmarks/bench_quantize.py --rows {args.rows} --cols {args.cols} --repeat {args.repeat}` on "
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, numpy {np.__version__}: one "
         f"{args.rows}x{args.cols} bfloat16 matrix (std 0.02) per type, best of {args.repeat} alternated rounds, "
-        f"wall-clock. Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared: "
-        "compare cells of the same run only).",
+        f"seconds per 100M weights. Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: on a shared "
+        "machine wall-clock times grow with the load; the process CPU time of the 1-thread runs is what an idle core "
+        "would take.",
         "",
         *rows,
         "",
         f"- Llama-3.1-8B to q4_k_m ({mix}): projected {projected['ours-1'] / 60:.1f} min on 1 thread, "
-        f"{projected['ours-2'] / 60:.1f} min on 2 threads.",
+        f"{projected['ours-2'] / 60:.1f} min on 2 threads at this load; {projected['ours-1-cpu'] / 60:.1f} min of "
+        "CPU time (one idle core).",
         "- Same bytes as ggml's reference for every type (tests/conformance/test_gguf_kquant_llamacpp.py).",
     ])  # fmt: skip
     print(text)
