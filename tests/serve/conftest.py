@@ -107,7 +107,12 @@ class Running:
 
 @contextlib.contextmanager
 def run_server(
-    model_dir: Path | None = None, llm: Any = None, loader: Any = None, wait_ready: bool = True, **config: Any
+    model_dir: Path | None = None,
+    llm: Any = None,
+    loader: Any = None,
+    wait_ready: bool = True,
+    draft: Any = None,
+    **config: Any,
 ) -> Iterator[Running]:
     """Serve on a free 127.0.0.1 port from a thread; stop on exit."""
     import uvicorn
@@ -119,7 +124,7 @@ def run_server(
         llm = llamaforge.load(model_dir)
     config.setdefault("model_name", MODEL)
     config.setdefault("max_seq_len", 256)
-    app = create_app(ServerConfig(**config), llm=llm, loader=loader)
+    app = create_app(ServerConfig(**config), llm=llm, loader=loader, draft=draft)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
