@@ -47,18 +47,20 @@ class LLM:
         return self.tokenizer
 
     def engine(self, *, compile: bool = False, draft: LLM | None = None, speculative: str | None = None,
-               num_speculative: int | None = None, max_batch: int = ENGINE_BATCH) -> Engine:  # fmt: skip
+               num_speculative: int | None = None, max_batch: int = ENGINE_BATCH,
+               cache_type: str | None = None) -> Engine:  # fmt: skip
         """The engine behind ``generate/stream/chat``, built on first use and kept while these settings stay the
         same (and the weights are not moved or replaced). An engine that is busy (a stream still open) is left
         alone: the call gets a fresh one for itself.
 
         `draft`: speculative decoding with this smaller model (same tokenizer); `speculative="ngram"`: with
         prompt lookup, no second model; `num_speculative`: draft tokens per step (default 4 with a draft, 5
-        with prompt lookup)."""
+        with prompt lookup); `cache_type`: the KV cache's "float32", "float16", "bfloat16" or "q8_0" (default: the
+        model's dtype, float16 for float32 models with quantized weights)."""
         if speculative not in (None, "ngram", "draft"):
             raise ValueError(f"speculative must be 'ngram' or None (or pass draft=), got {speculative!r}")
         key = (compile, id(draft.model) if draft is not None else None, speculative, num_speculative, max_batch,
-               id(self.tokenizer))  # fmt: skip
+               id(self.tokenizer), cache_type)  # fmt: skip
         engine = self._engine
         reusable = engine is not None and key == self._engine_key and engine.step_fn.is_current(self.model)
         if reusable and engine.idle:  # type: ignore[union-attr]
@@ -67,7 +69,8 @@ class LLM:
         if speculative == "draft" and draft is None:
             raise ValueError("speculative='draft' needs draft=<a smaller LLM with the same tokenizer>")
         speculator = inference.make_speculator(self, draft, speculative == "ngram", num_speculative)
-        fresh = Engine(self, max_batch=max_batch, compile=compile, preallocate=False, speculator=speculator, step=step)
+        fresh = Engine(self, max_batch=max_batch, compile=compile, preallocate=False, speculator=speculator, step=step,
+                       cache_dtype=cache_type)  # fmt: skip
         if not reusable or engine is None:
             self._engine, self._engine_key = fresh, key
         return fresh
@@ -77,12 +80,12 @@ class LLM:
         self._engine, self._engine_key = None, ()
 
     def generate(self, prompt: Any, *, compile: bool = False, draft: LLM | None = None, speculative: str | None = None,
-                 num_speculative: int | None = None, max_batch: int = ENGINE_BATCH,
+                 num_speculative: int | None = None, max_batch: int = ENGINE_BATCH, cache_type: str | None = None,
                  **options: Any) -> Completion | list[Completion]:  # fmt: skip
         """Complete `prompt` (text or token ids), or a list of prompts together (a list of Completions).
         Options: the fields of ``SamplingParams`` (``llamaforge.inference.generate``); see ``engine`` for the rest."""
         engine = self.engine(compile=compile, draft=draft, speculative=speculative, num_speculative=num_speculative,
-                             max_batch=max_batch)  # fmt: skip
+                             max_batch=max_batch, cache_type=cache_type)  # fmt: skip
         return inference.generate(engine, prompt, **options)
 
     def stream(self, prompt: Any, *, compile: bool = False, **options: Any) -> Iterator[str]:

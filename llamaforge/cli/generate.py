@@ -70,7 +70,10 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
-    """Speculative decoding options (generate, chat, serve): same greedy output, fewer model passes."""
+    """KV-cache and speculative decoding options (generate, chat, serve)."""
+    p.add_argument("--cache-type", choices=["float32", "float16", "bfloat16", "q8_0"],
+                   help="KV-cache storage: q8_0 takes about half the memory of float16 (default: the model's dtype, "
+                        "float16 for float32 models with quantized weights)")  # fmt: skip
     g = p.add_argument_group("speculative decoding")
     g.add_argument("--draft-model", "--draft", dest="draft_model", metavar="MODEL",
                    help="a smaller model with the same tokenizer proposes tokens that --model verifies")  # fmt: skip
@@ -89,7 +92,7 @@ def speculative_options(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--num-speculative must be >= 1, got {args.num_speculative}")
     draft = load_for_cli(args, model=args.draft_model) if args.draft_model else None
     return {"draft": draft, "speculative": "ngram" if args.speculative_ngram else None,
-            "num_speculative": args.num_speculative}  # fmt: skip
+            "num_speculative": args.num_speculative, "cache_type": args.cache_type}  # fmt: skip
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int = 256) -> None:

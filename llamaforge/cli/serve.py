@@ -110,7 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), drain_timeout=args.drain_timeout,
                           compile=args.compile, prefill_budget=args.prefill_budget, cache_memory=cache_memory,
                           prefix_caching=args.prefix_caching, speculative_ngram=args.speculative_ngram,
-                          num_speculative=args.num_speculative, slot_save_path=args.slot_save_path)  # fmt: skip
+                          num_speculative=args.num_speculative, slot_save_path=args.slot_save_path,
+                          cache_type=args.cache_type)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     draft_loader = (lambda: load_for_cli(args, model=args.draft_model)) if args.draft_model else None
     app = create_app(config, loader=lambda: load_for_cli(args), draft_loader=draft_loader)

@@ -18,6 +18,11 @@ running request never finds the cache full; a request that does not fit now wait
 
 Block 0 is scratch: it is never handed out, block tables are padded with it, and padding tokens of a batch
 write there.
+
+Cache types: float32, float16, bfloat16, or ``"q8_0"``: 8-bit numbers with one float16 scale per 32 (llama.cpp's
+``--cache-type q8_0``), about half the memory of float16. A q8_0 pool is int8 with rows of ``head_dim + head_dim/16``
+bytes: the numbers, then their scales; the native decode step reads and writes it directly, the torch path
+quantizes on write and dequantizes what it gathers (``q8_0_rows`` / ``q8_0_values``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,37 @@ import torch
 from torch import Tensor
 
 BLOCK_SIZE = 16  # tokens per block: the granularity of prefix reuse
+CACHE_TYPES = ("float32", "float16", "bfloat16", "q8_0")
+
+
+def q8_0_rows(x: Tensor) -> Tensor:
+    """x [..., D] (D a multiple of 32) as q8_0 rows [..., D + D/16] int8: the numbers rounded to
+    round(x / scale) with scale = max|x| / 127 per 32, then the scales as float16 bytes (the kernel's arithmetic)."""
+    groups = x.float().unflatten(-1, (-1, 32))
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(groups * inv).to(torch.int8).flatten(-2)
+    scales = d.squeeze(-1).to(torch.float16).view(torch.int8)  # [..., D/32] float16 -> [..., D/16] bytes
+    return torch.cat([q, scales], dim=-1)
+
+
+def q8_0_values(rows: Tensor, head_dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The numbers of q8_0 rows [..., D + D/16] as [..., D] in `dtype`."""
+    q = rows[..., :head_dim].float().unflatten(-1, (-1, 32))
+    scales = rows[..., head_dim:].contiguous().view(torch.float16).float()
+    return (q * scales[..., None]).flatten(-2).to(dtype)
+
+
+def cache_storage(cache_type: str | torch.dtype) -> tuple[str, torch.dtype]:
+    """(the cache type's name, the pool's storage dtype) for a torch dtype or a name in ``CACHE_TYPES``."""
+    if isinstance(cache_type, torch.dtype):
+        name = str(cache_type).removeprefix("torch.")
+    else:
+        name = {"f32": "float32", "fp32": "float32", "f16": "float16", "fp16": "float16", "bf16": "bfloat16"}.get(
+            cache_type, cache_type)  # fmt: skip
+    if name not in CACHE_TYPES:
+        raise ValueError(f"unknown KV-cache type {cache_type!r}; choose one of {', '.join(CACHE_TYPES)}")
+    return name, torch.int8 if name == "q8_0" else getattr(torch, name)
 
 
 @dataclass(eq=False)
@@ -69,20 +105,24 @@ class PagedKVCache:
     """A pool of KV blocks for every layer, the block allocator and the prefix table; see the module docstring."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, *,
-                 block_size: int = BLOCK_SIZE, dtype: torch.dtype = torch.float32,
+                 block_size: int = BLOCK_SIZE, dtype: torch.dtype | str = torch.float32,
                  device: torch.device | str = "cpu", prefix_caching: bool = True) -> None:  # fmt: skip
         if num_blocks < 2:
             raise ValueError(f"a KV cache needs at least 2 blocks (one is scratch), got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.cache_type, self.dtype = cache_storage(dtype)  # dtype: what the pool stores (int8 for q8_0)
+        self.quantized = self.cache_type == "q8_0"
+        if self.quantized and head_dim % 32:
+            raise ValueError(f"a q8_0 KV cache needs a head dimension that is a multiple of 32, got {head_dim}")
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.row_width = head_dim + head_dim // 16 if self.quantized else head_dim  # stored elements per row
         self.block_size = block_size
-        self.dtype = dtype
         self.device = torch.device(device)
         self.prefix_caching = prefix_caching
-        shape = (n_layers, num_blocks, n_kv_heads, block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v = torch.zeros(shape, dtype=dtype, device=self.device)
+        shape = (n_layers, num_blocks, n_kv_heads, block_size, self.row_width)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._ref = [0] * num_blocks
         self._free = list(range(num_blocks - 1, 0, -1))  # a stack; block 0 is scratch
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unused; least recently used first
@@ -94,7 +134,7 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, num_tokens: int, *, block_size: int = BLOCK_SIZE,
-                  dtype: torch.dtype | None = None, prefix_caching: bool = True) -> PagedKVCache:  # fmt: skip
+                  dtype: torch.dtype | str | None = None, prefix_caching: bool = True) -> PagedKVCache:  # fmt: skip
         """A cache for `model` (a ``Transformer``) with room for `num_tokens` positions (plus the scratch block),
         in `dtype` (default: the model's floating dtype)."""
         config = model.config
@@ -115,9 +155,12 @@ class PagedKVCache:
         return (self.num_blocks - 1) * self.block_size
 
     @staticmethod
-    def bytes_per_token(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    def bytes_per_token(model: torch.nn.Module, dtype: torch.dtype | str) -> int:
+        """Keys and values of one position in every layer, in bytes."""
         c = model.config
-        return 2 * c.n_layers * c.kv_heads * c.dim_per_head * torch.empty((), dtype=dtype).element_size()
+        name, storage = cache_storage(dtype)
+        row = c.dim_per_head + c.dim_per_head // 16 if name == "q8_0" else c.dim_per_head
+        return 2 * c.n_layers * c.kv_heads * row * torch.empty((), dtype=storage).element_size()
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -141,7 +184,7 @@ class PagedKVCache:
         extra = num_blocks - self.num_blocks
         if extra <= 0:
             return
-        pad = (self.n_layers, extra, self.n_kv_heads, self.block_size, self.head_dim)
+        pad = (self.n_layers, extra, self.n_kv_heads, self.block_size, self.row_width)
         self.k = torch.cat([self.k, torch.zeros(pad, dtype=self.dtype, device=self.device)], dim=1)
         self.v = torch.cat([self.v, torch.zeros(pad, dtype=self.dtype, device=self.device)], dim=1)
         first = len(self._ref)
@@ -256,18 +299,18 @@ class PagedKVCache:
 
     def export_prefix(self, tokens: Seq[int]) -> tuple[int, Tensor, Tensor]:
         """The cached full blocks of the longest prefix of `tokens`: (how many tokens, keys, values), keys and
-        values as [n_layers, tokens, n_kv_heads, head_dim] in the cache's dtype."""
+        values as stored, [n_layers, tokens, n_kv_heads, row_width]."""
         blocks = self.match(tokens)
         n = len(blocks) * self.block_size
         index = torch.tensor(blocks, dtype=torch.long, device=self.device)
 
-        def gather(pool: Tensor) -> Tensor:  # [L, nb, Hkv, bs, D] -> [L, nb * bs, Hkv, D]
-            return pool[:, index].transpose(2, 3).reshape(self.n_layers, n, self.n_kv_heads, self.head_dim)
+        def gather(pool: Tensor) -> Tensor:  # [L, nb, Hkv, bs, W] -> [L, nb * bs, Hkv, W]
+            return pool[:, index].transpose(2, 3).reshape(self.n_layers, n, self.n_kv_heads, self.row_width)
 
         return n, gather(self.k), gather(self.v)
 
     def import_prefix(self, tokens: Seq[int], k: Tensor, v: Tensor) -> int:
-        """Put the keys and values of `tokens` ([n_layers, len(tokens), n_kv_heads, head_dim], e.g. from a prompt-cache
+        """Put the keys and values of `tokens` ([n_layers, len(tokens), n_kv_heads, row_width], e.g. from a prompt-cache
         file) into the cache as registered blocks (unused, so evictable), for the next prompt that starts with these
         tokens. Whole blocks only: returns how many tokens were imported. Blocks already cached are kept."""
         bs = self.block_size
@@ -276,7 +319,7 @@ class PagedKVCache:
         for b, h in enumerate(block_hashes(tokens[: full * bs], bs)):
             if h not in self._by_hash:
                 block = self._allocate()
-                shape = (self.n_layers, bs, self.n_kv_heads, self.head_dim)
+                shape = (self.n_layers, bs, self.n_kv_heads, self.row_width)
                 self.k[:, block] = k[:, b * bs : (b + 1) * bs].reshape(shape).transpose(1, 2).to(self.dtype)
                 self.v[:, block] = v[:, b * bs : (b + 1) * bs].reshape(shape).transpose(1, 2).to(self.dtype)
                 self._by_hash[h] = block
@@ -367,10 +410,13 @@ class PagedView:
         bs = c.block_size
         block = self.table.gather(1, positions // bs)  # [B, T]
         slot = positions % bs
-        pool_k, pool_v = c.k[layer], c.v[layer]  # [n_blocks, Hkv, bs, D]
-        pool_k[block, :, slot] = k.transpose(1, 2).to(c.dtype)  # [B, T, Hkv, D]
-        pool_v[block, :, slot] = v.transpose(1, 2).to(c.dtype)
+        pool_k, pool_v = c.k[layer], c.v[layer]  # [n_blocks, Hkv, bs, W]
+        store = q8_0_rows if c.quantized else (lambda x: x.to(c.dtype))
+        pool_k[block, :, slot] = store(k.transpose(1, 2))  # [B, T, Hkv, W]
+        pool_v[block, :, slot] = store(v.transpose(1, 2))
         B, blocks = self.table.shape
-        keys = pool_k[self.table].transpose(1, 2).reshape(B, c.n_kv_heads, blocks * bs, c.head_dim)
-        values = pool_v[self.table].transpose(1, 2).reshape(B, c.n_kv_heads, blocks * bs, c.head_dim)
+        keys = pool_k[self.table].transpose(1, 2).reshape(B, c.n_kv_heads, blocks * bs, c.row_width)
+        values = pool_v[self.table].transpose(1, 2).reshape(B, c.n_kv_heads, blocks * bs, c.row_width)
+        if c.quantized:
+            return q8_0_values(keys, c.head_dim, k.dtype), q8_0_values(values, c.head_dim, v.dtype)
         return keys.to(k.dtype), values.to(v.dtype)

@@ -223,13 +223,14 @@ class Engine:
     def __init__(self, llm: Any, max_batch: int = 8, max_seq_len: int | None = None, *, compile: bool = False,
                  prefill_chunk: int = PREFILL_CHUNK, prefill_budget: int = PREFILL_BUDGET,
                  tokenizer: Tokenizer | None = None, cache_memory: int | None = None, prefix_caching: bool = True,
-                 block_size: int = BLOCK_SIZE, cache_dtype: torch.dtype | None = None, preallocate: bool = True,
+                 block_size: int = BLOCK_SIZE, cache_dtype: torch.dtype | str | None = None, preallocate: bool = True,
                  speculator: Speculator | None = None, step: Step | None = None) -> None:  # fmt: skip
         """`llm`: an ``LLM`` (its model and tokenizer) or a bare ``Transformer`` (then pass `tokenizer` or use ids).
 
         `cache_memory`: bytes for the KV cache (default: room for `max_batch` requests of `max_seq_len` tokens);
         `preallocate`: allocate it now (a server) or grow it as requests need (the Python API's engine).
-        `cache_dtype`: default float16 for float32 models with quantized weights, else the model's dtype."""
+        `cache_dtype`: a torch dtype or "q8_0" (``cache.CACHE_TYPES``); default float16 for float32 models with
+        quantized weights, else the model's dtype."""
         model = llm if isinstance(llm, Transformer) else llm.model
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None or isinstance(llm, Transformer) else llm.tokenizer
@@ -265,6 +266,7 @@ class Engine:
         # CUDA graphs are recorded per batch size: pad decode batches to powers of two so that requests joining
         # one by one make a handful of graphs, not one per size. Padding rows read and write the scratch block.
         self._pad_batch = self.step_fn.name == "compiled" and self.device.type == "cuda"
+        self._static_pools()
         self.speculator = speculator
         if speculator is not None:
             log.info("llamaforge: speculative decoding = %s", speculator.describe())
@@ -388,6 +390,7 @@ class Engine:
             if seq is None and self.cache.capacity < self.cache_limit:
                 grown = max(2 * self.cache.capacity, self.cache.capacity + need)
                 self.cache.grow(self.cache.blocks_for(min(grown, self.cache_limit)) + 1)
+                self._static_pools()
                 seq = self.cache.admit(req.prompt_ids, need, reuse=reuse)
             if seq is None:
                 break  # the cache is busy: wait for running requests to leave
@@ -400,6 +403,13 @@ class Engine:
             self._prefilling.append(req)
             if self.speculator is not None and self._can_speculate(req):
                 req.speculate = self.speculator.start(req)
+
+    def _static_pools(self) -> None:
+        """A compiled step on a GPU replays CUDA graphs, which write the cache in place: its pools must keep fixed
+        addresses, as a model's buffers do (otherwise the graphs are skipped for mutating their inputs)."""
+        if self._pad_batch:
+            torch._dynamo.mark_static_address(self.cache.k)
+            torch._dynamo.mark_static_address(self.cache.v)
 
     @staticmethod
     def _can_speculate(req: _Request) -> bool:

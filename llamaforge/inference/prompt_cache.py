@@ -6,7 +6,7 @@ longest prefix of `tokens` made of whole blocks (a prompt's last partial block i
 prompt that starts with those tokens skips computing them (``llamaforge generate --prompt-cache FILE``, the
 server's ``/slots`` save and restore).
 
-The file is safetensors (``k`` and ``v``, [n_layers, tokens, n_kv_heads, head_dim] in the cache's dtype) with
+The file is safetensors (``k`` and ``v``, [n_layers, tokens, n_kv_heads, row] as the cache stores them) with
 metadata naming what the keys and values depend on: the model (its config and a fingerprint of its weights),
 the tokenizer (a fingerprint of its vocabulary), the cache dtype and the file format version. A file written for
 anything else is refused with a ``PromptCacheError`` naming what differs, and so is a corrupted one.
@@ -72,7 +72,7 @@ def _identity(engine: Engine) -> dict[str, str]:
         "model": fingerprints["model"],
         "model_config": json.dumps(dataclasses.asdict(engine.config), sort_keys=True, default=str),
         "tokenizer": fingerprints["tokenizer"],
-        "dtype": str(engine.cache.dtype).removeprefix("torch."),
+        "dtype": engine.cache.cache_type,
     }
 
 
@@ -107,7 +107,7 @@ def load_prompt_cache(engine: Engine, path: str | os.PathLike) -> list[int]:
         raise PromptCacheError(f"{path}: corrupted prompt-cache file (its token list: {exc})") from None
     k, v = tensors.get("k"), tensors.get("v")
     c = engine.cache
-    want = (c.n_layers, len(tokens), c.n_kv_heads, c.head_dim)
+    want = (c.n_layers, len(tokens), c.n_kv_heads, c.row_width)
     for name, t in (("k", k), ("v", v)):
         if t is None or tuple(t.shape) != want or t.dtype != c.dtype:
             got = "missing" if t is None else f"{tuple(t.shape)} {t.dtype}"

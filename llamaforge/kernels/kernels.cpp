@@ -519,6 +519,48 @@ void silu_mul(const float* g, int64_t R, int64_t H, float* y) {
   }
 }
 
+// KV-cache row formats: a cached key or value (D numbers) as stored. width(D): stored elements per row;
+// get(row, d, D) / load8(row, d, D): number d (8 numbers from d) as float32; store(row, x, D): write D floats.
+template <class E>  // float32 / float16 / bfloat16 rows: the numbers themselves
+struct Plain {
+  using T = typename E::T;
+  static int64_t width(int64_t D) { return D; }
+  static float get(const T* row, int64_t d, int64_t) { return E::get(row + d); }
+#ifdef __AVX2__
+  static __m256 load8(const T* row, int64_t d, int64_t) { return E::load8(row + d); }
+#endif
+  static void store(T* row, const float* x, int64_t D) {
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(x[d]);
+  }
+};
+
+// q8_0 rows (llama.cpp's --cache-type q8_0 arithmetic): D int8 numbers, then one float16 scale per 32 of them;
+// scale = max|x| / 127, q = round(x / scale) (x times the float32 reciprocal, rounded half to even).
+struct Q8Row {
+  using T = int8_t;
+  static int64_t width(int64_t D) { return D + D / 16; }
+  static float scale(const T* row, int64_t d, int64_t D) {
+    return static_cast<float>(reinterpret_cast<const at::Half*>(row + D)[d / 32]);
+  }
+  static float get(const T* row, int64_t d, int64_t D) { return static_cast<float>(row[d]) * scale(row, d, D); }
+#ifdef __AVX2__
+  static __m256 load8(const T* row, int64_t d, int64_t D) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d))));
+    return _mm256_mul_ps(q, _mm256_set1_ps(scale(row, d, D)));
+  }
+#endif
+  static void store(T* row, const float* x, int64_t D) {
+    at::Half* scales = reinterpret_cast<at::Half*>(row + D);
+    for (int64_t g = 0; g < D / 32; ++g) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[g * 32 + i]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      for (int64_t i = 0; i < 32; ++i) row[g * 32 + i] = static_cast<int8_t>(std::nearbyint(x[g * 32 + i] * id));
+      scales[g] = static_cast<at::Half>(d);
+    }
+  }
+};
+
 // Attention of NG query heads sharing a KV head over n cached keys/values of one slice of the context. The
 // cache is paged: key j lies at kb[j / BS] + (j % BS) D (and value j likewise in vb), one pointer per block of
 // BS positions. For each query g, parts[g] receives {m, l, o[D]}: the slice's largest score m, the sum l of
@@ -534,10 +576,9 @@ void attend_plain(int64_t NG, const float* q, const typename W::T* const* kb, co
     const float* qg = q + g * D;
     float mx = -INFINITY, total = 0.f;
     for (int64_t j = 0; j < n; ++j) {
-      const typename W::T* kj = kb[j / BS] + (j % BS) * D;
+      const typename W::T* kj = kb[j / BS] + (j % BS) * W::width(D);
       float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) s += qg[d] * W::get(kj + d);
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * W::get(kj, d, D);
       scores[j] = s * scale;
       mx = std::max(mx, scores[j]);
     }
@@ -545,10 +586,9 @@ void attend_plain(int64_t NG, const float* q, const typename W::T* const* kb, co
     float* o = parts[g] + 2;
     std::fill(o, o + D, 0.f);
     for (int64_t j = 0; j < n; ++j) {
-      const typename W::T* vj = vb[j / BS] + (j % BS) * D;
+      const typename W::T* vj = vb[j / BS] + (j % BS) * W::width(D);
       const float p = scores[j];
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] += p * W::get(vj + d);
+      for (int64_t d = 0; d < D; ++d) o[d] += p * W::get(vj, d, D);
     }
     parts[g][0] = mx, parts[g][1] = total;
   }
@@ -563,11 +603,11 @@ inline void weigh_values(const float* p, const typename W::T* const* vb, int64_t
   for (int g = 0; g < NG; ++g)
     for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_setzero_ps();
   for (int64_t b0 = 0; b0 < n; b0 += BS) {
-    const typename W::T* block = vb[b0 / BS] + d0;
-    const int64_t m = std::min(BS, n - b0);
+    const typename W::T* block = vb[b0 / BS];
+    const int64_t m = std::min(BS, n - b0), width = W::width(D);
     for (int64_t jj = 0; jj < m; ++jj) {
       __m256 vv[NV];
-      for (int v = 0; v < NV; ++v) vv[v] = W::load8(block + jj * D + 8 * v);
+      for (int v = 0; v < NV; ++v) vv[v] = W::load8(block + jj * width, d0 + 8 * v, D);
       for (int g = 0; g < NG; ++g) {
         const __m256 pb = _mm256_broadcast_ss(p + g * n + b0 + jj);
         for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_fmadd_ps(pb, vv[v], acc[g][v]);
@@ -584,6 +624,7 @@ template <class W, int NG>
 void attend_group(const float* q, const typename W::T* const* kb, const typename W::T* const* vb, int64_t BS,
                   int64_t n, int64_t D, float* scores, float* const* parts) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const int64_t width = W::width(D);
   for (int64_t b0 = 0; b0 < n; b0 += BS) {
     const typename W::T* kc = kb[b0 / BS];
     const int64_t m = std::min(BS, n - b0);
@@ -592,7 +633,7 @@ void attend_group(const float* q, const typename W::T* const* kb, const typename
       __m256 acc[NG][2];
       for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
       for (int64_t d = 0; d < D; d += 8) {
-        const __m256 k0 = W::load8(kc + jj * D + d), k1 = W::load8(kc + (jj + 1) * D + d);
+        const __m256 k0 = W::load8(kc + jj * width, d, D), k1 = W::load8(kc + (jj + 1) * width, d, D);
         for (int g = 0; g < NG; ++g) {
           const __m256 qv = _mm256_loadu_ps(q + g * D + d);
           acc[g][0] = _mm256_fmadd_ps(qv, k0, acc[g][0]);
@@ -606,7 +647,7 @@ void attend_group(const float* q, const typename W::T* const* kb, const typename
       for (int g = 0; g < NG; ++g) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), W::load8(kc + jj * D + d), acc);
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), W::load8(kc + jj * width, d, D), acc);
         scores[g * n + b0 + jj] = hsum(acc) * scale;
       }
   }
@@ -677,31 +718,25 @@ void attention(const float* qkv, typename W::T* kc, typename W::T* vc, const Bat
   using T = typename W::T;
   const int64_t R = a.R, H = a.H, Hkv = a.Hkv, D = a.D, BS = a.BS, NB = a.NB, half = D / 2, G = H / Hkv;
   const int64_t width = (H + 2 * Hkv) * D;
+  const int64_t rw = W::width(D);  // stored elements per cached row
   auto slot = [&](T* cache, int64_t r, int64_t h, int64_t p) {
-    return cache + ((a.table[r * NB + p / BS] * Hkv + h) * BS + p % BS) * D;
+    return cache + ((a.table[r * NB + p / BS] * Hkv + h) * BS + p % BS) * rw;
   };
+  std::vector<float> k_rot(static_cast<size_t>(D));
   int64_t longest = 1;
   for (int64_t r = 0; r < R; ++r) {
     const float *src = qkv + r * width, *c = a.cos + r * half, *s = a.sin + r * half;
     const int64_t p = a.pos[r];
     longest = std::max(longest, p + 1);
     for (int64_t h = 0; h < H + Hkv; ++h) {
-      float* dst = h < H ? q_rot + (r * H + h) * D : nullptr;
-      T* kdst = h < H ? nullptr : slot(kc, r, h - H, p);
+      float* dst = h < H ? q_rot + (r * H + h) * D : k_rot.data();
       for (int64_t i = 0; i < half; ++i) {
         const float x0 = src[h * D + 2 * i], x1 = src[h * D + 2 * i + 1];
-        const float o0 = x0 * c[i] - x1 * s[i], o1 = x0 * s[i] + x1 * c[i];
-        if (dst) {
-          dst[2 * i] = o0, dst[2 * i + 1] = o1;
-        } else {
-          kdst[2 * i] = static_cast<T>(o0), kdst[2 * i + 1] = static_cast<T>(o1);
-        }
+        dst[2 * i] = x0 * c[i] - x1 * s[i], dst[2 * i + 1] = x0 * s[i] + x1 * c[i];
       }
+      if (h >= H) W::store(slot(kc, r, h - H, p), k_rot.data(), D);
     }
-    for (int64_t h = 0; h < Hkv; ++h) {
-      T* vdst = slot(vc, r, h, p);
-      for (int64_t d = 0; d < D; ++d) vdst[d] = static_cast<T>(src[(H + Hkv + h) * D + d]);
-    }
+    for (int64_t h = 0; h < Hkv; ++h) W::store(slot(vc, r, h, p), src + (H + Hkv + h) * D, D);
   }
   // Slices of whole blocks: enough for ~8 tasks per thread (even shares), none shorter than 32 keys.
   const int64_t blocks = (longest + BS - 1) / BS;
@@ -722,8 +757,8 @@ void attention(const float* qkv, typename W::T* kc, typename W::T* vc, const Bat
       if (j1 > j0) {
         for (int64_t b = 0; b * BS < j1 - j0; ++b) {
           const int64_t block = a.table[r * NB + j0 / BS + b];
-          kb[b] = kc + (block * Hkv + kvh) * BS * D;
-          vb[b] = vc + (block * Hkv + kvh) * BS * D;
+          kb[b] = kc + (block * Hkv + kvh) * BS * rw;
+          vb[b] = vc + (block * Hkv + kvh) * BS * rw;
         }
         attend_heads<W>(G, q_rot + (r * H + kvh * G) * D, kb.data(), vb.data(), BS, j1 - j0, D, scores.data(),
                         part.data());
@@ -831,7 +866,12 @@ Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const 
                     v_caches[l].sizes() == k0.sizes() && k_caches[l].scalar_type() == k0.scalar_type() &&
                     v_caches[l].scalar_type() == k0.scalar_type(),
                 "decode_step: every layer's k/v cache must be contiguous, of one shape and dtype");
-  const int64_t H = n_heads, Hkv = n_kv_heads, N = k0.size(0), BS = k0.size(2), D = k0.size(3);
+  // q8_0 caches (int8) store D numbers and D/32 float16 scales per row: D + D/16 bytes.
+  const bool q8 = k0.scalar_type() == at::kChar;
+  const int64_t H = n_heads, Hkv = n_kv_heads, N = k0.size(0), BS = k0.size(2);
+  const int64_t D = q8 ? k0.size(3) * 16 / 17 : k0.size(3);
+  TORCH_CHECK(!q8 || (D % 32 == 0 && Q8Row::width(D) == k0.size(3)), "decode_step: a q8_0 cache row must hold D + D/16 ",
+              "bytes with D a multiple of 32, got ", k0.size(3));
   TORCH_CHECK(k0.size(1) == Hkv && H % Hkv == 0 && D % 2 == 0, "decode_step: head counts do not fit the caches");
 
   Tensor h = x.to(at::kFloat).contiguous().clone();  // the residual stream, updated in place
@@ -869,16 +909,20 @@ Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const 
     layer.qkv.apply(xn.data(), R, qkv.data(), false);
     switch (k0.scalar_type()) {
       case at::kFloat:
-        attention<F32>(qkv.data(), k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), batch, q_rot.data(),
-                       att.data());
+        attention<Plain<F32>>(qkv.data(), k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), batch,
+                              q_rot.data(), att.data());
         break;
       case at::kHalf:
-        attention<F16>(qkv.data(), k_caches[l].data_ptr<at::Half>(), v_caches[l].data_ptr<at::Half>(), batch,
-                       q_rot.data(), att.data());
+        attention<Plain<F16>>(qkv.data(), k_caches[l].data_ptr<at::Half>(), v_caches[l].data_ptr<at::Half>(), batch,
+                              q_rot.data(), att.data());
         break;
       case at::kBFloat16:
-        attention<BF16>(qkv.data(), k_caches[l].data_ptr<at::BFloat16>(), v_caches[l].data_ptr<at::BFloat16>(), batch,
-                        q_rot.data(), att.data());
+        attention<Plain<BF16>>(qkv.data(), k_caches[l].data_ptr<at::BFloat16>(), v_caches[l].data_ptr<at::BFloat16>(),
+                               batch, q_rot.data(), att.data());
+        break;
+      case at::kChar:
+        attention<Q8Row>(qkv.data(), k_caches[l].data_ptr<int8_t>(), v_caches[l].data_ptr<int8_t>(), batch,
+                         q_rot.data(), att.data());
         break;
       default: TORCH_CHECK(false, "decode_step: unsupported cache dtype ", k0.scalar_type());
     }

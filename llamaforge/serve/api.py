@@ -84,6 +84,7 @@ class ServerConfig:
     speculative_ngram: bool = False  # prompt-lookup speculative decoding (a draft model: create_app(draft=...))
     num_speculative: int | None = None  # draft tokens per step (default 4 with a draft model, 5 with lookup)
     slot_save_path: str | None = None  # a directory: enables /slots save/restore of prompt caches
+    cache_type: str | None = None  # KV-cache storage: float32 / float16 / bfloat16 / q8_0 (None: the model's)
 
 
 # The guard: auth, body size, request metrics ------------------------------------------------------------
@@ -217,10 +218,10 @@ class ServerState:
         speculator = make_speculator(llm, draft, c.speculative_ngram, c.num_speculative)
         engine = Engine(llm, max_batch=c.max_batch, max_seq_len=c.max_seq_len, compile=c.compile,
                         prefill_budget=c.prefill_budget, cache_memory=c.cache_memory, prefix_caching=c.prefix_caching,
-                        speculator=speculator)  # fmt: skip
+                        speculator=speculator, cache_dtype=c.cache_type)  # fmt: skip
         engine.warm_up()
-        log.info("engine ready: step %s, KV cache of %d tokens in blocks of %d", engine.step_fn,
-                 engine.cache.capacity, engine.cache.block_size)  # fmt: skip
+        log.info("engine ready: step %s, %s KV cache of %d tokens in blocks of %d", engine.step_fn,
+                 engine.cache.cache_type, engine.cache.capacity, engine.cache.block_size)  # fmt: skip
         return engine
 
     def attach(self, llm: Any, engine: Engine) -> None:

@@ -456,3 +456,22 @@ def test_prompt_logprobs_through_generate(llm):
         SamplingParams(prompt_logprobs=21)
     spec = llm.generate([BOS, 5, 6, 7], max_new_tokens=2, prompt_logprobs=0, draft=llm)
     assert spec.prompt_logprobs == out.prompt_logprobs
+
+
+def test_the_llm_keeps_its_engine_and_a_busy_one_is_left_alone(llm):
+    """generate/stream/chat share one engine (its prefix cache outlives a call); a call while a stream is still
+    open gets an engine of its own (sharing the step, so the weights are fused once), and both are right."""
+    ids = [BOS, *b"a shared prefix of thirty-two tokens or so"]
+    first = llm.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True)
+    engine = llm.engine()
+    again = llm.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert llm.engine() is engine and again.cached_tokens == 32 and again.token_ids == first.token_ids
+    stream = llm.stream_events(ids, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    got = list(next(stream).token_ids)
+    other = llm.generate([BOS, *b"meanwhile"], max_new_tokens=5, temperature=0, ignore_eos=True)
+    assert other.token_ids == reference_greedy(llm, [BOS, *b"meanwhile"], 5)
+    got += [t for ev in stream for t in ev.token_ids]
+    assert got == reference_greedy(llm, ids, 6)
+    assert llm.engine() is engine and engine.idle
+    llm.clear_cache()
+    assert llm.engine() is not engine
