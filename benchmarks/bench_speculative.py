@@ -9,7 +9,9 @@ round (rounds interleaved, medians reported):
 - ``draft``: the same with a draft model: the same file run in its own 4-bit blocks (``quantize="gguf"``), about
   2.5x faster per token than the float32 target and nearly always agreeing with it.
 
-Every row must produce exactly the plain row's tokens (greedy); the script fails otherwise.
+Every row must produce exactly the plain row's tokens (greedy); the script fails otherwise. A second table gives
+the cost of one step of the engine's native step against the number of query rows it verifies (a decode step is
+one row; k drafts make k + 1), for the float32 model and its 4-bit blocks: what a draft token must save.
 
     .venv/bin/python benchmarks/bench_speculative.py --threads 2 --rounds 3 [--write]
 """
@@ -38,13 +40,37 @@ def document(tokenizer, n_tokens: int) -> str:
     return tokenizer.decode(ids)
 
 
+def step_costs(llm, counts: tuple[int, ...] = (1, 2, 4, 6, 9), reps: int = 9) -> dict[int, float]:
+    """Seconds of one native step + head for 1, 2, 4 ... query rows of one sequence at 600 tokens of context."""
+    import torch
+
+    from llamaforge.inference import PagedKVCache, select_step
+    from llamaforge.quantize import kv_cache_dtype
+
+    step = select_step(llm.model)
+    cache = PagedKVCache.for_model(llm.model, 1024, dtype=kv_cache_dtype(llm.model))
+    seq = cache.sequence(1024)
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    with torch.inference_mode():
+        pos = torch.arange(600)[None]
+        step.hidden(torch.randint(0, 1000, (1, 600)), pos, cache.prepare([seq], pos))
+        for _ in range(reps):
+            for n in counts:  # interleaved: a busy moment hits every row count alike
+                pos = torch.arange(600, 600 + n)[None]
+                view = cache.prepare([seq], pos)
+                t0 = time.perf_counter()
+                step.head(step.hidden(torch.randint(0, 1000, (1, n)), pos, view)[0])
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--doc-tokens", type=int, default=400)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--num-speculative", type=int, nargs="+", default=[5], help="ngram draft lengths to try")
+    p.add_argument("--num-speculative", type=int, nargs="+", default=[3], help="ngram draft lengths to try")
     p.add_argument("--write", action="store_true", help="write the '## Speculative decoding' section of RESULTS.md")
     args = p.parse_args(argv)
 
@@ -86,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens[name] = out.token_ids
     accept = {name: f"{e.stats['accepted']}/{e.stats['drafted']}" for name, e in engines.items() if e.speculator}
     rows = engines
+    row_costs = {"float32": step_costs(target), "Q4_1 blocks": step_costs(draft)}
     plain = tokens["plain"]
     bad = [name for name, ids in tokens.items() if ids != plain]
     lines = ["| configuration | seconds (prompt + 128 tokens) | tok/s | speed-up | drafts accepted |",
@@ -95,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         t = statistics.median(times[name])
         lines.append(f"| {name} | {t:.2f} | {args.new_tokens / t:.1f} | {base / t:.2f}x | {accept.get(name, '-')} |")
     table = "\n".join(lines)
+    counts = list(next(iter(row_costs.values())))
+    cost_lines = ["| weights | " + " | ".join(f"{n} row{'s' if n > 1 else ''} (ms)" for n in counts) + " |",
+                  "|---|" + "---:|" * len(counts)]  # fmt: skip
+    for name, costs in row_costs.items():
+        cost_lines.append(f"| {name} | " + " | ".join(f"{costs[n] * 1e3:.1f}" for n in counts) + " |")
     command = " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         "## Speculative decoding",
@@ -109,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         table,
         "",
         "- Every row produced exactly the plain row's tokens." if not bad else f"- DIFFERENT TOKENS: {bad}",
+        "",
+        "One native step (all layers + head) at 600 tokens of context against the query rows it computes (medians):",
+        "",
+        *cost_lines,
     ])  # fmt: skip
     print(text)
     if args.write:

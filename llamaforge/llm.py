@@ -54,7 +54,7 @@ class LLM:
         alone: the call gets a fresh one for itself.
 
         `draft`: speculative decoding with this smaller model (same tokenizer); `speculative="ngram"`: with
-        prompt lookup, no second model; `num_speculative`: draft tokens per step (default 4 with a draft, 5
+        prompt lookup, no second model; `num_speculative`: draft tokens per step (default 4 with a draft, 3
         with prompt lookup); `cache_type`: the KV cache's "float32", "float16", "bfloat16" or "q8_0" (default: the
         model's dtype, float16 for float32 models with quantized weights)."""
         if speculative not in (None, "ngram", "draft"):

@@ -80,7 +80,7 @@ def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-ngram", action="store_true",
                    help="propose tokens by n-gram lookup in the prompt and output (no second model; pays off "
                         "when the answer copies the input: summaries, edits, code)")  # fmt: skip
-    g.add_argument("--num-speculative", type=int, help="draft tokens per step (default 4 with a draft model, 5 "
+    g.add_argument("--num-speculative", type=int, help="draft tokens per step (default 4 with a draft model, 3 "
                    "with --speculative-ngram)")  # fmt: skip
 
 

@@ -12,7 +12,8 @@ Two proposers:
 - ``PromptLookup``: n-gram lookup in the request's own prompt and output (llama.cpp's lookup decoding,
   vLLM's ``ngram``): the longest recent n-gram that ended the text before continues as it did then. It needs
   no second model and pays off where outputs copy the input (summaries, edits, code, extraction).
-  Its proposals are deterministic (q one-hot).
+  Its proposals are deterministic (q one-hot). Defaults are short (3 tokens after a match of at least 2):
+  on CPU each verified row costs a good part of a step (benchmarks/RESULTS.md), so long or loose guesses lose.
 - ``DraftModel``: a smaller model with the same tokenizer proposes n tokens, batched over the requests, with
   its own paged KV cache (and prefix reuse) and its own step; sampled requests draw drafts from the draft's
   processed distribution q.
@@ -79,7 +80,7 @@ class PromptLookup(Speculator):
 
     name = "prompt lookup"
 
-    def __init__(self, num_tokens: int = 5, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, num_tokens: int = 3, max_ngram: int = 3, min_ngram: int = 2) -> None:
         super().__init__(num_tokens)
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
@@ -266,7 +267,7 @@ class DraftModel(Speculator):
 def make_speculator(target: Any, draft: Any = None, ngram: bool = False, num_tokens: int | None = None,
                     cache_tokens: int = 8192) -> Speculator | None:  # fmt: skip
     """The speculator for `target` (an ``LLM``): a ``DraftModel`` when `draft` (an LLM sharing its tokenizer) is
-    given, ``PromptLookup`` when `ngram`, else None. `num_tokens` defaults to 4 for a draft model, 5 for lookup."""
+    given, ``PromptLookup`` when `ngram`, else None. `num_tokens` defaults to 4 for a draft model, 3 for lookup."""
     if draft is not None and ngram:
         raise ValueError("choose one kind of speculative decoding: a draft model or n-gram prompt lookup")
     if draft is not None:
@@ -275,5 +276,5 @@ def make_speculator(target: Any, draft: Any = None, ngram: bool = False, num_tok
         limit = tokenizer.vocab_size if tokenizer is not None and tokenizer.vocab_size < vocab else None
         return DraftModel(draft, num_tokens or 4, vocab_size=vocab, vocab_limit=limit, cache_tokens=cache_tokens)
     if ngram:
-        return PromptLookup(num_tokens or 5)
+        return PromptLookup(num_tokens or 3)
     return None

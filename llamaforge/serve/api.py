@@ -82,7 +82,7 @@ class ServerConfig:
     cache_memory: int | None = None  # KV-cache bytes (None: max_batch requests of max_seq_len tokens)
     prefix_caching: bool = True  # reuse the cache of prompt prefixes that earlier requests computed
     speculative_ngram: bool = False  # prompt-lookup speculative decoding (a draft model: create_app(draft=...))
-    num_speculative: int | None = None  # draft tokens per step (default 4 with a draft model, 5 with lookup)
+    num_speculative: int | None = None  # draft tokens per step (default 4 with a draft model, 3 with lookup)
     slot_save_path: str | None = None  # a directory: enables /slots save/restore of prompt caches
     cache_type: str | None = None  # KV-cache storage: float32 / float16 / bfloat16 / q8_0 (None: the model's)
 
