@@ -60,6 +60,7 @@ PREFILL_CHUNK = 512  # at most this many tokens of one prompt per forward
 PREFILL_BUDGET = 512  # at most this many (padded) prompt tokens per engine step
 _SCORE_ROWS = 128  # prompt logprobs: positions per output-head call (bounds the [rows, vocab] logits)
 _DETOK_CONTEXT = 6  # prompt tokens that prime the incremental detokenizer
+GROW_FROM = 1024  # tokens a growing (not preallocated) cache starts with; it doubles as requests need
 
 
 # Results ---------------------------------------------------------------------------------------------
@@ -259,7 +260,9 @@ class Engine:
             limit = max_batch * self.max_seq_len
         self.cache_limit = _round_up(limit, block_size)  # tokens the cache may hold
         self.max_seq_len = min(self.max_seq_len, self.cache_limit)
-        first = self.cache_limit if preallocate else min(self.cache_limit, _round_up(self.max_seq_len, block_size))
+        # A growing cache starts at one modest request's worth: a model's whole context (128K tokens for Llama 3.1)
+        # would be gigabytes that a short generation never touches.
+        first = self.cache_limit if preallocate else min(self.cache_limit, GROW_FROM)
         self.cache = PagedKVCache.for_model(model, first, block_size=block_size, dtype=dtype,
                                             prefix_caching=prefix_caching)  # fmt: skip
         self.step_fn = step or select_step(model, compile, block_size)

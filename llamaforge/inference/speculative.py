@@ -145,7 +145,7 @@ class DraftModel(Speculator):
 
     name = "draft model"
 
-    def __init__(self, draft: Any, num_tokens: int = 4, *, vocab_size: int | None = None, cache_tokens: int = 8192,
+    def __init__(self, draft: Any, num_tokens: int = 4, *, vocab_size: int | None = None, cache_tokens: int = 1024,
                  cache_dtype: torch.dtype | None = None, prefill_chunk: int = 512, step: Step | None = None,
                  vocab_limit: int | None = None) -> None:  # fmt: skip
         super().__init__(num_tokens)
@@ -265,7 +265,7 @@ class DraftModel(Speculator):
 
 
 def make_speculator(target: Any, draft: Any = None, ngram: bool = False, num_tokens: int | None = None,
-                    cache_tokens: int = 8192) -> Speculator | None:  # fmt: skip
+                    cache_tokens: int = 1024) -> Speculator | None:  # fmt: skip
     """The speculator for `target` (an ``LLM``): a ``DraftModel`` when `draft` (an LLM sharing its tokenizer) is
     given, ``PromptLookup`` when `ngram`, else None. `num_tokens` defaults to 4 for a draft model, 3 for lookup."""
     if draft is not None and ngram:

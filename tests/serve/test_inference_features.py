@@ -42,13 +42,13 @@ def test_a_shared_system_prompt_is_computed_once(llm):
 def test_speculative_serving_keeps_the_greedy_text(llm, kind):
     questions = ["How tall is a llama?", "What do alpacas eat?", "Where do llamas live?"]
     options = {"speculative_ngram": True} if kind == "ngram" else {}
-    with run_server(llm=llm, max_batch=3) as plain:
-        want = [_chat(plain.client(), q, 40) for q in questions]
+    with run_server(llm=llm, max_batch=3, max_seq_len=512) as plain:
+        want = [_chat(plain.client(), q, 120) for q in questions]
     draft = llm if kind == "draft" else None
-    with run_server(llm=llm, max_batch=3, draft=draft, num_speculative=3, **options) as spec:
+    with run_server(llm=llm, max_batch=3, max_seq_len=512, draft=draft, num_speculative=3, **options) as spec:
         client = spec.client()
         with concurrent.futures.ThreadPoolExecutor(3) as pool:  # continuous batching: the requests overlap
-            got = list(pool.map(lambda q: _chat(client, q, 40), questions))
+            got = list(pool.map(lambda q: _chat(client, q, 120), questions))
         m = spec.metrics()
     assert got == want
     assert m["llamaforge_spec_draft_tokens"] > 0
