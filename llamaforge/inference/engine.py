@@ -389,8 +389,8 @@ class Engine:
             req = self.waiting[0]
             need = len(req.prompt_ids) + req.max_new
             reuse = req.params.prompt_logprobs is None  # prompt logprobs need every position's hidden state
-            seq = self.cache.admit(req.prompt_ids, need, reuse=reuse)
-            if seq is None and self.cache.capacity < self.cache_limit:
+            seq = self.cache.admit(req.prompt_ids, need, reuse=reuse) if need <= self.cache.capacity else None
+            if seq is None and self.cache.capacity < self.cache_limit:  # a growing cache: double it (at least)
                 grown = max(2 * self.cache.capacity, self.cache.capacity + need)
                 self.cache.grow(self.cache.blocks_for(min(grown, self.cache_limit)) + 1)
                 self._static_pools()

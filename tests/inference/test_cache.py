@@ -230,3 +230,13 @@ def test_q8_0_cache_in_the_engine_halves_the_memory():
         PagedKVCache(1, 1, 16, 4, dtype="q8_0")
     with pytest.raises(ValueError, match="unknown KV-cache type 'q4'"):
         PagedKVCache(1, 1, 32, 4, dtype="q4")
+
+
+def test_a_growing_cache_takes_requests_larger_than_its_first_size(model):
+    engine = Engine(model, max_batch=2, max_seq_len=512, preallocate=False)
+    engine.cache = PagedKVCache.for_model(model, 64)  # start tiny
+    prompt = torch.randint(0, 512, (300,)).tolist()
+    (out,) = engine.run([engine.add(prompt, GREEDY)])
+    assert len(out.token_ids) == 6 and engine.cache.capacity >= 306
+    (again,) = engine.run([engine.add(prompt, GREEDY)])  # the prefix survived the growth
+    assert again.token_ids == out.token_ids and again.cached_tokens == 288
