@@ -136,6 +136,10 @@ class _QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.requires_grad and torch.is_grad_enabled():
+            # The native and torch int kernels have no backward: a gradient wanted through this layer (LoRA /
+            # QLoRA on a quantized base) takes the dequantized matmul, which autograd differentiates.
+            return F.linear(x, self.dequantize(x.dtype))
         if x.is_floating_point() and kernels.usable(x) and (native := self.native_weights()) is not None:
             return kernels.linear(x, *native)
         x2 = x.reshape(-1, self.in_features)
