@@ -336,14 +336,14 @@ void parallel_chunks(int64_t N, int64_t grain, const F& f) {
 // (its Q8_0 blocks, whose scale is stored as float16), 256 for the K-quants (its Q8_K, a float scale: their integer
 // sub-block scales then apply before any float arithmetic). Zero-padded to a multiple of 256 columns (Kp).
 //   q [M, Kp]; d [M, Kp/span] the scales; bs [M, Kp/16] sums of q per 16 columns (int16; float in fbs16) and per
-//   32 (s32; float in fbs32); bx [M, Kp/32] for the 32-weight types: the block's sum of activations d * sum(q), or, for the types
+//   32 (s32, and negated in neg_s32; float in fbs32); bx [M, Kp/32] for the 32-weight types: the block's sum of activations d * sum(q), or, for the types
 //   with a min (llama.cpp's Q8_1 activations), float16(unrounded scale * sum(q)).
 struct XRows {
   int64_t M, Kp, span;
   const int8_t* q;
   const float* d;
   const int16_t* bs;
-  const int32_t* s32;
+  const int32_t *s32, *neg_s32;
   const float *fbs16, *fbs32, *bx;
 };
 
@@ -353,7 +353,8 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) 
   thread_local std::vector<int32_t> s32;
   thread_local std::vector<float> f;
   const int64_t Kp = (K + QK - 1) / QK * QK, nd = Kp / span, n16 = Kp / 16, n32 = Kp / 32;
-  q.assign(M * Kp, 0), bs.assign(M * n16, 0), s32.assign(M * n32, 0), f.assign(M * (nd + n16 + 2 * n32), 0.f);
+  q.assign(M * Kp, 0), bs.assign(M * n16, 0), s32.assign(2 * M * n32, 0), f.assign(M * (nd + n16 + 2 * n32), 0.f);
+  int32_t* neg_s32 = s32.data() + M * n32;
   float *d = f.data(), *fbs16 = d + M * nd, *fbs32 = fbs16 + M * n16, *bx = fbs32 + M * n32;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < K; c += span) {  // K is a multiple of 32 (the blocks); a partial last span is zero-padded
@@ -375,14 +376,14 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) 
         for (int j = 0; j < 16; ++j) s += qc[i + j];
         const int64_t t = m * n16 + (c + i) / 16;
         bs[t] = static_cast<int16_t>(s), fbs16[t] = static_cast<float>(s);
-        s32[t / 2] += s, fbs32[t / 2] += static_cast<float>(s);
+        s32[t / 2] += s, neg_s32[t / 2] -= s, fbs32[t / 2] += static_cast<float>(s);
       }
       if (span == 32) {
         const float sum = fbs32[m * n32 + c / 32];
         bx[m * n32 + c / 32] = q8_1 ? static_cast<float>(c10::Half(scale * sum)) : d[m * nd + c / 32] * sum;
       }
     }
-  return {M, Kp, span, q.data(), d, bs.data(), s32.data(), fbs16, fbs32, bx};
+  return {M, Kp, span, q.data(), d, bs.data(), s32.data(), neg_s32, fbs16, fbs32, bx};
 }
 
 inline void put(float* y, float v, bool accumulate) { *y = accumulate ? *y + v : v; }
@@ -744,7 +745,9 @@ inline void row_32(const uint8_t* row, int64_t blocks, const XRows& x, int64_t m
       if constexpr (T::SIGNED) {  // |code| times x with the code's sign: no offset
         s = dot4(_mm256_setzero_si256(), _mm256_abs_epi8(c), _mm256_sign_epi8(xv, c));
       } else {  // sum(u q) - Z sum(q), exactly: each of the 8 lanes starts at -Z/8 sum(q)
-        s = dot4(T::Z ? _mm256_set1_epi32(-(T::Z / 8) * x.s32[i]) : _mm256_setzero_si256(), c, xv);
+        __m256i start = _mm256_setzero_si256();
+        if constexpr (T::Z != 0) start = _mm256_slli_epi32(_mm256_set1_epi32(x.neg_s32[i]), std::countr_zero(T::Z / 8u));
+        s = dot4(start, c, xv);
       }
       a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[i])), a[r]);
       // w = d u + m: the min times the block's activation sum, an eighth in each lane.
