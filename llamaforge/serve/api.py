@@ -1,10 +1,10 @@
 """The OpenAI-compatible HTTP API: ``create_app()`` builds the FastAPI application.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``. Every error has OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``; validation errors become 400 naming the field, and
-errors found before generation (too-long prompt, bad values, full queue) are returned before any
-streaming starts. An outer ASGI guard checks the API key and the body size before anything else runs,
+``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, and the browser chat page at ``GET /`` (``webui.py``).
+Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; validation errors become 400
+naming the field, and errors found before generation (too-long prompt, bad values, full queue) are returned before
+any streaming starts. An outer ASGI guard checks the API key and the body size before anything else runs,
 and counts requests by route and status for /metrics.
 """
 
@@ -32,6 +32,7 @@ from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
 from .json_mode import JsonObjectProcessor, JsonVocab
 from .metrics import CONTENT_TYPE, Metrics
+from .webui import add_webui, is_page_path
 
 log = logging.getLogger("llamaforge.serve")
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics")
@@ -48,6 +49,7 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     compile: bool = False
     prefill_budget: int = PREFILL_BUDGET  # prompt tokens prefilled per engine step (between decode steps)
+    webui: bool = True  # the chat page at /
 
 
 # Errors -------------------------------------------------------------------------------------------------
@@ -132,7 +134,7 @@ class _Guard:
 
     def _check_auth(self, scope: dict, path: str) -> APIError | None:
         key = self.state.config.api_key
-        if not key or path == "/health":
+        if not key or path == "/health" or (self.state.config.webui and is_page_path(path)):
             return None
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization", b"").decode("latin-1")
@@ -750,6 +752,8 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         usage = S.Usage.of(len(ids), sum(r.tokens for r in results))
         return S.ChatCompletionResponse(id=rid, created=created, model=config.model_name, choices=choices, usage=usage)
 
+    if config.webui:
+        add_webui(app)
     return _Guard(app, state)  # type: ignore[return-value]
 
 
