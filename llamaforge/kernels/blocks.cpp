@@ -201,12 +201,15 @@ struct Q2_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 0;
   static constexpr bool MIN = true;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p + 80), dmin = half(p + 82);
+    for (int t = 0; t < 16; ++t) a[t] = d * (p[t] & 15), b[t] = -dmin * (p[t] >> 4);
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 4; ++j)
         for (int l = 0; l < 32; ++l) u[128 * h + 32 * j + l] = (p[16 + 32 * h + l] >> (2 * j)) & 3;
-    for (int t = 0; t < 16; ++t) a[t] = d * (p[t] & 15), b[t] = -dmin * (p[t] >> 4);
+    scales(p, a, b);
   }
 };
 // Q3_K: hmask[32] (third bits), qs[64] (low 2 bits), scales[12] (16 six-bit), d; w = d (sc - 32) (q - 4 (1 - h)).
@@ -216,15 +219,18 @@ struct Q3_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 4;
   static constexpr bool MIN = false;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p + 108);
+    int sc[16];
+    k3_scales(p + 96, sc);
+    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(sc[t]), b[t] = 0.f;
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 4; ++j)
         for (int l = 0; l < 32; ++l)
           u[128 * h + 32 * j + l] = ((p[32 + 32 * h + l] >> (2 * j)) & 3) | (((p[l] >> (4 * h + j)) & 1) << 2);
-    int sc[16];
-    k3_scales(p + 96, sc);
-    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(sc[t]), b[t] = 0.f;
+    scales(p, a, b);
   }
 };
 // Q4_K: d, dmin, scales[12] (8 six-bit scales and mins), qs[128]; each 32 bytes: two sub-blocks (low, high nibbles).
@@ -234,13 +240,16 @@ struct Q4_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 0;
   static constexpr bool MIN = true;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p), dmin = half(p + 2);
     uint8_t sc[8], mn[8];
     k4_scales(p + 4, sc, mn);
+    for (int t = 0; t < 8; ++t) a[t] = d * sc[t], b[t] = -dmin * mn[t];
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int j = 0; j < 4; ++j)
       for (int l = 0; l < 32; ++l) u[64 * j + l] = p[16 + 32 * j + l] & 15, u[64 * j + 32 + l] = p[16 + 32 * j + l] >> 4;
-    for (int t = 0; t < 8; ++t) a[t] = d * sc[t], b[t] = -dmin * mn[t];
+    scales(p, a, b);
   }
 };
 // Q5_K: as Q4_K plus qh[32]: bit t of qh[l] is the fifth bit of weight l of sub-block t.
@@ -250,17 +259,15 @@ struct Q5_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 0;
   static constexpr bool MIN = true;
+  static void scales(const uint8_t* p, float* a, float* b) { Q4_K::scales(p, a, b); }  // the same 12 bytes
   static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
-    const float d = half(p), dmin = half(p + 2);
-    uint8_t sc[8], mn[8];
-    k4_scales(p + 4, sc, mn);
     const uint8_t *qh = p + 16, *qs = p + 48;
     for (int j = 0; j < 4; ++j)
       for (int l = 0; l < 32; ++l) {
         u[64 * j + l] = (qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4);
         u[64 * j + 32 + l] = (qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
       }
-    for (int t = 0; t < 8; ++t) a[t] = d * sc[t], b[t] = -dmin * mn[t];
+    scales(p, a, b);
   }
 };
 // Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales int8[16], d; w = d sc (q - 32).
@@ -270,8 +277,11 @@ struct Q6_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 32;
   static constexpr bool MIN = false;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p + 208);
+    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(static_cast<int8_t>(p[192 + t])), b[t] = 0.f;
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int h = 0; h < 2; ++h) {
       const uint8_t *ql = p + 64 * h, *qh = p + 128 + 32 * h;
       uint8_t* y = u + 128 * h;
@@ -282,7 +292,7 @@ struct Q6_K {
         y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
       }
     }
-    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(static_cast<int8_t>(p[192 + t])), b[t] = 0.f;
+    scales(p, a, b);
   }
 };
 // IQ4_XS: d, scales_h (2 high bits of 8 six-bit scales), scales_l[4] (low nibbles), qs[128] (IQ4_NL codes).
@@ -292,12 +302,17 @@ struct IQ4_XS {
   static constexpr bool SIGNED = true;
   static constexpr int Z = 128;
   static constexpr bool MIN = false;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p);
     const uint16_t sh = static_cast<uint16_t>(p[2] | (p[3] << 8));
     for (int t = 0; t < 8; ++t) {
       const int ls = ((p[4 + t / 2] >> (4 * (t % 2))) & 15) | (((sh >> (2 * t)) & 3) << 4);
       a[t] = d * static_cast<float>(ls - 32), b[t] = 0.f;
+    }
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+    scales(p, a, b);
+    for (int t = 0; t < 8; ++t) {
       const uint8_t* q = p + 8 + 16 * t;
       for (int i = 0; i < 16; ++i) {
         u[32 * t + i] = static_cast<uint8_t>(IQ4_VALUES[q[i] & 15] + 128);
@@ -564,8 +579,7 @@ inline void unpack(const uint8_t* p, int nb, Group& g) {
     _mm256_store_ps(g.a, halves8(p, T::BYTES, nb));
     _mm256_store_ps(g.b, T::MIN ? halves8(p + 2, T::BYTES, nb) : _mm256_setzero_ps());
   } else {
-    uint8_t u[QK];  // the scales from the reference unpacking (scales are 1/16 or 1/32 of the work)
-    T::canon(p, nb, u, g.a, g.b);
+    T::scales(p, g.a, g.b);
   }
 }
 
