@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..hub import DEFAULT_MODEL
+from .convert import MIXES as GGUF_MIXES
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}  # fmt: skip
@@ -62,11 +63,11 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
                    "is given, which dequantizes it)")  # fmt: skip
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
-                 "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"],
-        help="weight-only quantization applied on load: int8/int4 (torch's kernels' layouts) or a GGUF block type "
-             "(q8_0, q4_k, ..., the blocks llamaforge runs GGUF files with); 'gguf' keeps a GGUF file's own blocks "
-             "(the default for a quantized GGUF)",
+        choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf", *GGUF_MIXES, "q3_k", "q4_k", "q5_k"],
+        help="weight-only quantization applied on load: int8/int4 (torch's kernels' layouts), one of llama.cpp's "
+             "mixes (q4_k_m, q8_0, ...: the GGUF blocks llamaforge runs GGUF files with, each matrix in the type "
+             "llama.cpp's quantizer gives it) or one block type for every matrix (q4_k, ...); 'gguf' keeps a GGUF "
+             "file's own blocks (the default for a quantized GGUF)",
     )  # fmt: skip
     if compile:
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
