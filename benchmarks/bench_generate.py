@@ -382,14 +382,12 @@ def _parse_options(text: str) -> dict:
 
 
 def size_worker_llamaforge(path: str, options: dict, ids: list[int], n_decode: int, threads: int) -> dict:
-    """`llamaforge.load(path, **options)` and the engine every verb uses: the prompt's prefill, then
-    `n_decode` greedy steps. The warm-up request makes the engine (same cache size), so nothing is allocated
-    in the timed one."""
+    """`llamaforge.load(path, **options)` and the engine every verb uses (``LLM.stream_events``): the prompt's
+    prefill, then `n_decode` greedy steps. A warm-up request first builds the engine; its tokens differ from
+    the prompt's at every position, so the engine's prefix cache cannot shorten the timed prefill."""
     import torch
 
     import llamaforge
-    from llamaforge.generate import stream_events
-    from llamaforge.sampling import SamplingParams
 
     torch.set_num_threads(threads)
     if isinstance(options.get("dtype"), str):
@@ -397,14 +395,16 @@ def size_worker_llamaforge(path: str, options: dict, ids: list[int], n_decode: i
     t0 = time.perf_counter()
     llm = llamaforge.load(path, **options)
     load_s = time.perf_counter() - t0
-    total = len(ids) + n_decode + 1  # the prefill samples one token, then n_decode steps
-    head = ids[:64]
-    warm = stream_events(llm, head, SamplingParams(max_new_tokens=total - len(head), temperature=0, ignore_eos=True))
-    for _, _ in zip(range(4), warm):
+
+    def greedy(n: int) -> llamaforge.SamplingParams:
+        return llamaforge.SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+
+    vocab = llm.config.vocab_size
+    warm = llm.stream_events([(t + 1) % vocab for t in ids[:64]], greedy(4))
+    for _ in warm:
         pass
-    warm.close()
     t0 = time.perf_counter()
-    events = stream_events(llm, ids, SamplingParams(max_new_tokens=n_decode + 1, temperature=0, ignore_eos=True))
+    events = llm.stream_events(ids, greedy(n_decode + 1))  # the prefill samples one token, then n_decode steps
     tokens = list(next(events).token_ids)
     t1 = time.perf_counter()
     for ev in events:
@@ -465,9 +465,10 @@ def size_worker(args) -> None:
     print("RESULT " + json.dumps(row), flush=True)
 
 
-def _proc_kib(pid: int | str, key: str) -> int | None:
+def _status_kib(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a /proc status file, in KiB (None when absent or unreadable)."""
     try:
-        with open(f"/proc/{pid}/status" if key.startswith("Vm") else "/proc/meminfo") as f:
+        with open(path) as f:
             return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
     except (OSError, StopIteration, ValueError):
         return None
@@ -476,24 +477,27 @@ def _proc_kib(pid: int | str, key: str) -> int | None:
 def run_guarded(cmd: list[str], env: dict, max_rss_gb: float, timeout_s: float) -> dict:
     """Run a worker; kill it when its resident memory passes `max_rss_gb`, when the machine runs low on
     memory (under 1 GiB available: the machine is shared) or after `timeout_s`. Returns its RESULT or an error."""
+    killed = None
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
-        start, killed, seen_kib = time.monotonic(), None, 0
-        while proc.poll() is None:
-            rss = _proc_kib(proc.pid, "VmRSS") or 0
-            seen_kib = max(seen_kib, rss)
-            avail = _proc_kib("self", "MemAvailable")
-            if rss > max_rss_gb * (1 << 20):
-                killed = f"killed: resident memory passed {max_rss_gb:g} GiB (--max-rss-gb)"
-            elif avail is not None and avail < 1 << 20:
-                killed = f"killed: the machine had {avail / (1 << 20):.2f} GiB available (at {rss / (1 << 20):.1f} GiB)"
-            elif time.monotonic() - start > timeout_s:
-                killed = f"killed: took over {timeout_s:g} s (--timeout)"
-            if killed:
+        start = time.monotonic()
+        try:
+            while proc.poll() is None and killed is None:
+                rss = _status_kib(f"/proc/{proc.pid}/status", "VmRSS") or 0
+                avail = _status_kib("/proc/meminfo", "MemAvailable")
+                if rss > max_rss_gb * (1 << 20):
+                    killed = f"killed: resident memory passed {max_rss_gb:g} GiB (--max-rss-gb)"
+                elif avail is not None and avail < 1 << 20:
+                    gib = avail / (1 << 20)
+                    killed = f"killed: the machine had {gib:.2f} GiB available (the run held {rss / (1 << 20):.1f})"
+                elif time.monotonic() - start > timeout_s:
+                    killed = f"killed: took over {timeout_s:g} s (--timeout)"
+                else:
+                    time.sleep(0.1)
+        finally:  # killed, or this process interrupted: never leave the worker running
+            if proc.poll() is None:
                 proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.1)
+            proc.wait()
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
