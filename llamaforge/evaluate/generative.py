@@ -134,18 +134,12 @@ def _run_task(llm: LLM, task: GenerativeTask, *, data_dir: str | os.PathLike | N
             item["group"] = task.group(doc)
         items.append(item)
 
-    extra: dict[str, Any] = {}
-    if task.kind == QA:
-        metrics = _score_qa(items)
-    elif task.kind == MATH:
-        metrics = _score_math(task, items, num_samples)
-        if task.name == "math":
-            extra["equivalence"] = "sympy" if symbolic_equivalence_available() else "normalized string"
-    else:
-        assert sandbox is not None
-        exec_start = time.perf_counter()
-        metrics = _score_code(task, docs, items, num_samples, pass_k, sandbox, progress)
-        extra["execution_seconds"] = round(time.perf_counter() - exec_start, 3)
+    score_start = time.perf_counter()
+    metrics = score_generations(task, docs, items, sandbox=sandbox, pass_k=pass_k, progress=progress)
+    extra: dict[str, Any] = {"scoring_seconds": round(time.perf_counter() - score_start, 3)}
+    if task.name == "math":
+        extra["equivalence"] = "sympy" if symbolic_equivalence_available() else "normalized string"
+    if task.kind == CODE and sandbox is not None:
         extra["sandbox"] = describe_isolation(sandbox.isolation)
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for samples in completions for c in samples)
@@ -190,6 +184,22 @@ def _generate(llm: LLM, task: GenerativeTask, ids: list[list[int]], *, num_sampl
 
 
 # Scoring ----------------------------------------------------------------------------------------------------------
+def score_generations(task: GenerativeTask, docs: Sequence[dict], items: list[dict], *, sandbox: Sandbox | None = None,
+                      pass_k: Sequence[int] = (1, 10, 100), progress: bool = False) -> list[str]:  # fmt: skip
+    """Score items in place: each needs ``gold`` and ``generations`` (the same number for every item); adds the
+    extracted answers (or sandbox outcomes) and one value per metric. Returns the metric names, the paper's first.
+    Code runs in `sandbox` (default: ``Sandbox()``)."""
+    counts = {len(item["generations"]) for item in items}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(f"every item needs the same, non-zero number of generations, got {sorted(counts)}")
+    n = counts.pop()
+    if task.kind == QA:
+        return _score_qa(items)
+    if task.kind == MATH:
+        return _score_math(task, items, n)
+    return _score_code(task, docs, items, n, pass_k, sandbox or Sandbox(), progress)
+
+
 def _score_qa(items: list[dict]) -> list[str]:
     for item in items:
         item["answer"] = item["generations"][0].strip()
@@ -208,7 +218,7 @@ def _number_key(answer: str | None) -> Any:
 
 
 def _score_math(task: GenerativeTask, items: list[dict], n: int) -> list[str]:
-    metrics = ["maj@1"] + ([f"maj@{n}"] if n > 1 else [])
+    metrics = ([f"maj@{n}"] if n > 1 else []) + ["maj@1"]  # the paper's metric first
     for item in items:
         texts, gold = item["generations"], item["gold"]
         if task.name == "gsm8k":
