@@ -69,9 +69,10 @@ def evaluate_generative(llm: LLM, tasks: Sequence[GenerativeTask], *, data_dir: 
     if any(k < 1 for k in pass_k):
         raise ValueError(f"pass@k needs k >= 1, got {list(pass_k)}")
     results = []
+    if any(task.kind == CODE for task in tasks):
+        sandbox = sandbox or Sandbox()
+        sandbox.check()  # before any generation
     for task in tasks:
-        if task.kind == CODE and sandbox is None:
-            sandbox = Sandbox()
         results.append(_run_task(llm, task, data_dir=data_dir, num_fewshot=num_fewshot, limit=limit, seed=seed,
                                  num_samples=num_samples, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, sandbox=sandbox,

@@ -127,6 +127,15 @@ class Sandbox:
         self.require = tuple(require)
         self.python = python or sys.executable
         self.isolation: dict = {}
+        self._checked = False
+
+    def check(self) -> None:
+        """Raise ``SandboxUnavailableError`` now, before hours of generation, when programs cannot run as required."""
+        if not self._checked:
+            result = self.run("pass")
+            if not result.passed:
+                raise SandboxUnavailableError(f"the sandbox cannot run an empty program: {result.reason}")
+            self._checked = True
 
     def run(self, source: str) -> ExecResult:
         """Run `source` as a program; its result (a setup failure raises ``SandboxUnavailableError``)."""
@@ -147,9 +156,12 @@ class Sandbox:
             start = time.perf_counter()
             try:
                 with open(stdout, "wb") as out, open(stderr, "wb") as err:
-                    proc = subprocess.Popen([self.python, "-I", "-S", str(CHILD), json.dumps(config)], cwd=work,
-                                            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                            close_fds=True, pass_fds=(status_w,), start_new_session=True)  # fmt: skip
+                    proc = _start([self.python, "-I", "-S", str(CHILD), json.dumps(config)], cwd=work, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
+                                  pass_fds=(status_w,), start_new_session=True)  # fmt: skip
+            except BaseException:
+                os.close(status_r)
+                raise
             finally:
                 os.close(status_w)
             try:
@@ -191,6 +203,13 @@ class Sandbox:
                 if progress:
                     progress(1)
         return results
+
+
+def _start(*args, **kwargs) -> subprocess.Popen:  # subprocess.Popen, failing as SandboxUnavailableError
+    try:
+        return subprocess.Popen(*args, **kwargs)
+    except OSError as exc:
+        raise SandboxUnavailableError(f"cannot start the sandbox's Python ({args[0][0]}): {exc}") from exc
 
 
 def _wait_unreaped(proc: subprocess.Popen, deadline: float) -> bool:

@@ -167,6 +167,11 @@ def test_resource_limits_alone_still_stop_runaway_programs() -> None:
     assert box.run("x = bytearray(8 * 2**30)").reason == "memory limit exceeded (MemoryError)"
 
 
+def test_check_fails_early_without_a_python() -> None:
+    with pytest.raises(SandboxUnavailableError, match="cannot start the sandbox's Python"):
+        Sandbox(python="/nonexistent/python3").check()
+
+
 def test_bad_limits_and_requirements() -> None:
     with pytest.raises(ValueError, match="timeout must be positive"):
         SandboxLimits(timeout=0)
