@@ -236,3 +236,15 @@ def test_code_task_end_to_end(tiny_llm, sandbox: Sandbox) -> None:
         (execution,) = item["executions"]
         assert not execution["passed"] and execution["reason"] and item["pass@1"] == 0.0
     assert "Landlock" in result.extra["sandbox"]
+
+
+@pytest.mark.slow
+def test_builtin_model_solves_easy_problems(smollm2_gguf: Path, sandbox: Sandbox) -> None:
+    """SmolLM2-135M-Instruct on the fixtures: its MBPP programs pass their asserts in the sandbox (the prompt, the
+    [DONE] stop and the program assembly work with a real model), and it knows an easy fact."""
+    llm = llamaforge.load(smollm2_gguf)
+    tasks = [GENERATIVE_TASKS["mbpp"], GENERATIVE_TASKS["nq_open"]]
+    mbpp, nq = evaluate_generative(llm, tasks, data_dir=DATA, max_new_tokens=48, sandbox=sandbox, progress=False)
+    assert mbpp.metric("pass@1")[0] >= 2 / 3, [it["executions"][0]["reason"] for it in mbpp.items]
+    assert all(it["finish_reasons"] == ["stop"] for it in mbpp.items)  # each stopped at "[DONE]"
+    assert nq.metric("exact_match")[0] >= 1 / 5, [it["answer"] for it in nq.items]
