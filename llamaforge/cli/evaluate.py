@@ -210,6 +210,12 @@ def _eval(args: argparse.Namespace) -> int:
         if choice:
             print()
         print(generative_table(gen_results))
+        for r in gen_results:
+            if r.extra.get("truncated_prompts"):
+                print(f"note: {r.task}: {r.extra['truncated_prompts']} of {r.n} prompts did not fit the context with "
+                      f"{r.extra['max_new_tokens']} new tokens and lost their beginning", file=sys.stderr)  # fmt: skip
+            if "sandbox" in r.extra:
+                print(f"note: {r.task}: generated code ran with {r.extra['sandbox']}", file=sys.stderr)
         results += gen_results
     if args.samples_file:
         write_samples(args.samples_file, results)

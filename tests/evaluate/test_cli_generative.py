@@ -34,6 +34,8 @@ def test_eval_generative_tasks_table_json_and_samples(tiny_hf_dir: Path, tmp_pat
     assert rc == 0
     captured = capsys.readouterr()
     table = captured.out
+    assert "note: gsm8k: 2 of 2 prompts did not fit the context with 6 new tokens" in captured.err
+    assert "note: humaneval: generated code ran with Landlock" in captured.err
     assert "| PIQA | 0 | 2 |" in table
     assert "| NaturalQuestions | 0 | 2 | 1 | exact_match |" in table
     assert "| GSM8K | 8 | 2 | 1 | maj@1 |" in table and "strict_match" in table
