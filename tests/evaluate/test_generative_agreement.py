@@ -166,6 +166,21 @@ def test_prompts_and_generations_match_lm_eval(name: str, shots: int | None, hf_
             assert item["flexible_extract"] == ref["flexible-extract"]["exact_match"]
 
 
+@pytest.mark.parametrize(("name", "shots"), [("nq_open", 2), ("humaneval", None)])
+def test_lm_eval_plugin_generates_as_the_hf_backend(name: str, shots: int | None, hf_lm, tiny_llm) -> None:
+    """``lm_eval --model llamaforge`` batches generate_until requests on the engine; same texts as HFLM."""
+    from llamaforge.evaluate.lm_eval_plugin import LlamaforgeLM
+
+    cfg = lm_eval_config(name)
+    reference = run_lm_eval(hf_lm, cfg, shots)
+    mine = run_lm_eval(LlamaforgeLM(tiny_llm, batch_size=2), cfg, shots)
+    assert sorted(mine) == sorted(reference)
+    for doc_id, by_filter in reference.items():
+        for filt, ref in by_filter.items():
+            assert mine[doc_id][filt]["arguments"] == ref["arguments"]
+            assert mine[doc_id][filt]["resps"] == ref["resps"]
+
+
 @pytest.mark.parametrize("name", ["nq_open", "triviaqa"])
 def test_exact_match_agrees_when_the_model_is_right(name: str, hf_lm, tiny_llm, tmp_path: Path) -> None:
     """Give half the questions the model's own greedy answer as a gold answer: both must score those 1."""
