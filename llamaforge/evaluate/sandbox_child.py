@@ -7,9 +7,9 @@ program. It shuts the process in, in this order:
 2. new user, network and PID namespaces (``unshare``, this process's own ids mapped): no network but a
    downed loopback, no privilege over anything outside, and every process left dies with the namespace;
 3. resource limits: CPU seconds, address space, processes, file size, open files, no core dumps;
-4. Landlock (Linux >= 5.13): read-only access to the system and the Python standard library, full access
-   to the work directory only; TCP bind/connect denied (ABI >= 4); no signals to, or abstract sockets of,
-   processes outside the sandbox (ABI >= 6);
+4. Landlock (Linux >= 5.13): read-only access to the system's programs and libraries and the Python
+   standard library (not /etc, /proc or /dev), full access to the work directory only; TCP bind/connect
+   denied (ABI >= 4); no signals to, or abstract sockets of, processes outside the sandbox (ABI >= 6);
 5. fork: the first child is the namespace's init and only reaps; its child installs a seccomp filter that
    refuses to create processes (threads stay allowed), reports what took effect as one JSON line on the
    parent's status pipe (then closed), and runs the program as ``__main__``; or, when a required
@@ -42,7 +42,10 @@ FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # ABI 2, 3, 5
 FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # the ones a file may hold
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1  # ABI 6
-SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc")
+# Readable: programs and libraries, and the few files and devices a Python program expects. Not /etc (root
+# would read /etc/shadow), /proc (other processes' command lines) or /dev as a whole (disks).
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+SYSTEM_FILES = ("/etc/localtime",)
 DEVICES = {"/dev/null": True, "/dev/zero": True, "/dev/full": True, "/dev/urandom": False, "/dev/random": False}
 
 
@@ -113,7 +116,7 @@ def landlock(libc: ctypes.CDLL, work_dir: str, read_dirs: list[str]) -> dict:
     if ruleset < 0:
         return {"landlock_abi": abi, "landlock_error": f"create_ruleset: {_errno_text()}"}
     read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
-    rules = [(p, read) for p in read_dirs] + [(work_dir, fs)]
+    rules = [(p, read) for p in read_dirs] + [(p, FS_READ_FILE) for p in SYSTEM_FILES] + [(work_dir, fs)]
     rules += [(dev, (FS_READ_FILE | (FS_WRITE_FILE if writable else 0))) for dev, writable in DEVICES.items()]
     try:
         for path, access in rules:
@@ -244,7 +247,7 @@ def main() -> None:
         applied["limits"] = False
         applied["error"] = f"resource limits: {exc}"
     if libc is not None:
-        read_dirs = [*SYSTEM_DIRS, "/dev", *(p for p in sys.path if p)]
+        read_dirs = [*SYSTEM_DIRS, *(p for p in sys.path if p)]
         applied.update(landlock(libc, work_dir, read_dirs))
     os.chdir(work_dir)
     # The first child is the PID namespace's init (signals it has no handler for never reach it, so it

@@ -137,6 +137,12 @@ def test_nothing_inherited(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("LLAMAFORGE_TEST_SECRET", "hunter2")
     result = run(sandbox, "import os, sys\nprint(sorted(os.environ))\nprint(sys.flags.isolated, sys.flags.no_site)")
     assert result.passed and "LLAMAFORGE_TEST_SECRET" not in result.stdout and "1 1" in result.stdout
+    # Nothing of the system's secrets, disks or other processes is readable.
+    for path in ("/etc/shadow", "/etc/passwd", f"/proc/{os.getpid()}/environ", f"/proc/{os.getpid()}/cmdline",
+                 "/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/mem"):  # fmt: skip
+        result = run(sandbox, f"print(open({path!r}, 'rb').read(64))")
+        assert not result.passed and ("PermissionError" in result.reason or "FileNotFound" in result.reason), path
+    assert run(sandbox, "import time, random\nprint(time.localtime(), random.random())").passed
     # Signals cannot reach this process, nor may the program see it.
     killer = run(sandbox, f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)")
     assert not killer.passed
