@@ -96,6 +96,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
+    tool_calls: list[Any] | None = None  # chat with tools: the calls the model made (llamaforge.tools.ToolCall)
 
 
 @dataclass
@@ -620,15 +621,16 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, bos=bool(add_bos) and tokenizer.bos_id is not None))
 
 
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """A conversation in the model's chat format, ending with the assistant's turn header."""
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], **render: Any) -> list[int]:
+    """A conversation in the model's chat format, ending with the assistant's turn header (`render`: options
+    of ``chat.render_chat`` such as ``tools``)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so it has no chat format")
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError('messages must be a list of {"role": ..., "content": ...} dicts')
     if hasattr(tokenizer, "encode_chat"):  # encodes part by part, as the format's reference does
-        return list(tokenizer.encode_chat(messages, add_generation_prompt=True))
-    formatted = tokenizer.format_chat(messages, add_generation_prompt=True)
+        return list(tokenizer.encode_chat(messages, add_generation_prompt=True, **render))
+    formatted = tokenizer.format_chat(messages, add_generation_prompt=True, **render)
     if isinstance(formatted, str):  # rendered text: its special tokens are real ones
         return list(tokenizer.encode(formatted, allow_special=True))
     return list(formatted)
@@ -689,27 +691,35 @@ def generate(llm: LLM, prompt: Prompt | Sequence[Prompt], *, compile: bool = Fal
              num_speculative: int = 4, max_batch: int = 32,
              **options: Any) -> Completion | list[Completion]:  # fmt: skip
     """Complete one prompt (text or token ids) or a batch of them (a list of prompts -> a list of
-    Completions, generated together, at most `max_batch` at a time). Options: see ``SamplingParams``."""
-    params = _params(options)
+    Completions, generated together, at most `max_batch` at a time). Options: see ``SamplingParams``, and
+    the output constraints of ``llamaforge.guided`` (json_schema, json_object, regex, choice, grammar)."""
+    from .guided import request_params
+
+    make_params = request_params(llm, options)
+    params = make_params()
     batched = _is_batch(prompt)
     prompts = [prompt_ids(llm, p) for p in (prompt if batched else [prompt])]
     for ids in prompts:
         check_fits(llm, ids)
     if draft is not None:
+        if params.logits_processors:
+            raise ValueError("speculative decoding (draft=) does not support output constraints")
         results = [speculative_generate(llm, draft, ids, params, num_speculative) for ids in prompts]
         return results if batched else results[0]
     with torch.inference_mode():
         context = llm.config.max_seq_len
         need = min(max(len(p) for p in prompts) + params.max_new_tokens, context)
         engine = engine_for(llm, max(1, min(len(prompts), max_batch)), need, compile)
-        handles = [engine.add(p, params) for p in prompts]
+        handles = [engine.add(p, make_params()) for p in prompts]
         results = engine.run(handles)
     return results if batched else results[0]
 
 
 def stream(llm: LLM, prompt: str | Sequence[int], *, compile: bool = False, **options: Any) -> Iterator[str]:
     """Yield the completion of one prompt as text pieces (complete UTF-8) as they are generated."""
-    return _stream_ids(llm, prompt_ids(llm, prompt), _params(options), compile)
+    from .guided import request_params
+
+    return _stream_ids(llm, prompt_ids(llm, prompt), request_params(llm, options)(), compile)
 
 
 def _stream_ids(llm: LLM, ids: list[int], params: SamplingParams, compile: bool) -> Iterator[str]:
@@ -743,13 +753,18 @@ def _events(engine: Engine, handle: int) -> Iterator[Event]:
         engine._pending_events = [e for e in engine._pending_events if e.handle != handle]
 
 
-def chat(llm: LLM, messages: list[dict[str, str]], *, stream: bool = False,
-         **options: Any) -> Completion | Iterator[str]:  # fmt: skip
-    """Answer a conversation in the model's chat format; ``stream=True`` yields text pieces instead."""
+def chat(llm: LLM, messages: list[dict[str, Any]], *, stream: bool = False,
+         **options: Any) -> Completion | Iterator[Any]:  # fmt: skip
+    """Answer a conversation in the model's chat format; ``stream=True`` yields text pieces instead. With
+    ``tools`` (and ``tool_choice``, ``parallel_tool_calls``, ``tool_format``) see ``guided.chat_with_tools``."""
+    from .guided import TOOL_OPTIONS, chat_with_tools, request_params
+
+    if any(options.get(k) is not None for k in TOOL_OPTIONS):
+        return chat_with_tools(llm, messages, stream=stream, **options)
     ids = chat_prompt_ids(llm.require_tokenizer(), messages)
     if stream:
         compile = options.pop("compile", False)
-        return _stream_ids(llm, ids, _params(options), compile)
+        return _stream_ids(llm, ids, request_params(llm, options)(), compile)
     return generate(llm, ids, **options)
 
 

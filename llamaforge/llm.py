@@ -49,11 +49,19 @@ class LLM:
 
         return stream(self, prompt, **kwargs)
 
-    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
-        """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format."""
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format; with
+        ``tools=[...]`` the Completion's ``tool_calls`` holds the calls the model made."""
         from .generate import chat
 
         return chat(self, messages, **kwargs)
+
+    def embed(self, texts: Any, pooling: str = "mean", normalize: bool = True) -> Any:
+        """Embeddings [N, dim] of texts (or token-id lists): the final hidden states, pooled ("mean" or
+        "last") and L2-normalized; see ``llamaforge.embeddings``."""
+        from .embeddings import embed
+
+        return embed(self, texts, pooling=pooling, normalize=normalize)
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
