@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prompt tokens prefilled per engine step, between decode steps: lower keeps running "
                         f"streams smoother while prompts arrive, higher gives new requests their first token "
                         f"sooner (default {PREFILL_BUDGET})")  # fmt: skip
+    p.add_argument("--tool-format", choices=["json", "pythonic"],
+                   help="how Llama models without a chat template write tool calls: JSON (Llama 3.1/3.3; the "
+                        "Llama 3 default) or Python syntax (Llama 3.2, Llama 4; the Llama 4 default)")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
@@ -74,7 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_seq_len=args.max_seq_len,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), drain_timeout=args.drain_timeout,
-                          compile=args.compile, prefill_budget=args.prefill_budget)  # fmt: skip
+                          compile=args.compile, prefill_budget=args.prefill_budget,
+                          tool_format=args.tool_format)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(config, loader=lambda: load_for_cli(args))
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

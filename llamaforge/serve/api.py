@@ -1,7 +1,10 @@
 """The OpenAI-compatible HTTP API: ``create_app()`` builds the FastAPI application.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``. Every error has OpenAI's shape
+``POST /v1/embeddings``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``. Chat takes OpenAI's
+``tools`` (written in the model's own format, calls parsed back and streamed as ``tool_calls`` deltas;
+``tool_choice`` required or named forces a call whose arguments follow the schema), and both completion
+routes take ``response_format`` and the grammar extensions (``constrain``). Every error has OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``; validation errors become 400 naming the field, and
 errors found before generation (too-long prompt, bad values, full queue) are returned before any
 streaming starts. An outer ASGI guard checks the API key and the body size before anything else runs,
@@ -11,6 +14,7 @@ and counts requests by route and status for /metrics.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -26,15 +30,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..constrain import Constrainer, GrammarError, grammar_from
+from ..embeddings import MAX_BATCH_TOKENS, embed_ids
 from ..generate import PREFILL_BUDGET, Engine, TokenLogprob, chat_prompt_ids, encode_prompt
 from ..sampling import SamplingParams
+from ..tools import Delta, ToolError, ToolPlan, ToolStream, check_messages, has_tool_calls, plan_tools
 from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
-from .json_mode import JsonObjectProcessor, JsonVocab
 from .metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("llamaforge.serve")
-ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics")
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
+          "/detokenize", "/metrics")  # fmt: skip
 
 
 @dataclass
@@ -48,6 +55,7 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     compile: bool = False
     prefill_budget: int = PREFILL_BUDGET  # prompt tokens prefilled per engine step (between decode steps)
+    tool_format: str | None = None  # Meta formats: "json" or "pythonic" tool calls (default: the family's own)
 
 
 # Errors -------------------------------------------------------------------------------------------------
@@ -174,8 +182,6 @@ class ServerState:
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.shutting_down = False
-        self._json_vocab: JsonVocab | None = None
-        self._json_lock = threading.Lock()
         m = self.metrics
         m.add_gauge("llamaforge_requests_running", "Generations holding a batch slot.",
                     lambda: self.engine.running if self.engine else 0)  # fmt: skip
@@ -226,11 +232,9 @@ class ServerState:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                            f"'{self.config.model_name}'.", param="model", code="model_not_found")  # fmt: skip
 
-    def json_vocab(self) -> JsonVocab:
-        with self._json_lock:
-            if self._json_vocab is None:
-                self._json_vocab = JsonVocab.from_tokenizer(self.tokenizer(), self.llm.config.vocab_size)
-            return self._json_vocab
+    def constrainer(self) -> Constrainer:
+        """Grammars compiled for this model's vocabulary (built on first use: call it off the event loop)."""
+        return Constrainer.for_tokenizer(self.tokenizer(), self.llm.config.vocab_size)
 
     def begin_shutdown(self) -> None:
         self.shutting_down = True
@@ -291,22 +295,57 @@ class LogitBias:
         return logits.index_add(0, ids, values)
 
 
-async def _prepare(state: ServerState, req: S._Sampling) -> None:
-    """Build, off the event loop, what the first JSON-mode request needs (a pass over the vocabulary)."""
-    if req.response_format is not None and req.response_format.type == "json_object":
-        await asyncio.to_thread(state.json_vocab)
+_GUIDED = (("guided_json", "json_schema"), ("json_schema", "json_schema"), ("guided_regex", "regex"),
+           ("guided_choice", "choice"), ("guided_grammar", "grammar"), ("grammar", "grammar"))  # fmt: skip
 
 
-def _params(state: ServerState, req: S._Sampling, max_new: int, logprobs: int | None, choice: int) -> SamplingParams:
+def _grammar(req: S._Sampling, tool_grammar: str | None = None) -> tuple[str, str] | None:
+    """The request's output constraint as (llguidance grammar, the field it came from), or None."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", {"json_object": True}))
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise _bad("response_format 'json_schema' needs 'json_schema': {'name': ..., 'schema': {...}}",
+                       param="response_format")  # fmt: skip
+        found.append(("response_format", {"json_schema": fmt.json_schema.schema_}))
+    for field, kind in _GUIDED:
+        value = getattr(req, field)
+        if value is not None:
+            found.append((field, {kind: value}))
+    if tool_grammar is not None:
+        found.append(("tool_choice", {"grammar": tool_grammar}))
+    if len(found) > 1:
+        names = " and ".join(f"'{f}'" for f, _ in found)
+        raise _bad(f"at most one output constraint per request, got {names}", param=found[1][0])
+    if not found:
+        return None
+    param, spec = found[0]
+    try:
+        return grammar_from(param=param, **spec), param
+    except GrammarError as exc:
+        raise _bad(str(exc), param=param) from None
+
+
+async def _prepare(state: ServerState, grammar: tuple[str, str] | None) -> None:
+    """Compile the request's grammar (cached per grammar) off the event loop: the first one also reads the
+    vocabulary, and a large schema takes a while."""
+    if grammar is None:
+        return
+    try:
+        await asyncio.to_thread(lambda: state.constrainer().compile(*grammar))
+    except GrammarError as exc:
+        raise _bad(str(exc), param=exc.param) from None
+
+
+def _params(state: ServerState, req: S._Sampling, max_new: int, logprobs: int | None, choice: int,
+            grammar: tuple[str, str] | None = None) -> SamplingParams:  # fmt: skip
     processors: list[Any] = []
     if req.logit_bias:
         processors.append(LogitBias(req.logit_bias, state.llm.config.vocab_size))
-    fmt = req.response_format.type if req.response_format else "text"
-    if fmt == "json_schema":
-        raise _bad("response_format 'json_schema' is not supported; use {'type': 'json_object'}",
-                   param="response_format")  # fmt: skip
-    if fmt == "json_object":
-        processors.append(JsonObjectProcessor(state.json_vocab(), max_new))
+    if grammar is not None:  # each choice follows its own copy of the compiled grammar
+        processors.append(state.constrainer().processor(*grammar))
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     try:
         return SamplingParams(
@@ -340,27 +379,59 @@ def _chat_messages(messages: list[S.ChatMessage]) -> list[dict[str, Any]]:
                                param=f"messages.{i}.content")  # fmt: skip
                 texts.append(part["text"])
             content = "".join(texts)
-        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+            message["content"] = content  # None: a message of calls only
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
         if m.name:
             message["name"] = m.name
         out.append(message)
     return out
 
 
-def _chat_ids(state: ServerState, messages: list[S.ChatMessage]) -> list[int]:
+def _tool_plan(state: ServerState, body: S.ChatCompletionRequest) -> ToolPlan | None:
+    if body.tools is None and body.tool_choice is None:
+        return None
+    tokenizer = state.tokenizer()
+    parallel = True if body.parallel_tool_calls is None else body.parallel_tool_calls
     try:
-        return chat_prompt_ids(state.tokenizer(), _chat_messages(messages))
+        return plan_tools(tokenizer.chat_template or tokenizer.chat_format, body.tools, body.tool_choice, parallel,
+                          state.config.tool_format)  # fmt: skip
+    except ToolError as exc:
+        raise _bad(str(exc), param=exc.param) from None
+
+
+def _chat_ids(state: ServerState, messages: list[S.ChatMessage], plan: ToolPlan | None = None) -> list[int]:
+    chat = _chat_messages(messages)
+    try:
+        if plan is not None or has_tool_calls(chat):
+            chat = check_messages(chat)
+        render = plan.render_options if plan is not None else {}
+        return chat_prompt_ids(state.tokenizer(), chat, **render)
     except APIError:
         raise
+    except ToolError as exc:
+        raise _bad(str(exc), param=exc.param) from None
     except ValueError as exc:
         raise _bad(f"cannot format the conversation with the model's chat template: {exc}",
                    param="messages") from None  # fmt: skip
+
+
+def _tool_delta(d: Delta) -> S.Delta:
+    if d.index is None:
+        return S.Delta(content=d.content)
+    call = S.ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
+                           function=S.FunctionDelta(name=d.name, arguments=d.arguments))  # fmt: skip
+    return S.Delta(tool_calls=[call])
 
 
 # Results ---------------------------------------------------------------------------------------------------
 class _Choice:
     def __init__(self) -> None:
         self.text: list[str] = []
+        self.token_ids: list[int] = []
         self.tokens = 0
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
@@ -390,6 +461,7 @@ async def _collect(engine: AsyncEngine, subs: list[Submission], sink: asyncio.Qu
                 raise _engine_error(ev)
             c = choices[tag]
             c.text.append(ev.text)
+            c.token_ids += ev.token_ids
             c.tokens += len(ev.token_ids)
             c.logprobs += ev.logprobs or []
             if ev.finished:
@@ -598,7 +670,8 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             else:
                 encoded.append((_check_ids(list(p), vocab, "prompt"), None))
             _check_fits(len(encoded[-1][0]), limit, "prompt")
-        await _prepare(state, body)
+        grammar = _grammar(body)
+        await _prepare(state, grammar)
         requested = 16 if body.max_tokens is None else body.max_tokens
         if requested == 0 and not body.echo:
             raise _bad("max_tokens must be at least 1 (0 is allowed only with echo=true)", param="max_tokens")
@@ -609,7 +682,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         if requested:
             for ids, _ in encoded:
                 max_new = min(requested, limit - len(ids))
-                items += [(ids, _params(state, body, max_new, body.logprobs, j)) for j in range(body.n)]
+                items += [(ids, _params(state, body, max_new, body.logprobs, j, grammar)) for j in range(body.n)]
         scored: list[list[TokenLogprob | None]] = []
         if body.echo and body.logprobs is not None:  # scored by the engine's prefill, all prompts together
             scored = await engine.score([ids for ids, _ in encoded], body.logprobs)
@@ -697,27 +770,34 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Any:
         state.check_model(body.model)
         engine = state.require_engine()
-        if body.tools:
-            raise _bad("tools are not supported by this server", param="tools")
         if body.top_logprobs is not None and not body.logprobs:
             raise _bad("top_logprobs requires logprobs=true", param="top_logprobs")
-        ids = _chat_ids(state, body.messages)
+        plan = _tool_plan(state, body)
+        ids = _chat_ids(state, body.messages, plan)
         limit = _context_limit(state)
         _check_fits(len(ids), limit, "messages")
         requested = body.max_completion_tokens or body.max_tokens or limit
         max_new = min(requested, limit - len(ids))
         if body.n > engine.capacity:
             raise _bad(f"n={body.n} is more than this server can hold at once ({engine.capacity})", param="n")
-        await _prepare(state, body)
+        grammar = _grammar(body, plan.grammar if plan is not None else None)
+        await _prepare(state, grammar)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        items = [(ids, _params(state, body, max_new, logprobs, j)) for j in range(body.n)]
+        items = [(ids, _params(state, body, max_new, logprobs, j, grammar)) for j in range(body.n)]
         rid, created = S.new_id("chatcmpl"), S.now()
         state.metrics.prompt_tokens.inc(len(ids))
+        tokenizer = state.llm.tokenizer
+
+        def reader() -> ToolStream | None:  # reads one choice's tool calls, or None without tools
+            parser = plan.parser() if plan is not None else None
+            return ToolStream(tokenizer, parser, engine.engine.stop_ids, ids[-6:]) if parser is not None else None
+
         sink: asyncio.Queue = asyncio.Queue()
         subs = _submit(engine, items, sink)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             counts = [0] * body.n
+            readers = [reader() for _ in range(body.n)]
 
             def chunk(choice: S.ChatChunkChoice, usage: S.Usage | None = None) -> S.ChatCompletionChunk:
                 return S.ChatCompletionChunk(id=rid, created=created, model=config.model_name,
@@ -725,11 +805,24 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
 
             def render(tag: int, ev: Any) -> list[Any]:
                 counts[tag] += len(ev.token_ids)
-                if not ev.text and not ev.finished and not ev.logprobs:
-                    return []
-                lp = _chat_logprobs(ev.logprobs or []) if body.logprobs else None
-                delta = S.Delta(content=ev.text) if ev.text or not ev.finished else S.Delta()
-                return [chunk(S.ChatChunkChoice(index=tag, delta=delta, logprobs=lp, finish_reason=ev.finish_reason))]
+                lp = _chat_logprobs(ev.logprobs or []) if body.logprobs and ev.logprobs else None
+                tools = readers[tag]
+                if tools is None:
+                    if not ev.text and not ev.finished and not lp:
+                        return []
+                    delta = S.Delta(content=ev.text) if ev.text or not ev.finished else S.Delta()
+                    return [chunk(S.ChatChunkChoice(index=tag, delta=delta, logprobs=lp,
+                                                    finish_reason=ev.finish_reason))]  # fmt: skip
+                deltas = tools.add(ev.token_ids) + (tools.finish() if ev.finished else [])
+                out = [S.ChatChunkChoice(index=tag, delta=_tool_delta(d)) for d in deltas]
+                if lp is not None:
+                    if not out:
+                        out.append(S.ChatChunkChoice(index=tag, delta=S.Delta()))
+                    out[0].logprobs = lp
+                if ev.finished:
+                    finish = "tool_calls" if tools.parser.calls and ev.finish_reason == "stop" else ev.finish_reason
+                    out.append(S.ChatChunkChoice(index=tag, delta=S.Delta(), finish_reason=finish))
+                return [chunk(c) for c in out]
 
             first = [chunk(S.ChatChunkChoice(index=j, delta=S.Delta(role="assistant", content="")))
                      for j in range(body.n)]  # fmt: skip
@@ -741,16 +834,88 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             return StreamingResponse(gen, media_type="text/event-stream", headers=_SSE_HEADERS)
 
         results = await _collect(engine, subs, sink, request)
-        choices = [
-            S.ChatChoice(index=j, message=S.AssistantMessage(content="".join(r.text)),
-                         logprobs=_chat_logprobs(r.logprobs) if body.logprobs else None,
-                         finish_reason=r.finish_reason)
-            for j, r in enumerate(results)
-        ]  # fmt: skip
+        choices = []
+        for j, r in enumerate(results):
+            message, finish = S.AssistantMessage(content="".join(r.text)), r.finish_reason
+            tools = reader()
+            if tools is not None:
+                tools.add(r.token_ids)
+                tools.finish()
+                calls = tools.parser.tool_calls
+                if calls:  # content is what came before the calls (OpenAI sends null when there is none)
+                    message = S.AssistantMessage(content=tools.parser.content, tool_calls=[
+                        S.ToolCall(id=c.id, function=S.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+                    ])  # fmt: skip
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append(S.ChatChoice(index=j, message=message, finish_reason=finish,
+                                        logprobs=_chat_logprobs(r.logprobs) if body.logprobs else None))  # fmt: skip
         usage = S.Usage.of(len(ids), sum(r.tokens for r in results))
         return S.ChatCompletionResponse(id=rid, created=created, model=config.model_name, choices=choices, usage=usage)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: S.EmbeddingRequest) -> S.EmbeddingResponse:
+        state.check_model(body.model)
+        engine = state.require_engine()
+        dim = state.llm.config.dim
+        if body.dimensions is not None and body.dimensions != dim:
+            raise _bad(f"dimensions={body.dimensions} is not supported: this model's embeddings have {dim} "
+                       "dimensions (leave 'dimensions' out)", param="dimensions")  # fmt: skip
+        inputs = _embedding_inputs(state, body.input)
+        limit = state.llm.config.max_seq_len
+        for n, seq in enumerate(inputs):
+            if len(seq) > limit:
+                raise _bad(f"input {n} has {len(seq)} tokens, more than this model's context of {limit}",
+                           param="input", code="context_length_exceeded")  # fmt: skip
+        vectors = []
+        for group in _embedding_groups(inputs):  # one engine-thread job per forward: generation goes on between
+            part = await engine.run_job(lambda g=group: embed_ids(state.llm.model, g, pooling=body.pooling))
+            vectors += list(part)
+        data = [S.Embedding(index=i, embedding=_encode_vector(v, body.encoding_format)) for i, v in enumerate(vectors)]
+        tokens = sum(len(seq) for seq in inputs)
+        return S.EmbeddingResponse(data=data, model=config.model_name,
+                                   usage=S.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))  # fmt: skip
+
     return _Guard(app, state)  # type: ignore[return-value]
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def _embedding_inputs(state: ServerState, given: Any) -> list[list[int]]:
+    if isinstance(given, str) or (isinstance(given, list) and given and all(isinstance(t, int) for t in given)):
+        given = [given]
+    if not given:
+        raise _bad("'input' is empty: give a string, a list of strings, or token ids", param="input")
+    if len(given) > MAX_EMBEDDING_INPUTS:
+        raise _bad(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(given)}", param="input")
+    vocab = state.llm.config.vocab_size
+    out = []
+    for n, item in enumerate(given):
+        if isinstance(item, str):
+            if not item:
+                raise _bad(f"input {n} is an empty string", param="input")
+            out.append(encode_prompt(state.tokenizer(), item))
+        else:
+            out.append(_check_ids(list(item), vocab, "input"))
+    return out
+
+
+def _embedding_groups(inputs: list[list[int]]) -> list[list[list[int]]]:
+    groups: list[list[list[int]]] = [[]]
+    size = 0
+    for seq in inputs:
+        if groups[-1] and size + len(seq) > MAX_BATCH_TOKENS:
+            groups.append([])
+            size = 0
+        groups[-1].append(seq)
+        size += len(seq)
+    return groups
+
+
+def _encode_vector(vector: torch.Tensor, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(vector.to(torch.float32).numpy().astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
 
 
 def _decode(state: ServerState, ids: list[int]) -> str:

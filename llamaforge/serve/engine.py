@@ -134,6 +134,15 @@ class AsyncEngine:
         finally:
             self.cancel(subs)
 
+    async def run_job(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the engine thread between two steps (what uses the model outside generation, such as
+        embeddings, runs there); returns its result or raises its exception."""
+        if not self.accepting:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        future = asyncio.get_running_loop().create_future()
+        self._send(("job", fn, future))
+        return await future
+
     def begin_shutdown(self, drain_timeout: float) -> None:
         """Take no new requests; cancel whatever is still running after `drain_timeout` seconds."""
         self.accepting = False
@@ -245,6 +254,16 @@ class AsyncEngine:
             sub = command[1]
             if sub.handle is not None and sub.handle in self._by_handle:
                 self.engine.cancel(sub.handle)
+        elif kind == "job":
+            fn, future = command[1], command[2]
+            if future.cancelled():
+                return
+            try:
+                result = fn()
+            except Exception as exc:
+                self._call_soon(_settle, future, None, exc)
+            else:
+                self._call_soon(_settle, future, result, None)
 
     def _forget(self, handle: int) -> None:
         self._by_handle.pop(handle, None)
@@ -255,3 +274,12 @@ class AsyncEngine:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():  # its request was cancelled meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
