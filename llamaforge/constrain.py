@@ -209,6 +209,10 @@ def _describe(message: str) -> str:
 _SHIFTS: dict[torch.device, Tensor] = {}
 
 
+def _bit(i: int) -> int:
+    return -(1 << 31) if i == 31 else 1 << i  # the int32 word with bit i set (bit 31 is the sign bit)
+
+
 def _bit_shifts(device: torch.device) -> Tensor:
     shifts = _SHIFTS.get(device)
     if shifts is None:
@@ -228,14 +232,10 @@ class GrammarProcessor:
     grammar rules out at -inf. Call it once per step, with the request's output so far."""
 
     def __init__(self, matcher: Any, vocab_size: int, stop_ids: Sequence[int]) -> None:
-        import llguidance.torch as llt
-
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.stop_ids = list(stop_ids)
         self.seen = 0
-        self.bitmask = llt.allocate_token_bitmask(1, vocab_size)
-        self._fill = llt.fill_next_token_bitmask
 
     @property
     def error(self) -> str | None:
@@ -253,20 +253,38 @@ class GrammarProcessor:
 
     def mask(self, output_ids: Sequence[int], device: torch.device) -> Tensor:
         """The tokens allowed next, [V] bool."""
-        self.advance(output_ids)
-        if self.matcher.is_error():  # cannot happen with our own masks; end the answer rather than run wild
-            allowed = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
-            allowed[self.stop_ids] = True
-            return allowed
-        self._fill(self.matcher, self.bitmask)
-        return unpack_bitmask(self.bitmask[0], self.vocab_size, device)
+        words = torch.zeros((self.vocab_size + 31) // 32, dtype=torch.int32)
+        self._fill(output_ids, words)
+        return unpack_bitmask(words, self.vocab_size, device)
 
     def __call__(self, output_ids: list[int], logits: Tensor) -> Tensor:
-        allowed = self.mask(output_ids, logits.device)
+        return GrammarProcessor.apply_batch([(0, self, output_ids)], logits.unsqueeze(0))[0]
+
+    def _fill(self, output_ids: Sequence[int], words: Tensor) -> None:
+        """Write the next-token bitmask into `words` (int32 [ceil(V/32)])."""
+        self.advance(output_ids)
+        if self.matcher.is_error():  # cannot happen with our own masks; end the answer rather than run wild
+            words.zero_()
+            for t in self.stop_ids:
+                words[t // 32] |= _bit(t % 32)
+            return
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+
+    @staticmethod
+    def apply_batch(items: Sequence[tuple[int, GrammarProcessor, Sequence[int]]], logits: Tensor) -> Tensor:
+        """Mask rows of logits [B, V] at once: one unpack and one fill for all constrained rows of a step (the
+        engine calls this instead of one processor call per row)."""
+        vocab = max(p.vocab_size for _, p, _ in items)
+        words = torch.zeros(len(items), (vocab + 31) // 32, dtype=torch.int32)
+        for k, (_, proc, ids) in enumerate(items):
+            proc._fill(ids, words[k])
+        allowed = unpack_bitmask(words, vocab, logits.device)
         n = logits.shape[-1]
-        if n > self.vocab_size:
-            allowed = torch.cat([allowed, allowed.new_zeros(n - self.vocab_size)])
-        return logits.masked_fill(~allowed[:n], float("-inf"))
+        if n > vocab:
+            allowed = torch.cat([allowed, allowed.new_zeros(len(items), n - vocab)], dim=-1)
+        rows = torch.tensor([i for i, _, _ in items], device=logits.device)
+        logits[rows] = logits[rows].masked_fill(~allowed[:, :n], float("-inf"))
+        return logits
 
 
 def constraint_processor(tokenizer: Any, vocab_size: int, *, json_schema: Any = None, json_object: bool = False,

@@ -152,3 +152,25 @@ def test_unpack_bitmask_matches_the_bits() -> None:
     mask = unpack_bitmask(words, 70, torch.device("cpu"))[0]
     assert mask[:4].tolist() == [True, True, False, True] and not mask[4:32].any()
     assert mask[32:64].all() and not mask[64:].any() and mask.shape == (70,)
+
+
+def test_a_matcher_in_error_leaves_only_the_stop_tokens(smollm2_gguf: Path) -> None:
+    tok = load_tokenizer(smollm2_gguf)
+    processor = constraint_processor(tok, tok.vocab_size, choice=["yes"])
+    out = processor(tok.encode("no"), torch.zeros(tok.vocab_size))  # a token the mask would never have allowed
+    assert processor.error and set(torch.isfinite(out).nonzero().flatten().tolist()) == set(tok.stop_ids)
+
+
+def test_batched_masks_equal_one_row_at_a_time(smollm2_gguf: Path) -> None:
+    from llamaforge.constrain import GrammarProcessor
+
+    tok = load_tokenizer(smollm2_gguf)
+    constrainer = Constrainer.for_tokenizer(tok, tok.vocab_size)
+    grammars = [grammar_from(json_object=True), grammar_from(regex="[0-9]+"), grammar_from(choice=["yes", "no"])]
+    outputs = [tok.encode('{"a": '), tok.encode("12"), []]
+    logits = torch.randn(4, tok.vocab_size + 3)
+    items = [(r, constrainer.processor(g), ids) for r, g, ids in zip((0, 2, 3), grammars, outputs)]
+    batched = GrammarProcessor.apply_batch(items, logits.clone())
+    for r, g, ids in zip((0, 2, 3), grammars, outputs):
+        torch.testing.assert_close(batched[r], constrainer.processor(g)(ids, logits[r]))
+    torch.testing.assert_close(batched[1], logits[1])  # an unconstrained row is left alone

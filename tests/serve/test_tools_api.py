@@ -150,7 +150,8 @@ def test_parse_with_a_pydantic_model(client):
         ({"guided_choice": ["yes", "no"]}, lambda s: s in ("yes", "no")),
         ({"grammar": 'root ::= "(" ("a" | "b")+ ")"'}, lambda s: s[0] + s[-1] == "()" and set(s[1:-1]) <= {"a", "b"}),
         ({"guided_grammar": 'start: "x" DIGIT\nDIGIT: /[0-9]/'}, lambda s: len(s) == 2 and s[0] == "x"),
-        ({"guided_json": {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}},
+        ({"guided_json": {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"],
+                          "additionalProperties": False}},
          lambda s: json.loads(s)["n"] in (1, 2)),
     ],
 )  # fmt: skip
