@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -206,25 +207,20 @@ def _describe(message: str) -> str:
     return message
 
 
-_SHIFTS: dict[torch.device, Tensor] = {}
-
-
 def _bit(i: int) -> int:
     return -(1 << 31) if i == 31 else 1 << i  # the int32 word with bit i set (bit 31 is the sign bit)
 
 
-def _bit_shifts(device: torch.device) -> Tensor:
-    shifts = _SHIFTS.get(device)
-    if shifts is None:
-        shifts = _SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)
-    return shifts
+def _unpack(bitmask: Tensor, vocab_size: int) -> np.ndarray:
+    # Token t is bit t % 32 of word t // 32: bit t % 8 of byte t // 8 in little-endian order. numpy does this
+    # in one single-threaded pass (a batch's masks are too small to be worth torch's thread pool).
+    data = bitmask.contiguous().numpy().astype("<i4", copy=False).view(np.uint8)
+    return np.unpackbits(data, axis=-1, bitorder="little")[..., :vocab_size].view(bool)
 
 
 def unpack_bitmask(bitmask: Tensor, vocab_size: int, device: torch.device) -> Tensor:
     """llguidance's int32 bitmask [..., ceil(V/32)] as a bool mask [..., V] (True: allowed) on `device`."""
-    words = bitmask.to(device, non_blocking=True)
-    bits = (words.unsqueeze(-1) >> _bit_shifts(device)) & 1
-    return bits.flatten(-2)[..., :vocab_size].bool()
+    return torch.from_numpy(_unpack(bitmask, vocab_size)).to(device)
 
 
 class GrammarProcessor:
@@ -278,12 +274,20 @@ class GrammarProcessor:
         words = torch.zeros(len(items), (vocab + 31) // 32, dtype=torch.int32)
         for k, (_, proc, ids) in enumerate(items):
             proc._fill(ids, words[k])
-        allowed = unpack_bitmask(words, vocab, logits.device)
+        rows = [i for i, _, _ in items]
         n = logits.shape[-1]
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            allowed = _unpack(words, vocab)[:, :n]
+            values = logits.numpy()  # shares memory with logits (a copy the engine made for the processors)
+            for k, row in enumerate(rows):
+                values[row, : allowed.shape[1]][~allowed[k]] = -np.inf
+                values[row, allowed.shape[1] :] = -np.inf  # ids past the grammar's vocabulary
+            return logits
+        banned = ~unpack_bitmask(words, vocab, logits.device)
         if n > vocab:
-            allowed = torch.cat([allowed, allowed.new_zeros(len(items), n - vocab)], dim=-1)
-        rows = torch.tensor([i for i, _, _ in items], device=logits.device)
-        logits[rows] = logits[rows].masked_fill(~allowed[:, :n], float("-inf"))
+            banned = torch.cat([banned, banned.new_ones(len(items), n - vocab)], dim=-1)
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(banned[:, :n], float("-inf"))
         return logits
 
 

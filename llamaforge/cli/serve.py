@@ -19,9 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                               description="Serve --model over HTTP with OpenAI's /v1/completions and "
                               "/v1/chat/completions (streaming, continuous batching), plus /v1/models, /tokenize, "
-                              "/detokenize, /health and /metrics (Prometheus). Binds to 127.0.0.1 unless told "
-                              "otherwise; --api-key (or LLAMAFORGE_API_KEY) requires 'Authorization: Bearer "
-                              "KEY'.")  # fmt: skip
+                              "/detokenize, /health and /metrics (Prometheus), and a chat page for the browser at "
+                              "/ (--no-webui turns it off). Binds to 127.0.0.1 unless told otherwise; --api-key (or "
+                              "LLAMAFORGE_API_KEY) requires 'Authorization: Bearer KEY' on the API.")  # fmt: skip
     from .generate import add_model_arguments
 
     add_model_arguments(p)
@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
+    p.add_argument("--no-webui", dest="webui", action="store_false",
+                   help="do not serve the browser chat page at / (the API is served either way)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=_serve)
 
@@ -78,13 +80,15 @@ def _serve(args: argparse.Namespace) -> int:
                           max_queue=args.max_queue, max_seq_len=args.max_seq_len,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), drain_timeout=args.drain_timeout,
                           compile=args.compile, prefill_budget=args.prefill_budget,
-                          tool_format=args.tool_format)  # fmt: skip
+                          tool_format=args.tool_format, webui=args.webui)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(config, loader=lambda: load_for_cli(args))
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=args.drain_timeout + 10, access_log=False)  # fmt: skip
     server = _make_server(uv_config, server_state(app))
-    print(f"llamaforge serve: {name} on http://{args.host}:{args.port} (loading the model...)", file=sys.stderr)
+    url = f"http://{args.host}:{args.port}"
+    page = f"; chat page at {url}/" if args.webui else ""
+    print(f"llamaforge serve: {name} on {url}{page} (loading the model...)", file=sys.stderr)
     server.run()
     return 0
 

@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP API: ``create_app()`` builds the FastAPI application.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /v1/embeddings``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``. Chat takes OpenAI's
-``tools`` (written in the model's own format, calls parsed back and streamed as ``tool_calls`` deltas;
-``tool_choice`` required or named forces a call whose arguments follow the schema), and both completion
-routes take ``response_format`` and the grammar extensions (``constrain``). Every error has OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``; validation errors become 400 naming the field, and
-errors found before generation (too-long prompt, bad values, full queue) are returned before any
+``POST /v1/embeddings``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, and the browser chat page at
+``GET /`` (``webui.py``). Chat takes OpenAI's ``tools`` (written in the model's own format, calls parsed back and
+streamed as ``tool_calls`` deltas; ``tool_choice`` required or named forces a call whose arguments follow the
+schema), and both completion routes take ``response_format`` and the grammar extensions (``constrain``). Every
+error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; validation errors become 400 naming
+the field, and errors found before generation (too-long prompt, bad values, full queue) are returned before any
 streaming starts. An outer ASGI guard checks the API key and the body size before anything else runs,
 and counts requests by route and status for /metrics.
 """
@@ -38,6 +38,7 @@ from ..tools import Delta, ToolError, ToolPlan, ToolStream, check_messages, has_
 from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
 from .metrics import CONTENT_TYPE, Metrics
+from .webui import add_webui, is_page_path
 
 log = logging.getLogger("llamaforge.serve")
 ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
@@ -56,6 +57,7 @@ class ServerConfig:
     compile: bool = False
     prefill_budget: int = PREFILL_BUDGET  # prompt tokens prefilled per engine step (between decode steps)
     tool_format: str | None = None  # Meta formats: "json" or "pythonic" tool calls (default: the family's own)
+    webui: bool = True  # the chat page at /
 
 
 # Errors -------------------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ class _Guard:
 
     def _check_auth(self, scope: dict, path: str) -> APIError | None:
         key = self.state.config.api_key
-        if not key or path == "/health":
+        if not key or path == "/health" or (self.state.config.webui and is_page_path(path)):
             return None
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization", b"").decode("latin-1")
@@ -875,6 +877,8 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         return S.EmbeddingResponse(data=data, model=config.model_name,
                                    usage=S.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))  # fmt: skip
 
+    if config.webui:
+        add_webui(app)
     return _Guard(app, state)  # type: ignore[return-value]
 
 
