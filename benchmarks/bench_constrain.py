@@ -18,6 +18,7 @@ time to first token.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -148,6 +149,7 @@ def main() -> int:
         print(f"batch {batch:2d}: {p:7.1f} tok/s plain, {c:7.1f} tok/s with the schema "
               f"({(1 - c / p) * 100:+.1f}% slower), masks {m * 100:.1f}% of decode time", flush=True)  # fmt: skip
     times = compile_times(llm)
+    load = os.getloadavg()[0]
     print(
         f"vocabulary tables {times['tables'] * 1e3:.0f} ms, new schema {times['first'] * 1e3:.1f} ms, "
         f"cached schema {times['cached'] * 1e3:.2f} ms"
@@ -160,8 +162,9 @@ def main() -> int:
 
 `{command.strip()}`: SmolLM2-135M-Instruct (built-in GGUF, `llamaforge.load` defaults), {args.threads} threads,
 {args.tokens} greedy tokens per row, medians of {args.rounds} alternating rounds; a JSON schema of an order with
-at least 40 items (the JSON never closes within the run, so every step computes a real mask). On a CPU
-shared with other jobs: compare rows of one run only.
+at least 40 items (the JSON never closes within the run, so every step computes a real mask). Load average
+{load:.1f} on {os.cpu_count()} cores when the run ended (a CPU shared with other jobs): the tokens/s columns
+are wall-clock and noisy; the time spent in masks is measured directly.
 
 | batch | decode tok/s, no constraint | decode tok/s, JSON schema | slowdown | time in masks |
 |---|---|---|---|---|

@@ -196,3 +196,14 @@ def test_llama4_history_matches_llama_models(monkeypatch: pytest.MonkeyPatch) ->
     )
     tok = load_tokenizer(Path(llama_models.__file__).parent / "llama4" / "tokenizer.model")
     assert tok.encode_chat(history) == expected.tokens
+
+
+def test_llama_decoders_stop_at_end_of_message_and_end_of_turn() -> None:
+    """A Llama 3.1 built-in call ends with <|eom_id|> (Llama 4: <|eom|>): generation must stop there too."""
+    pytest.importorskip("llama_models")
+    import llama_models
+
+    root = Path(llama_models.__file__).parent
+    for generation, names in (("llama3", ("<|eom_id|>", "<|eot_id|>")), ("llama4", ("<|eom|>", "<|eot|>"))):
+        tok = load_tokenizer(root / generation / "tokenizer.model")
+        assert {tok.token_id(n) for n in names} <= tok.stop_ids
