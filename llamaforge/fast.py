@@ -4,15 +4,15 @@
 of ``Transformer.forward`` (``fn(tokens, input_pos, rows=..., cache_len=..., return_hidden=...)``) that
 computes the same function with fewer, larger kernels:
 
-- wq/wk/wv run as one matmul and w1/w3 as one (same input, concatenated output rows). For float
-  linears the original parameters become views into the fused matrix, so no weight is stored twice and
-  the state dict keeps its names and values; quantized linears are concatenated into a new module of
-  the same kind (exact: every output row keeps its own scales).
+- wq/wk/wv run as one projection and w1/w3 as one (same input, outputs side by side). Quantized linears of one
+  kind (int8, int4, Q8_0 repacked) are concatenated into a new module of that kind (exact: every output row keeps
+  its own scales). Float weights and GGUF blocks are never copied: they often are a memory-mapped checkpoint,
+  whose copy would double the memory; their parts run one after the other (one native op per decode step
+  runs all of them anyway).
 - RoPE rotates q and k in one pass; single-token steps attend with two small batched matmuls instead of
   ``scaled_dot_product_attention`` (whose CPU flash kernel costs more than the math at one query).
-- 16-bit weights on CPU use fbgemm's packed fp16 GEMM (float32 activations, weights converted in
-  registers with F16C), faster at one row than the generic half-precision matmuls. The packed copy is
-  extra memory (the model's own 16-bit weights stay, for saving and for uncached forwards).
+- 16-bit weights on CPU: the native kernels read them as stored for a few rows; more rows (prefill) are
+  multiplied in float32, converting a chunk of weight rows at a time (no float32 copy of the weights).
 - With the native kernels (``llamaforge.kernels``), a step of one token per sequence (up to
   ``kernels.MAX_ROWS`` sequences) runs through all layers as one op, ``kernels.decode_step`` (RMSNorm,
   matmuls reading the weights as stored, RoPE + KV-cache write + attention, SiLU-gate, residual adds),
@@ -37,36 +37,30 @@ from torch import Tensor, nn
 
 from . import kernels
 from .model import FeedForward, Transformer, apply_rope, rope_cos_sin
-from .quantize import fuse_quantized, is_quantized
+from .quantize import GGUFLinear, fuse_quantized, is_quantized
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _fbgemm_fp16() -> bool:
-    engines = torch.backends.quantized.supported_engines
-    return "fbgemm" in engines and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
-
-
-class _Fp16Packed(nn.Module):
-    """A float16 weight packed for fbgemm's fp16 GEMM; activations stay float32 inside."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+_UPCAST_WEIGHTS = 1 << 22  # 16-bit weights converted to float32 at a time for a many-row product (16 MB)
 
 
 class _Linear(nn.Module):
-    """A plain float matmul on a (possibly fused) weight."""
+    """A plain float matmul; 16-bit weights on CPU are converted to float32 a chunk of rows at a time (torch's
+    CPU GEMMs are fast in float32, and no float32 copy of the whole weight is made)."""
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
         self.weight = weight
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float16, torch.bfloat16):
+            return F.linear(x, w)
+        step = max(1, _UPCAST_WEIGHTS // w.shape[1])
+        xf = x.float()
+        parts = [F.linear(xf, w[i : i + step].float()) for i in range(0, w.shape[0], step)]
+        return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 class _FloatLinear(nn.Module):
@@ -86,17 +80,8 @@ class _FloatLinear(nn.Module):
 
 
 def _float_kernel(weight: Tensor) -> nn.Module:
-    """Native kernels for a few rows when built (``_FloatLinear``), else torch's: fbgemm's fp16 GEMM for
-    16-bit weights on CPU, a plain matmul otherwise.
-
-    bfloat16 weights go there too: every bfloat16 value within float16's normal range is exact in float16
-    (7 mantissa bits fit in 10), smaller ones lose at most 3e-8, and the activations stay float32, so the
-    result is at least as accurate as a bfloat16 matmul. Weights beyond float16's range keep the matmul.
-    """
-    sixteen = weight.dtype in (torch.float16, torch.bfloat16) and weight.device.type == "cpu"
-    gemm: nn.Module = _Linear(weight)
-    if sixteen and _fbgemm_fp16() and (weight.dtype == torch.float16 or bool(weight.detach().abs().amax() < 65504)):
-        gemm = _Fp16Packed(weight)
+    """Native kernels for a few rows when built (``_FloatLinear``), torch's GEMM otherwise (``_Linear``)."""
+    gemm = _Linear(weight)
     if weight.device.type == "cpu" and weight.is_contiguous():
         return _FloatLinear(weight, gemm)
     return gemm
@@ -106,10 +91,9 @@ def _float_kernel(weight: Tensor) -> nn.Module:
 def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
     """One module computing ``cat([lin(x) for lin in linears], -1)``.
 
-    Float linears: their weights are copied into one matrix and each ``lin.weight`` becomes a view of its
-    rows (same parameter object, same values, no extra memory). Quantized linears of one kind: a new
-    module with the rows concatenated (see ``quantize.fuse_quantized``). Neighbours stored differently
-    (q and k in 4 bits, v in float, as in GGUF Q4_K_M files) are fused in runs and the runs concatenated.
+    Quantized linears of one kind (int8, int4, repacked Q8_0): a new module with the rows concatenated (see
+    ``quantize.fuse_quantized``). Float linears and GGUF blocks are never copied (see ``_fusion_key``): their
+    parts run side by side, as do neighbours stored differently.
     """
     runs = [list(run) for _, run in itertools.groupby(linears, key=_fusion_key)]
     fused = [_fuse_run(run) for run in runs]
@@ -117,26 +101,16 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
 
 
 def _fusion_key(m: nn.Module) -> tuple:
-    """Linears with equal keys can be fused into one."""
-    if isinstance(m, nn.Linear) and m.bias is None:
-        return ("float",)
-    if is_quantized(m):
+    """Linears with equal keys can be fused into one: quantized ones of one kind. Float weights and GGUF blocks
+    stay where the checkpoint has them (often memory-mapped: a fused copy would hold every weight twice)."""
+    if is_quantized(m) and not isinstance(m, GGUFLinear):
         return (type(m), m.in_features, getattr(m, "group_size", None), getattr(m, "block", None), m.compute_dtype)
     return ("alone", id(m))
 
 
 def _fuse_run(linears: list[nn.Module]) -> nn.Module:
     if isinstance(linears[0], nn.Linear) and linears[0].bias is None:
-        weights = [m.weight for m in linears]
-        if len(weights) == 1:
-            return _float_kernel(weights[0])
-        fused = torch.cat([w.detach() for w in weights], dim=0)
-        start = 0
-        for m in linears:
-            n = m.weight.shape[0]
-            m.weight.data = fused[start : start + n]
-            start += n
-        return _float_kernel(fused)
+        return _float_kernel(linears[0].weight)
     return fuse_quantized(linears) if len(linears) > 1 else linears[0]
 
 
@@ -285,10 +259,11 @@ class FastForward(nn.Module):
         assert self._native is not None
         params, parts = self._native
         B = tokens.shape[0]
-        dtype = model.tok_embeddings.weight.dtype
+        embeddings = model.tok_embeddings(tokens)
+        dtype = embeddings.dtype
         cos, sin = rope_cos_sin(model.rope_freqs, positions)
         caches = [layer.attention.kv_cache for layer in model.layers]
-        x = kernels.decode_step(model.tok_embeddings(tokens).view(B, -1), cos.view(B, -1), sin.view(B, -1),
+        x = kernels.decode_step(embeddings.view(B, -1), cos.view(B, -1), sin.view(B, -1),
                                 positions.view(B), torch.arange(B) if rows is None else rows, cache_len, params,
                                 parts, [c.k for c in caches], [c.v for c in caches], model.config.n_heads,
                                 model.config.kv_heads, model.norm.eps)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,20 +81,31 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
          quantize: str | None = None, adapter: str | os.PathLike | None = None) -> LLM:  # fmt: skip
     """Load a model from a Hugging Face directory, a Meta directory, a GGUF file, a hub id or a built-in name.
 
-    ``dtype=None`` keeps the checkpoint's own dtype (float32 for quantized GGUF weights, dequantized).
-    ``quantize``: "int8", "int4" or "int4-g32/64/128" quantizes the weights on load; "gguf" keeps a GGUF
-    file's own Q8_0/Q4_0/Q4_1/Q4_K blocks and runs them quantized. A directory written by
+    A quantized GGUF file (Q4_K_M, Q8_0, ...) runs in its own blocks, memory-mapped, as llama.cpp runs it
+    (``quantize.GGUF_BLOCK_TYPES``); giving a ``dtype`` dequantizes its weights to that dtype instead (the memory
+    that takes is printed first). Other checkpoints load in their own dtype unless ``dtype`` is given.
+    ``quantize``: "int8", "int4" or "int4-g32/64/128" quantizes the weights on load; "gguf" keeps a GGUF file's
+    blocks whatever ``dtype`` says (then the dtype of the activations). A directory written by
     ``llamaforge.quantize.save_quantized`` loads quantized as it was saved. ``adapter``: a LoRA adapter
-    directory (PEFT or llamaforge layout) applied unmerged on top of the base.
+    directory (PEFT or llamaforge layout) applied unmerged on top of the base. A model that cannot fit in the
+    memory available is refused before loading (``memory.InsufficientMemoryError``, with the numbers).
     """
     from . import quantize as q
+    from .memory import check_fits, format_bytes
 
     path = resolve_source(source)
     if q.is_quantized_dir(path):
         model, fmt = q.load_quantized(path, device=device), "quantized"
-    elif quantize == "gguf":
+    elif quantize == "gguf" or (quantize is None and dtype is None and q.is_quantized_gguf(path)):
+        check_fits(q.gguf_model_bytes(path), f"{path}")
         model, fmt = q.load_gguf_quantized(path, device=device, dtype=dtype or torch.float32), "gguf"
     else:
+        if q.is_quantized_gguf(path):
+            need = q.gguf_model_bytes(path, dtype or torch.float32)
+            print(f"llamaforge: dequantizing {path.name} to {dtype or torch.float32}: {format_bytes(need)} of "
+                  f"weights (its blocks take {format_bytes(q.gguf_model_bytes(path))})", file=sys.stderr)  # fmt: skip
+            check_fits(need, f"{path} dequantized to {dtype or torch.float32}",
+                       "load it without a dtype to run its blocks as stored")  # fmt: skip
         model, fmt = load_model(path, device=device, dtype=dtype)
         if quantize:
             q.quantize_model(model, quantize)

@@ -153,7 +153,7 @@ def test_errors_are_clear(tmp_path):
         save_quantized(model, tmp_path / "x")
     with pytest.raises(FileNotFoundError, match=r"quantization\.json"):
         load_quantized(tmp_path)
-    with pytest.raises(ValueError, match="has no quantized runtime"):
+    with pytest.raises(ValueError, match="has no int4/int8 form"):
         gguf_linear(torch.zeros(4, 2 * 64, dtype=torch.uint8), Q.F16, (4, 64))
 
 

@@ -59,12 +59,17 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES),
+                   help="weights dtype (default: the checkpoint's; a quantized GGUF runs its own blocks unless a dtype "
+                   "is given, which dequantizes it)")  # fmt: skip
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf"],
-        help="weight-only quantization applied on load; 'gguf' runs a GGUF file's own blocks quantized",
-    )
+        choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
+                 "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"],
+        help="weight-only quantization applied on load: int8/int4 (torch's kernels' layouts) or a GGUF block type "
+             "(q8_0, q4_k, ..., the blocks llamaforge runs GGUF files with); 'gguf' keeps a GGUF file's own blocks "
+             "(the default for a quantized GGUF)",
+    )  # fmt: skip
     if compile:
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip

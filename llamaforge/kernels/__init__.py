@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "blocks.cpp")]
+HEADERS = [Path(__file__).with_name("blocks.h")]
 MAX_ROWS = 16  # matmuls with up to this many rows of x use the native kernels; more rows: torch's GEMM
 _CFLAGS = [
     "-O3",
@@ -68,13 +69,16 @@ def _build() -> None:
     from torch.utils.cpp_extension import _get_build_directory, load
 
     flags = _CFLAGS + _march()
-    digest = hashlib.sha256((SOURCE.read_text() + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
+    # The sources' location is part of the name: torch's build files record it, so two checkouts of the same
+    # sources sharing one build directory would rebuild in turn (and wait on each other's lock).
+    text = "".join(str(p.resolve()) + p.read_text() for p in SOURCES + HEADERS)
+    digest = hashlib.sha256((text + " ".join(flags) + _cpu_flags()).encode()).hexdigest()[:12]
     name = f"llamaforge_kernels_{digest}"
     if not any(Path(_get_build_directory(name, verbose=False)).glob("*.so")):
         print("llamaforge: compiling the native CPU kernels (once for this CPU and torch, ~20 s)...",
               file=sys.stderr, flush=True)  # fmt: skip
     t0 = time.perf_counter()
-    load(name=name, sources=[str(SOURCE)], extra_cflags=flags,
+    load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags,
          extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)  # fmt: skip
     _state["load_s"] = time.perf_counter() - t0
 
@@ -133,9 +137,22 @@ def linear(x: Tensor, weight: Tensor, scales: Tensor | None = None) -> Tensor:
     - float32 / float16 / bfloat16 ``weight`` [N, K], no scales;
     - int8 ``weight`` [N, K] with ``scales`` [N] (``Int8Linear``);
     - 4-bit codes uint8 [N, K/2] (``Int4Linear``'s nibble order) with ``scales`` from ``int4_scale_bias``;
-    - GGUF Q8_0 blocks int8 [K/32, N, 32] with ``scales`` [K/32, N] (``BlockInt8Linear``).
+    - GGUF Q8_0 blocks int8 [K/32, N, 32] with ``scales`` [K/32, N] (``BlockInt8Linear``);
+    - GGUF blocks of any type ``blocks.cpp`` runs, as stored in the file: uint8 [N, bytes per row] with
+      ``scales = gguf_info(ggml_type, K)`` (the activations are rounded to 8 bits per 32 columns, as llama.cpp's
+      CPU backend does; see blocks.cpp).
     """
     return torch.ops.llamaforge.linear(x, weight, scales)
+
+
+def gguf_info(qtype: int, k: int) -> Tensor:
+    """The ``scales`` argument that marks ``weight`` as GGUF blocks of ggml type ``qtype`` with ``k`` columns."""
+    return torch.tensor([int(qtype), int(k)], dtype=torch.int64)
+
+
+def gguf_linear_reference(x: Tensor, blocks: Tensor, info: Tensor) -> Tensor:
+    """``linear`` for GGUF blocks through the portable scalar code (the vector kernels are tested against it)."""
+    return torch.ops.llamaforge.gguf_linear_reference(x, blocks, info)
 
 
 def int4_scale_bias(scales_and_zeros: Tensor) -> Tensor:
@@ -167,6 +184,10 @@ def _register_fakes() -> None:
     def _(x, w, scales=None):
         n = w.shape[1] if w.dim() == 3 else w.shape[0]
         return x.new_empty((*x.shape[:-1], n))
+
+    @torch.library.register_fake("llamaforge::gguf_linear_reference")
+    def _(x, w, info):
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
 
     @torch.library.register_fake("llamaforge::decode_step")
     def _(x, cos, sin, positions, rows, cache_len, params, parts, k_caches, v_caches, n_heads, n_kv_heads, eps):

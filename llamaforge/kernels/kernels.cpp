@@ -18,6 +18,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "blocks.h"
+
+using llamaforge::gguf_matmul;
+using llamaforge::gguf_row_bytes;
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -121,15 +126,17 @@ struct I8 {
 };
 
 // Weights as stored ---------------------------------------------------------------------------------------
-enum class Format { F32, F16, BF16, Int8, Int4, Q8_0 };
+enum class Format { F32, F16, BF16, Int8, Int4, Q8_0, GGUF };
 
 // A linear layer's weights, y[m, n] = sum_k x[m, k] w[n, k]. `aux` holds the scales: int8 [N] per row;
-// 4-bit [N, 2, K/group] (scale, bias) per row and group; Q8_0 [K/32, N] per block.
+// 4-bit [N, 2, K/group] (scale, bias) per row and group; Q8_0 [K/32, N] per block. GGUF blocks (blocks.cpp)
+// carry their scales inside; `qtype` is their ggml type.
 struct Weights {
   Format format;
   int64_t N, K, group;
   const void* w;
   const float* aux;
+  int64_t qtype = -1;
 };
 
 Weights weights_of(const Tensor& w, const std::optional<Tensor>& aux, const char* who) {
@@ -139,6 +146,16 @@ Weights weights_of(const Tensor& w, const std::optional<Tensor>& aux, const char
                 who, ": scales must be float32 ", layout, " (", numel, " values)");
     return aux->data_ptr<float>();
   };
+  if (aux.has_value() && aux->scalar_type() == at::kLong) {  // GGUF blocks [N, bytes per row], aux = (type, K)
+    TORCH_CHECK(aux->numel() == 2 && aux->is_cpu(), who, ": GGUF blocks need an int64 (ggml type, K) tensor");
+    const int64_t qtype = aux->data_ptr<int64_t>()[0], K = aux->data_ptr<int64_t>()[1];
+    const int64_t row_bytes = gguf_row_bytes(qtype, K);
+    TORCH_CHECK(row_bytes > 0, who, ": ggml type ", qtype, " with ", K, " columns has no native kernel");
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(1) == row_bytes, who,
+                ": GGUF blocks of ggml type ", qtype, " with ", K, " columns must be uint8 [N, ", row_bytes, "], got ",
+                w.scalar_type(), " ", w.sizes());
+    return {Format::GGUF, w.size(0), K, 0, w.data_ptr(), nullptr, qtype};
+  }
   if (!aux.has_value()) {
     TORCH_CHECK(w.dim() == 2, who, ": float weight must be [N, K]");
     const auto dtype = w.scalar_type();
@@ -462,6 +479,8 @@ void matmul(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, 
           },
           [](int64_t) { return 1.f; });
     }
+    case Format::GGUF:
+      return gguf_matmul(W.qtype, static_cast<const uint8_t*>(W.w), N, K, x, M, y, ldy, accumulate);
     case Format::Q8_0: {
       const int8_t* q = static_cast<const int8_t*>(W.w);
       const Int16Rows xr = quantize_rows(x, M, K, 32, /*pair_order=*/false);
@@ -482,6 +501,20 @@ Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& aux
   const int64_t M = xf.size(0);
   Tensor y = at::empty({M, W.N}, xf.options());
   matmul(W, xf.data_ptr<float>(), M, y.data_ptr<float>(), W.N, false);
+  auto sizes = x.sizes().vec();
+  sizes.back() = W.N;
+  return y.view(sizes).to(x.scalar_type());
+}
+
+// linear() through the portable scalar code for GGUF blocks, whatever the CPU (tests compare against it).
+Tensor gguf_linear_reference(const Tensor& x, const Tensor& w, const Tensor& info) {
+  const Weights W = weights_of(w, info, "gguf_linear_reference");
+  TORCH_CHECK(W.format == Format::GGUF, "gguf_linear_reference: takes GGUF blocks");
+  TORCH_CHECK(x.size(-1) == W.K, "gguf_linear_reference: input has ", x.size(-1), " features, the weights take ", W.K);
+  Tensor xf = x.reshape({-1, W.K}).to(at::kFloat).contiguous();
+  Tensor y = at::empty({xf.size(0), W.N}, xf.options());
+  gguf_matmul(W.qtype, static_cast<const uint8_t*>(W.w), W.N, W.K, xf.data_ptr<float>(), xf.size(0),
+              y.data_ptr<float>(), W.N, false, /*reference=*/true);
   auto sizes = x.sizes().vec();
   sizes.back() = W.N;
   return y.view(sizes).to(x.scalar_type());
@@ -867,6 +900,7 @@ Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const 
 
 TORCH_LIBRARY(llamaforge, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? scales=None) -> Tensor");
+  m.def("gguf_linear_reference(Tensor x, Tensor w, Tensor info) -> Tensor");
   m.def(
       "decode_step(Tensor x, Tensor cos, Tensor sin, Tensor positions, Tensor rows, int cache_len, Tensor?[] params, "
       "int[] parts, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_heads, int n_kv_heads, float eps) -> Tensor");
@@ -874,5 +908,6 @@ TORCH_LIBRARY(llamaforge, m) {
 
 TORCH_LIBRARY_IMPL(llamaforge, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("gguf_linear_reference", &gguf_linear_reference);
   m.impl("decode_step", &decode_step);
 }
