@@ -53,6 +53,10 @@ SCHEMA = {
     "additionalProperties": False,
 }
 PROMPT = [{"role": "user", "content": "Write a long grocery order for a big party as JSON."}]
+HEADER = (
+    "| batch | tok/s (wall), no constraint | tok/s (wall), JSON schema | tok per CPU-s, no constraint "
+    "| tok per CPU-s, JSON schema | CPU cost of the schema | time in masks |\n|---|---|---|---|---|---|---|"
+)
 
 
 CLOCK = [0.0]  # seconds spent applying grammar masks
@@ -73,8 +77,9 @@ def _time_masks() -> None:
     GrammarProcessor.apply_batch = staticmethod(timed)
 
 
-def decode_run(llm, ids: list[int], batch: int, tokens: int, grammar: str | None) -> tuple[float, float]:
-    """(decode tokens/s, seconds inside the processors) for `batch` rows decoding `tokens` tokens."""
+def decode_run(llm, ids: list[int], batch: int, tokens: int, grammar: str | None) -> tuple[float, float, float]:
+    """(decode tokens per wall second, per CPU second of this process, share of the wall time in the masks) for
+    `batch` rows decoding `tokens` tokens."""
     from llamaforge.constrain import Constrainer
     from llamaforge.generate import Engine
     from llamaforge.sampling import SamplingParams
@@ -87,13 +92,14 @@ def decode_run(llm, ids: list[int], batch: int, tokens: int, grammar: str | None
         engine.add(ids, SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True, logits_processors=procs))
     engine.step()  # prefill (and the first token)
     CLOCK[0] = 0.0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     steps = 0
     while engine.has_work:
         engine.step()
         steps += 1
-    seconds = time.perf_counter() - start
-    return batch * (tokens - 1) / seconds, CLOCK[0] / seconds
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    n = batch * (tokens - 1)
+    return n / seconds, n / cpu, CLOCK[0] / seconds
 
 
 def compile_times(llm) -> dict[str, float]:
@@ -138,16 +144,17 @@ def main() -> int:
 
     rows = []
     for batch in args.batch:
-        plain, constrained, share = [], [], []
+        runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], "schema": []}
         for _ in range(args.rounds):
-            plain.append(decode_run(llm, ids, batch, args.tokens, None)[0])
-            speed, mask = decode_run(llm, ids, batch, args.tokens, grammar)
-            constrained.append(speed)
-            share.append(mask)
-        p, c, m = statistics.median(plain), statistics.median(constrained), statistics.median(share)
-        rows.append((batch, p, c, 1 - c / p, m))
-        print(f"batch {batch:2d}: {p:7.1f} tok/s plain, {c:7.1f} tok/s with the schema "
-              f"({(1 - c / p) * 100:+.1f}% slower), masks {m * 100:.1f}% of decode time", flush=True)  # fmt: skip
+            runs["plain"].append(decode_run(llm, ids, batch, args.tokens, None))
+            runs["schema"].append(decode_run(llm, ids, batch, args.tokens, grammar))
+        (p, pc, _), (c, cc, m) = ([statistics.median(x) for x in zip(*runs[k])] for k in ("plain", "schema"))
+        rows.append((batch, p, c, pc, cc, m))
+        print(
+            f"batch {batch:2d}: {p:7.1f} / {c:7.1f} tok/s plain / with the schema (wall), {pc:7.1f} / {cc:7.1f} "
+            f"tok per CPU-second ({(1 - cc / pc) * 100:+.1f}%), masks {m * 100:.1f}% of decode time",
+            flush=True,
+        )
     times = compile_times(llm)
     load = os.getloadavg()[0]
     print(
@@ -157,17 +164,20 @@ def main() -> int:
 
     if not args.no_results:
         command = "python benchmarks/bench_constrain.py " + " ".join(sys.argv[1:])
-        table = "\n".join(f"| {b} | {p:.1f} | {c:.1f} | {d * 100:.1f}% | {m * 100:.1f}% |" for b, p, c, d, m in rows)
+        table = "\n".join(
+            f"| {b} | {p:.1f} | {c:.1f} | {pc:.1f} | {cc:.1f} | {(1 - cc / pc) * 100:+.1f}% | {m * 100:.1f}% |"
+            for b, p, c, pc, cc, m in rows
+        )
         replace_section(f"""## Constrained decoding (llguidance)
 
 `{command.strip()}`: SmolLM2-135M-Instruct (built-in GGUF, `llamaforge.load` defaults), {args.threads} threads,
 {args.tokens} greedy tokens per row, medians of {args.rounds} alternating rounds; a JSON schema of an order with
 at least 40 items (the JSON never closes within the run, so every step computes a real mask). Load average
-{load:.1f} on {os.cpu_count()} cores when the run ended (a CPU shared with other jobs): the tokens/s columns
-are wall-clock and noisy; the time spent in masks is measured directly.
+{load:.1f} on {os.cpu_count()} cores when the run ended (a CPU shared with other jobs): wall-clock tokens/s
+swing with the other jobs; tokens per CPU-second of this process vary less, and the time spent in the masks is
+measured directly (a share of the constrained run's decode wall time).
 
-| batch | decode tok/s, no constraint | decode tok/s, JSON schema | slowdown | time in masks |
-|---|---|---|---|---|
+{HEADER}
 {table}
 
 Grammar compilation, added to the first token of a request: the vocabulary tables (once per tokenizer, at the
