@@ -123,7 +123,7 @@ class _PieceVocab:
         # llguidance tokenizes text that a grammar forces, and expects no dummy-prefix space in front of it
         import sentencepiece as spm
 
-        from .tokenizers.formats import sp_proto_without_dummy_prefix
+        from .tokenizer.formats import sp_proto_without_dummy_prefix
 
         self._sp = spm.SentencePieceProcessor()
         self._sp.LoadFromSerializedProto(sp_proto_without_dummy_prefix(tokenizer.model_proto))

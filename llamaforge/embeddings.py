@@ -28,7 +28,7 @@ MAX_BATCH_TOKENS = 4096
 
 def encode_inputs(llm: LLM, inputs: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
     """Token ids of each input: one text, a list of texts, one list of ids, or a list of id lists."""
-    from .generate import encode_prompt
+    from .inference import encode_prompt
 
     if isinstance(inputs, str):
         inputs = [inputs]

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from . import inference
 from .checkpoint import load_model
 from .config import ModelConfig
+from .inference import Completion, Engine
 from .model import Transformer
+from .tokenizer import Tokenizer, load_tokenizer
 
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+ENGINE_BATCH = 32  # requests the Python API's engine runs together (more are queued)
 
 
 @dataclass
 class LLM:
-    """A model ready to use. ``llm.model(tokens[B, T]) -> logits[B, T, vocab]``."""
+    """A model ready to use. ``llm.model(tokens[B, T]) -> logits[B, T, vocab]``.
+
+    ``generate``, ``stream`` and ``chat`` run on one engine that this object keeps (``llm.engine()``), so its KV
+    cache outlives a call: a prompt that starts like an earlier one (the same system prompt, a chat's earlier
+    turns) reuses the cached prefix instead of computing it again."""
 
     model: Transformer
     tokenizer: Tokenizer | None
@@ -28,6 +35,8 @@ class LLM:
     source: str = ""
     format: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
+    _engine_key: tuple = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -38,42 +47,88 @@ class LLM:
             raise ValueError(f"{self.source}: this checkpoint has no tokenizer; pass token ids instead of text")
         return self.tokenizer
 
-    def generate(self, prompt: Any, **kwargs: Any) -> Any:
-        """Complete `prompt` (text or token ids); see ``llamaforge.generate.generate`` for the options."""
-        from .generate import generate
+    def engine(self, *, compile: bool = False, draft: LLM | None = None, speculative: str | None = None,
+               num_speculative: int | None = None, max_batch: int = ENGINE_BATCH,
+               cache_type: str | None = None) -> Engine:  # fmt: skip
+        """The engine behind ``generate/stream/chat``, built on first use and kept while these settings stay the
+        same (and the weights are not moved or replaced). An engine that is busy (a stream still open) is left
+        alone: the call gets a fresh one for itself.
 
-        return generate(self, prompt, **kwargs)
+        `draft`: speculative decoding with this smaller model (same tokenizer); `speculative="ngram"`: with
+        prompt lookup, no second model; `num_speculative`: draft tokens per step (default 4 with a draft, 3
+        with prompt lookup); `cache_type`: the KV cache's "float32", "float16", "bfloat16" or "q8_0" (default: the
+        model's dtype, float16 for float32 models with quantized weights)."""
+        if speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be 'ngram' or None (or pass draft=), got {speculative!r}")
+        key = (compile, id(draft.model) if draft is not None else None, speculative, num_speculative, max_batch,
+               id(self.tokenizer), cache_type)  # fmt: skip
+        engine = self._engine
+        reusable = engine is not None and key == self._engine_key and engine.step_fn.is_current(self.model)
+        if reusable and engine.idle:  # type: ignore[union-attr]
+            return engine  # type: ignore[return-value]
+        step = engine.step_fn if reusable else None  # a busy engine: share its step (fused weights), not its cache
+        if speculative == "draft" and draft is None:
+            raise ValueError("speculative='draft' needs draft=<a smaller LLM with the same tokenizer>")
+        speculator = inference.make_speculator(self, draft, speculative == "ngram", num_speculative)
+        fresh = Engine(self, max_batch=max_batch, compile=compile, preallocate=False, speculator=speculator, step=step,
+                       cache_dtype=cache_type)  # fmt: skip
+        if not reusable or engine is None:
+            self._engine, self._engine_key = fresh, key
+        return fresh
 
-    def stream(self, prompt: Any, **kwargs: Any) -> Any:
-        """Yield the completion of `prompt` piece by piece as it is generated."""
-        from .generate import stream
-
-        return stream(self, prompt, **kwargs)
-
-    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Any:
-        """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format; with
-        ``tools=[...]`` the Completion's ``tool_calls`` holds the calls the model made."""
-        from .generate import chat
-
-        return chat(self, messages, **kwargs)
-
-    def embed(self, texts: Any, pooling: str = "mean", normalize: bool = True) -> Any:
-        """Embeddings [N, dim] of texts (or token-id lists): the final hidden states, pooled ("mean" or
-        "last") and L2-normalized; see ``llamaforge.embeddings``."""
+    def embed(self, texts: Any, pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+        """Embeddings [N, dim] of texts (or token-id lists): the final hidden states, pooled ("mean" or "last")
+        and L2-normalized; see ``llamaforge.embeddings``."""
         from .embeddings import embed
 
         return embed(self, texts, pooling=pooling, normalize=normalize)
 
+    def clear_cache(self) -> None:
+        """Drop the engine and its KV cache (with every prefix it holds), e.g. to free the memory for training."""
+        self._engine, self._engine_key = None, ()
+
+    def generate(self, prompt: Any, *, compile: bool = False, draft: LLM | None = None, speculative: str | None = None,
+                 num_speculative: int | None = None, max_batch: int = ENGINE_BATCH, cache_type: str | None = None,
+                 **options: Any) -> Completion | list[Completion]:  # fmt: skip
+        """Complete `prompt` (text or token ids), or a list of prompts together (a list of Completions).
+        Options: the fields of ``SamplingParams`` and one output constraint (``json_schema=``, ``json_object=True``,
+        ``regex=``, ``choice=[...]``, ``grammar=`` GBNF or Lark; ``llamaforge.inference.generate``); see ``engine``
+        for the rest."""
+        engine = self.engine(compile=compile, draft=draft, speculative=speculative, num_speculative=num_speculative,
+                             max_batch=max_batch, cache_type=cache_type)  # fmt: skip
+        return inference.generate(engine, prompt, **options)
+
+    def stream(self, prompt: Any, *, compile: bool = False, **options: Any) -> Iterator[str]:
+        """Yield the completion of `prompt` piece by piece (complete UTF-8) as it is generated."""
+        return inference.stream(self.engine(compile=compile), prompt, **options)
+
+    def stream_events(self, prompt: Any, params: inference.SamplingParams | None = None, *,
+                      compile: bool = False) -> Iterator[inference.Event]:  # fmt: skip
+        """The events of one request (token ids, text, logprobs, finish_reason); closing the iterator cancels it."""
+        return inference.stream_events(self.engine(compile=compile), prompt, params)
+
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
+             **options: Any) -> Completion | Iterator[Any]:  # fmt: skip
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format; ``stream=True``
+        yields text pieces instead. Earlier turns come from the engine's prefix cache. With ``tools=[...]`` (and
+        ``tool_choice``, ``parallel_tool_calls``, ``tool_format``) the Completion's ``tool_calls`` holds the calls
+        the model made (``inference.chat_with_tools``; streamed as ``tools.Delta`` pieces)."""
+        if any(options.get(k) is not None for k in inference.TOOL_OPTIONS):
+            compile = options.pop("compile", False)
+            return inference.chat_with_tools(self.engine(compile=compile), messages, stream=stream, **options)
+        ids = inference.chat_prompt_ids(self.require_tokenizer(), messages)
+        if stream:
+            return self.stream(ids, **options)
+        return self.generate(ids, **options)
+
 
 def resolve_source(source: str | os.PathLike) -> Path:
     """A local path as it is; otherwise a built-in model name or hub id, fetched into the cache."""
+    from .hub import resolve_model
+
     path = Path(source).expanduser()
     if path.exists():
         return path
-    try:
-        from .hub import resolve_model
-    except ModuleNotFoundError as exc:  # pragma: no cover - hub support not installed
-        raise FileNotFoundError(f"no such file or directory: {source}") from exc
     return resolve_model(str(source))
 
 
@@ -119,10 +174,6 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
 
 
 def _load_tokenizer_if_present(path: Path) -> Tokenizer | None:
-    try:
-        from .tokenizer import load_tokenizer
-    except ModuleNotFoundError:
-        return None
     try:
         return load_tokenizer(path)
     except FileNotFoundError:

@@ -62,22 +62,28 @@ _LINEAR_NAMES = re.compile(r"(^|\.)(wq|wk|wv|wo|w1|w2|w3|output)$")
 
 
 def gguf_schemes() -> tuple[str, ...]:
-    """GGUF block types an in-memory model can be quantized to (those ``gguf_quants`` has quantizers for)."""
+    """GGUF schemes an in-memory model can be quantized to: llama.cpp's mixes ("q4_k_m", "q8_0", ...: each matrix
+    the type llama.cpp's quantizer gives it) and single block types ("q4_k": every matrix that type)."""
+    from .gguf_mixes import MIXES
     from .gguf_quants import QUANTIZABLE
 
-    return tuple(sorted(t.name.lower() for t in QUANTIZABLE if t.name in GGUF_BLOCK_TYPES))
+    types = {t.name.lower() for t in QUANTIZABLE if t.name in GGUF_BLOCK_TYPES}
+    return tuple(sorted(set(MIXES) | types))
 
 
 def parse_scheme(scheme: str, group_size: int | None = None) -> tuple[str, int | None]:
-    """("int8", None), ("int4", group) from a scheme name such as "int4-g64", or ("gguf", ggml type) for a GGUF
-    block type ("q8_0", "q4_k", ...); clear errors otherwise."""
+    """("int8", None), ("int4", group) from a scheme name such as "int4-g64", ("gguf-mix", None) for one of
+    llama.cpp's mixes ("q4_k_m", "q8_0", ...) or ("gguf", ggml type) for a block type ("q4_k"); clear errors
+    otherwise."""
     s = scheme.lower().strip()
     if s in gguf_schemes():
         from gguf import GGMLQuantizationType
 
+        from .gguf_mixes import MIXES
+
         if group_size is not None:
             raise ValueError(f"{scheme} has its own block size; group_size applies only to int4")
-        return "gguf", int(GGMLQuantizationType[s.upper()])
+        return ("gguf-mix", None) if s in MIXES else ("gguf", int(GGMLQuantizationType[s.upper()]))
     if s == "int8":
         if group_size is not None:
             raise ValueError("int8 quantization is per output channel; group_size applies only to int4")
@@ -136,6 +142,10 @@ class _QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.requires_grad and torch.is_grad_enabled():
+            # The native and torch int kernels have no backward: a gradient wanted through this layer (LoRA /
+            # QLoRA on a quantized base) takes the dequantized matmul, which autograd differentiates.
+            return F.linear(x, self.dequantize(x.dtype))
         if x.is_floating_point() and kernels.usable(x) and (native := self.native_weights()) is not None:
             return kernels.linear(x, *native)
         x2 = x.reshape(-1, self.in_features)
@@ -354,8 +364,10 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model(model: Transformer, scheme: str = "int8", group_size: int | None = None,
                    compute_dtype: torch.dtype | None = None) -> Transformer:  # fmt: skip
     """Swap the attention/FFN linears and the output head for quantized modules, in place: int8 or int4 (torch's
-    kernels' layouts), or GGUF blocks ("q8_0", "q4_0", ... as ``GGUFLinear``, the kernels llamaforge runs GGUF
-    files with; a matrix whose rows do not fill that type's blocks takes Q8_0, as llama.cpp's quantizer does).
+    kernels' layouts), or GGUF blocks as ``GGUFLinear`` (the kernels llamaforge runs GGUF files with): one of
+    llama.cpp's mixes ("q4_k_m", "q8_0", ...: each matrix gets the type llama.cpp's quantizer gives it, so the
+    model equals `convert --quantize` of the same checkpoint) or one block type for every matrix ("q4_k"; a
+    matrix whose rows do not fill its blocks takes Q8_0).
 
     Shapes are checked for every layer before anything changes, so a failure leaves the model intact.
     A tied output head is quantized as its own copy (the embedding table stays float).
@@ -367,20 +379,33 @@ def quantize_model(model: Transformer, scheme: str = "int8", group_size: int | N
     if kind == "int4":
         for name, lin in targets:
             check_int4_shape(lin.in_features, lin.out_features, group, name)  # type: ignore[arg-type]
-    if kind == "gguf":
-        for name, lin in targets:
-            _block_type(group, lin.in_features, name)  # type: ignore[arg-type]
+    if kind.startswith("gguf"):
+        types = {name: _gguf_type(model, scheme, kind, group, name, lin) for name, lin in targets}
     for name, lin in tqdm(targets, desc=f"quantizing to {scheme}", unit="matrix", disable=None, leave=False):
         if kind == "int8":
             new: nn.Module = Int8Linear.from_float(lin.weight, compute_dtype)
         elif kind == "int4":
             new = Int4Linear.from_float(lin.weight, group, compute_dtype)  # type: ignore[arg-type]
+        elif types[name] is None:
+            continue  # rows that fill no GGUF block: the matrix stays float, as llama.cpp keeps it F16
         else:
-            new = GGUFLinear.from_float(lin.weight, _block_type(group, lin.in_features, name))  # type: ignore[arg-type]
+            new = GGUFLinear.from_float(lin.weight, types[name])
         _set_module(model, name, new)
-    named = scheme.lower() if kind == "gguf" else kind
+    named = scheme.lower() if kind.startswith("gguf") else kind
     model.quantization = {"scheme": named, "group_size": group if kind == "int4" else None}  # type: ignore[assignment]
     return model
+
+
+def _gguf_type(model: Transformer, scheme: str, kind: str, qtype: int | None, name: str, lin: nn.Linear) -> int | None:
+    """The GGUF type `scheme` gives the linear `name` (None: it stays float)."""
+    if kind == "gguf":
+        return _block_type(qtype, lin.in_features, name)  # type: ignore[arg-type]
+    from gguf import GGMLQuantizationType as Q
+
+    from .gguf_mixes import tensor_type
+
+    chosen = tensor_type(model.config, f"{name}.weight", (lin.out_features, lin.in_features), scheme.lower())
+    return None if chosen in (Q.F16, Q.F32, Q.BF16) else int(chosen)
 
 
 def _block_type(qtype: int, in_features: int, name: str) -> int:

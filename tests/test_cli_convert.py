@@ -20,10 +20,11 @@ COMMAND = Path(sys.executable).with_name("llamaforge")
 
 
 def llama3_tokenizer():
+    from llamaforge.tokenizer import load_tokenizer
+
     spec = pytest.importorskip("llama_models")
     path = Path(spec.__file__).parent / "llama3" / "tokenizer.model"
-    tokenizer_module = pytest.importorskip("llamaforge.tokenizer")
-    return tokenizer_module.load_tokenizer(path)
+    return load_tokenizer(path)
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:

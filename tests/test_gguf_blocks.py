@@ -265,3 +265,24 @@ def test_unknown_block_scheme_lists_the_choices():
 
     with pytest.raises(ValueError, match=r"unknown quantization scheme 'q9_0'; choose one of .*q8_0"):
         parse_scheme("q9_0")
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "q6_k", "q8_0"])
+def test_quantize_on_load_equals_the_converted_file(tmp_path, mix):
+    """`load(checkpoint, quantize=MIX)` builds the same blocks as `convert --quantize MIX` writes (llama.cpp's mix)."""
+    from llamaforge.checkpoint import save_model
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", dim=256, hidden_dim=512)).eval()
+    save_model(model, tmp_path / "hf", "hf")
+    G.write(tmp_path / "m.gguf", model.config, model_tensors(model), dtype=mix)
+    raw = G.read_raw(tmp_path / "m.gguf")
+    llm = llamaforge.load(tmp_path / "hf", quantize=mix)
+    checked = 0
+    for name, mod in llm.model.named_modules():
+        if isinstance(mod, GGUFLinear) and f"{name}.weight" in raw:
+            t = raw[f"{name}.weight"]
+            assert mod.qtype == t.qtype, name
+            assert torch.equal(mod.blocks, t.data), name
+            checked += 1
+    assert checked == 7 * 2 + 1  # every attention and feed-forward matrix of both layers, and the head

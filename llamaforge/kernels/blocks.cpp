@@ -201,12 +201,15 @@ struct Q2_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 0;
   static constexpr bool MIN = true;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p + 80), dmin = half(p + 82);
+    for (int t = 0; t < 16; ++t) a[t] = d * (p[t] & 15), b[t] = -dmin * (p[t] >> 4);
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 4; ++j)
         for (int l = 0; l < 32; ++l) u[128 * h + 32 * j + l] = (p[16 + 32 * h + l] >> (2 * j)) & 3;
-    for (int t = 0; t < 16; ++t) a[t] = d * (p[t] & 15), b[t] = -dmin * (p[t] >> 4);
+    scales(p, a, b);
   }
 };
 // Q3_K: hmask[32] (third bits), qs[64] (low 2 bits), scales[12] (16 six-bit), d; w = d (sc - 32) (q - 4 (1 - h)).
@@ -216,15 +219,18 @@ struct Q3_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 4;
   static constexpr bool MIN = false;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p + 108);
+    int sc[16];
+    k3_scales(p + 96, sc);
+    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(sc[t]), b[t] = 0.f;
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int h = 0; h < 2; ++h)
       for (int j = 0; j < 4; ++j)
         for (int l = 0; l < 32; ++l)
           u[128 * h + 32 * j + l] = ((p[32 + 32 * h + l] >> (2 * j)) & 3) | (((p[l] >> (4 * h + j)) & 1) << 2);
-    int sc[16];
-    k3_scales(p + 96, sc);
-    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(sc[t]), b[t] = 0.f;
+    scales(p, a, b);
   }
 };
 // Q4_K: d, dmin, scales[12] (8 six-bit scales and mins), qs[128]; each 32 bytes: two sub-blocks (low, high nibbles).
@@ -234,13 +240,16 @@ struct Q4_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 0;
   static constexpr bool MIN = true;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p), dmin = half(p + 2);
     uint8_t sc[8], mn[8];
     k4_scales(p + 4, sc, mn);
+    for (int t = 0; t < 8; ++t) a[t] = d * sc[t], b[t] = -dmin * mn[t];
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int j = 0; j < 4; ++j)
       for (int l = 0; l < 32; ++l) u[64 * j + l] = p[16 + 32 * j + l] & 15, u[64 * j + 32 + l] = p[16 + 32 * j + l] >> 4;
-    for (int t = 0; t < 8; ++t) a[t] = d * sc[t], b[t] = -dmin * mn[t];
+    scales(p, a, b);
   }
 };
 // Q5_K: as Q4_K plus qh[32]: bit t of qh[l] is the fifth bit of weight l of sub-block t.
@@ -250,17 +259,15 @@ struct Q5_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 0;
   static constexpr bool MIN = true;
+  static void scales(const uint8_t* p, float* a, float* b) { Q4_K::scales(p, a, b); }  // the same 12 bytes
   static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
-    const float d = half(p), dmin = half(p + 2);
-    uint8_t sc[8], mn[8];
-    k4_scales(p + 4, sc, mn);
     const uint8_t *qh = p + 16, *qs = p + 48;
     for (int j = 0; j < 4; ++j)
       for (int l = 0; l < 32; ++l) {
         u[64 * j + l] = (qs[32 * j + l] & 15) | (((qh[l] >> (2 * j)) & 1) << 4);
         u[64 * j + 32 + l] = (qs[32 * j + l] >> 4) | (((qh[l] >> (2 * j + 1)) & 1) << 4);
       }
-    for (int t = 0; t < 8; ++t) a[t] = d * sc[t], b[t] = -dmin * mn[t];
+    scales(p, a, b);
   }
 };
 // Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales int8[16], d; w = d sc (q - 32).
@@ -270,8 +277,11 @@ struct Q6_K {
   static constexpr bool SIGNED = false;
   static constexpr int Z = 32;
   static constexpr bool MIN = false;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p + 208);
+    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(static_cast<int8_t>(p[192 + t])), b[t] = 0.f;
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
     for (int h = 0; h < 2; ++h) {
       const uint8_t *ql = p + 64 * h, *qh = p + 128 + 32 * h;
       uint8_t* y = u + 128 * h;
@@ -282,7 +292,7 @@ struct Q6_K {
         y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
       }
     }
-    for (int t = 0; t < 16; ++t) a[t] = d * static_cast<float>(static_cast<int8_t>(p[192 + t])), b[t] = 0.f;
+    scales(p, a, b);
   }
 };
 // IQ4_XS: d, scales_h (2 high bits of 8 six-bit scales), scales_l[4] (low nibbles), qs[128] (IQ4_NL codes).
@@ -292,12 +302,17 @@ struct IQ4_XS {
   static constexpr bool SIGNED = true;
   static constexpr int Z = 128;
   static constexpr bool MIN = false;
-  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+  static void scales(const uint8_t* p, float* a, float* b) {
     const float d = half(p);
     const uint16_t sh = static_cast<uint16_t>(p[2] | (p[3] << 8));
     for (int t = 0; t < 8; ++t) {
       const int ls = ((p[4 + t / 2] >> (4 * (t % 2))) & 15) | (((sh >> (2 * t)) & 3) << 4);
       a[t] = d * static_cast<float>(ls - 32), b[t] = 0.f;
+    }
+  }
+  static void canon(const uint8_t* p, int, uint8_t* u, float* a, float* b) {
+    scales(p, a, b);
+    for (int t = 0; t < 8; ++t) {
       const uint8_t* q = p + 8 + 16 * t;
       for (int i = 0; i < 16; ++i) {
         u[32 * t + i] = static_cast<uint8_t>(IQ4_VALUES[q[i] & 15] + 128);
@@ -336,14 +351,14 @@ void parallel_chunks(int64_t N, int64_t grain, const F& f) {
 // (its Q8_0 blocks, whose scale is stored as float16), 256 for the K-quants (its Q8_K, a float scale: their integer
 // sub-block scales then apply before any float arithmetic). Zero-padded to a multiple of 256 columns (Kp).
 //   q [M, Kp]; d [M, Kp/span] the scales; bs [M, Kp/16] sums of q per 16 columns (int16; float in fbs16) and per
-//   32 (s32; float in fbs32); bx [M, Kp/32] for the 32-weight types: the block's sum of activations d * sum(q), or, for the types
+//   32 (s32, and negated in neg_s32; float in fbs32); bx [M, Kp/32] for the 32-weight types: the block's sum of activations d * sum(q), or, for the types
 //   with a min (llama.cpp's Q8_1 activations), float16(unrounded scale * sum(q)).
 struct XRows {
   int64_t M, Kp, span;
   const int8_t* q;
   const float* d;
   const int16_t* bs;
-  const int32_t* s32;
+  const int32_t *s32, *neg_s32;
   const float *fbs16, *fbs32, *bx;
 };
 
@@ -353,7 +368,8 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) 
   thread_local std::vector<int32_t> s32;
   thread_local std::vector<float> f;
   const int64_t Kp = (K + QK - 1) / QK * QK, nd = Kp / span, n16 = Kp / 16, n32 = Kp / 32;
-  q.assign(M * Kp, 0), bs.assign(M * n16, 0), s32.assign(M * n32, 0), f.assign(M * (nd + n16 + 2 * n32), 0.f);
+  q.assign(M * Kp, 0), bs.assign(M * n16, 0), s32.assign(2 * M * n32, 0), f.assign(M * (nd + n16 + 2 * n32), 0.f);
+  int32_t* neg_s32 = s32.data() + M * n32;
   float *d = f.data(), *fbs16 = d + M * nd, *fbs32 = fbs16 + M * n16, *bx = fbs32 + M * n32;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < K; c += span) {  // K is a multiple of 32 (the blocks); a partial last span is zero-padded
@@ -375,14 +391,14 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) 
         for (int j = 0; j < 16; ++j) s += qc[i + j];
         const int64_t t = m * n16 + (c + i) / 16;
         bs[t] = static_cast<int16_t>(s), fbs16[t] = static_cast<float>(s);
-        s32[t / 2] += s, fbs32[t / 2] += static_cast<float>(s);
+        s32[t / 2] += s, neg_s32[t / 2] -= s, fbs32[t / 2] += static_cast<float>(s);
       }
       if (span == 32) {
         const float sum = fbs32[m * n32 + c / 32];
         bx[m * n32 + c / 32] = q8_1 ? static_cast<float>(c10::Half(scale * sum)) : d[m * nd + c / 32] * sum;
       }
     }
-  return {M, Kp, span, q.data(), d, bs.data(), s32.data(), fbs16, fbs32, bx};
+  return {M, Kp, span, q.data(), d, bs.data(), s32.data(), neg_s32, fbs16, fbs32, bx};
 }
 
 inline void put(float* y, float v, bool accumulate) { *y = accumulate ? *y + v : v; }
@@ -563,8 +579,7 @@ inline void unpack(const uint8_t* p, int nb, Group& g) {
     _mm256_store_ps(g.a, halves8(p, T::BYTES, nb));
     _mm256_store_ps(g.b, T::MIN ? halves8(p + 2, T::BYTES, nb) : _mm256_setzero_ps());
   } else {
-    uint8_t u[QK];  // the scales from the reference unpacking (scales are 1/16 or 1/32 of the work)
-    T::canon(p, nb, u, g.a, g.b);
+    T::scales(p, g.a, g.b);
   }
 }
 
@@ -744,7 +759,9 @@ inline void row_32(const uint8_t* row, int64_t blocks, const XRows& x, int64_t m
       if constexpr (T::SIGNED) {  // |code| times x with the code's sign: no offset
         s = dot4(_mm256_setzero_si256(), _mm256_abs_epi8(c), _mm256_sign_epi8(xv, c));
       } else {  // sum(u q) - Z sum(q), exactly: each of the 8 lanes starts at -Z/8 sum(q)
-        s = dot4(T::Z ? _mm256_set1_epi32(-(T::Z / 8) * x.s32[i]) : _mm256_setzero_si256(), c, xv);
+        __m256i start = _mm256_setzero_si256();
+        if constexpr (T::Z != 0) start = _mm256_slli_epi32(_mm256_set1_epi32(x.neg_s32[i]), std::countr_zero(T::Z / 8u));
+        s = dot4(start, c, xv);
       }
       a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(x.d[i])), a[r]);
       // w = d u + m: the min times the block's activation sum, an eighth in each lane.

@@ -23,8 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generate import Engine, Event, TokenLogprob
-from ..sampling import SamplingParams
+from ..inference import Engine, Event, SamplingParams, TokenLogprob
 from .metrics import Metrics
 
 log = logging.getLogger("llamaforge.serve")
@@ -134,13 +133,12 @@ class AsyncEngine:
         finally:
             self.cancel(subs)
 
-    async def run_job(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn()`` on the engine thread between two steps (what uses the model outside generation, such as
-        embeddings, runs there); returns its result or raises its exception."""
-        if not self.accepting:
-            raise ShuttingDownError("the server is shutting down and accepts no new requests")
-        future = asyncio.get_running_loop().create_future()
-        self._send(("job", fn, future))
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between two steps (the engine is not thread-safe) and return
+        its result (or raise its exception)."""
+        assert self._loop is not None
+        future: asyncio.Future = self._loop.create_future()
+        self._send(("call", fn, future))
         return await future
 
     def begin_shutdown(self, drain_timeout: float) -> None:
@@ -254,16 +252,13 @@ class AsyncEngine:
             sub = command[1]
             if sub.handle is not None and sub.handle in self._by_handle:
                 self.engine.cancel(sub.handle)
-        elif kind == "job":
-            fn, future = command[1], command[2]
-            if future.cancelled():
-                return
+        elif kind == "call":
+            _, fn, future = command
             try:
-                result = fn()
-            except Exception as exc:
-                self._call_soon(_settle, future, None, exc)
-            else:
-                self._call_soon(_settle, future, result, None)
+                result, error = fn(self.engine), None
+            except Exception as exc:  # handed to the awaiting request
+                result, error = None, exc
+            self._call_soon(_settle, future, result, error)
 
     def _forget(self, handle: int) -> None:
         self._by_handle.pop(handle, None)
@@ -276,10 +271,10 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(fn, *args)
 
 
-def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
-    if future.done():  # its request was cancelled meanwhile
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the request went away
         return
-    if exc is not None:
-        future.set_exception(exc)
+    if error is not None:
+        future.set_exception(error)
     else:
         future.set_result(result)
