@@ -81,8 +81,7 @@ def decode_run(llm, ids: list[int], batch: int, tokens: int, grammar: str | None
     """(decode tokens per wall second, per CPU second of this process, share of the wall time in the masks) for
     `batch` rows decoding `tokens` tokens."""
     from llamaforge.constrain import Constrainer
-    from llamaforge.generate import Engine
-    from llamaforge.sampling import SamplingParams
+    from llamaforge.inference import Engine, SamplingParams
 
     engine = Engine(llm, max_batch=batch, max_seq_len=len(ids) + tokens + 8)
     for _ in range(batch):
@@ -132,8 +131,8 @@ def main() -> int:
 
     import llamaforge
     from llamaforge.constrain import Constrainer, grammar_from
-    from llamaforge.generate import chat_prompt_ids
     from llamaforge.hub import builtin_model_path
+    from llamaforge.inference import chat_prompt_ids
 
     _time_masks()
     llm = llamaforge.load(builtin_model_path())

@@ -6,17 +6,17 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
 from llamaforge.config import get_preset
-from llamaforge.constrain import GrammarError
+from llamaforge.constrain import Constrainer, GrammarError, grammar_from
+from llamaforge.inference import DraftModel, Engine, SamplingParams, prompt_ids
 from llamaforge.llm import LLM
 from llamaforge.model import build_model
 from llamaforge.tokenizer import load_tokenizer
 from llamaforge.tools import Delta, ToolError
-
-jsonschema = pytest.importorskip("jsonschema")
 
 SCHEMA = {
     "type": "object",
@@ -88,3 +88,31 @@ def test_bad_guidance_fails_before_generating(llm: LLM) -> None:
         llm.chat([{"role": "user", "content": "x"}], tools=[WEATHER], tool_choice={"function": {"name": "fly"}})
     # a constrained request is not speculated on: the draft's tokens would skip the grammar's masks
     assert re.fullmatch("[ab]+", llm.generate("x", regex="[ab]+", speculative="ngram", max_new_tokens=8).text)
+
+
+def test_a_constrained_request_in_a_batch_with_prefix_reuse_and_speculation(llm: LLM) -> None:
+    """The constraint is one request's logits processor inside the shared engine: it reuses a cached prompt prefix,
+    is not speculated on, and leaves its neighbours' greedy tokens and drafts as they are without it."""
+    tok = llm.tokenizer
+    prefix = prompt_ids(tok, "System: answer in order. " + "one two three four five six seven eight. " * 4)
+    prompts = [prefix + tok.encode(q) for q in ("Count on:", "A code:", "Again, count:")]
+    greedy = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    pattern = r"[A-Z]{3}-[0-9]{2}"
+    grammar = grammar_from(regex=pattern)
+    constrainer = Constrainer.for_tokenizer(tok, llm.config.vocab_size)
+
+    def run(engine: Engine) -> list:
+        engine.run([engine.add(prompts[0], greedy)])  # the shared prefix is now in the cache
+        coded = SamplingParams(max_new_tokens=20, temperature=0, logits_processors=[constrainer.processor(grammar)])
+        handles = [engine.add(prompts[0], greedy), engine.add(prompts[1], coded), engine.add(prompts[2], greedy)]
+        return engine.run(handles)
+
+    plain = run(Engine(llm, max_batch=3, max_seq_len=512))
+    engine = Engine(llm, max_batch=3, max_seq_len=512, speculator=DraftModel(llm, 3))  # itself: drafts are right
+    spec = run(engine)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]
+    assert re.fullmatch(pattern, spec[1].text) and spec[1].finish_reason == "stop"
+    assert spec[1].cached_tokens >= 16 and spec[2].cached_tokens >= 16  # full blocks of the shared prefix
+    # the greedy rows were speculated on (the draft is the model itself: every draft token is accepted)
+    assert engine.stats["accepted"] >= 2 * 30 and engine.stats["drafted"] == engine.stats["accepted"]
+    assert engine.cache.num_used == 0
