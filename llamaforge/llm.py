@@ -76,6 +76,13 @@ class LLM:
             self._engine, self._engine_key = fresh, key
         return fresh
 
+    def embed(self, texts: Any, pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+        """Embeddings [N, dim] of texts (or token-id lists): the final hidden states, pooled ("mean" or "last")
+        and L2-normalized; see ``llamaforge.embeddings``."""
+        from .embeddings import embed
+
+        return embed(self, texts, pooling=pooling, normalize=normalize)
+
     def clear_cache(self) -> None:
         """Drop the engine and its KV cache (with every prefix it holds), e.g. to free the memory for training."""
         self._engine, self._engine_key = None, ()
@@ -84,7 +91,9 @@ class LLM:
                  num_speculative: int | None = None, max_batch: int = ENGINE_BATCH, cache_type: str | None = None,
                  **options: Any) -> Completion | list[Completion]:  # fmt: skip
         """Complete `prompt` (text or token ids), or a list of prompts together (a list of Completions).
-        Options: the fields of ``SamplingParams`` (``llamaforge.inference.generate``); see ``engine`` for the rest."""
+        Options: the fields of ``SamplingParams`` and one output constraint (``json_schema=``, ``json_object=True``,
+        ``regex=``, ``choice=[...]``, ``grammar=`` GBNF or Lark; ``llamaforge.inference.generate``); see ``engine``
+        for the rest."""
         engine = self.engine(compile=compile, draft=draft, speculative=speculative, num_speculative=num_speculative,
                              max_batch=max_batch, cache_type=cache_type)  # fmt: skip
         return inference.generate(engine, prompt, **options)
@@ -99,9 +108,14 @@ class LLM:
         return inference.stream_events(self.engine(compile=compile), prompt, params)
 
     def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
-             **options: Any) -> Completion | Iterator[str]:  # fmt: skip
+             **options: Any) -> Completion | Iterator[Any]:  # fmt: skip
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format; ``stream=True``
-        yields text pieces instead. Earlier turns come from the engine's prefix cache."""
+        yields text pieces instead. Earlier turns come from the engine's prefix cache. With ``tools=[...]`` (and
+        ``tool_choice``, ``parallel_tool_calls``, ``tool_format``) the Completion's ``tool_calls`` holds the calls
+        the model made (``inference.chat_with_tools``; streamed as ``tools.Delta`` pieces)."""
+        if any(options.get(k) is not None for k in inference.TOOL_OPTIONS):
+            compile = options.pop("compile", False)
+            return inference.chat_with_tools(self.engine(compile=compile), messages, stream=stream, **options)
         ids = inference.chat_prompt_ids(self.require_tokenizer(), messages)
         if stream:
             return self.stream(ids, **options)

@@ -33,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", required=True, help="the text to continue ('-' reads stdin)")
     _sampling_args(p, temperature=0.7)
     p.add_argument("--logprobs", type=int, metavar="N", help="also print each token's logprob and the top N")
+    g = p.add_argument_group("output constraints (at most one)")
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON that follows this JSON schema")
+    g.add_argument("--json", action="store_true", help="the output is a JSON object")
+    g.add_argument("--grammar", metavar="FILE", help="the output follows this grammar (GBNF with a root rule, or Lark)")
+    g.add_argument("--regex", help="the output matches this regular expression")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these (repeatable)")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print the text only when done")
     add_speculative_arguments(p)
     p.add_argument("--prompt-cache", metavar="FILE",
@@ -173,12 +179,45 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _constraint(args: argparse.Namespace) -> dict[str, Any]:
+    """The output constraint the flags ask for, with the files read (before the model is loaded)."""
+    given = {"json_schema": args.json_schema, "json_object": args.json or None, "grammar": args.grammar,
+             "regex": args.regex, "choice": args.choice}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if len(given) > 1:
+        flags = ", ".join("--" + k.replace("_", "-").replace("json-object", "json") for k in given)
+        raise UserError(f"give at most one output constraint, got {flags}")
+    for key in ("json_schema", "grammar"):
+        if key in given:
+            path = given[key]
+            try:
+                given[key] = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UserError(f"--{key.replace('_', '-')} {path}: {exc.strerror or exc}") from None
+            given["_file"] = path
+    return given
+
+
+def _constraint_processor(llm: Any, constraint: dict[str, Any]) -> list:
+    from ..constrain import GrammarError, constraint_processor
+
+    if not constraint:
+        return []
+    source = constraint.pop("_file", None)
+    try:
+        return [constraint_processor(llm.require_tokenizer(), llm.config.vocab_size, **constraint)]
+    except GrammarError as exc:
+        raise UserError(f"{source}: {exc}" if source else str(exc)) from None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from ..inference import PromptCacheError, load_prompt_cache, prompt_ids, save_prompt_cache, stream_events
 
     params = _sampling_params(args, logprobs=args.logprobs)
+    constraint = _constraint(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = load_for_cli(args)
+    params = params.replace(logits_processors=_constraint_processor(llm, constraint))
     engine = llm.engine(compile=args.compile, **speculative_options(args))
     ids = prompt_ids(llm.tokenizer, prompt)
     cache_file = Path(args.prompt_cache) if args.prompt_cache else None

@@ -23,7 +23,7 @@ from .engine import (
     TokenLogprob,
     TopLogprob,
 )
-from .generate import generate, stream, stream_events
+from .generate import TOOL_OPTIONS, chat_with_tools, generate, stream, stream_events
 from .prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
 from .prompts import PromptTooLongError, chat_prompt_ids, check_fits, encode_prompt, prompt_ids, stop_token_ids
 from .sampling import SamplingBatch, SamplingParams, TokenHistory
@@ -34,6 +34,7 @@ __all__ = [
     "BLOCK_SIZE",
     "PREFILL_BUDGET",
     "PREFILL_CHUNK",
+    "TOOL_OPTIONS",
     "Completion",
     "DraftModel",
     "Engine",
@@ -54,6 +55,7 @@ __all__ = [
     "TokenLogprob",
     "TopLogprob",
     "chat_prompt_ids",
+    "chat_with_tools",
     "check_fits",
     "encode_prompt",
     "generate",
