@@ -8,10 +8,12 @@ __version__ = "0.1.0"
 
 
 def load_tokenizer(source):
-    """Load a tokenizer from a tokenizer.model, tokenizer.json, model directory or GGUF file."""
+    """Load a tokenizer from a tokenizer.model, tokenizer.json, model directory, GGUF file, built-in model name or
+    hub id (names resolve as in ``load``)."""
+    from .llm import resolve_source
     from .tokenizer import load_tokenizer as _load_tokenizer
 
-    return _load_tokenizer(source)
+    return _load_tokenizer(resolve_source(source))
 
 
 __all__ = ["LLM", "ModelConfig", "Transformer", "__version__", "build_model", "count_parameters", "get_preset",

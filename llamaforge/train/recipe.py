@@ -19,6 +19,7 @@ import dataclasses
 import math
 import time
 import typing
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,8 +307,9 @@ class Trainer:
         m = self.recipe.model
         if m.from_checkpoint:
             from ..checkpoint import load_model
+            from ..llm import resolve_source
 
-            model, _ = load_model(m.from_checkpoint, device=device, dtype=torch.float32)
+            model, _ = load_model(resolve_source(m.from_checkpoint), device=device, dtype=torch.float32)
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
@@ -378,6 +380,14 @@ class Trainer:
             val_data = ValidationSet(d.path, d.seq_len, d.micro_batch_size, d.val_batches, rank=info.rank,
                                      world_size=info.world_size, doc_mask=d.doc_mask, device=device)  # fmt: skip
             if len(val_data) == 0:
+                if info.is_main:
+                    have = len(val_data.stream)
+                    need = d.micro_batch_size * info.world_size * d.seq_len + 1
+                    warnings.warn(f"{d.path}: {have:,} validation tokens, fewer than one validation batch needs "
+                                  f"({need:,} = data.micro_batch_size x processes x data.seq_len + 1): this run "
+                                  "reports no validation loss. Rerun `llamaforge prepare-data` with a larger "
+                                  "--val-fraction (e.g. 0.1), or set data.val_batches=0 to train without "
+                                  "validation", stacklevel=2)  # fmt: skip
                 val_data = None
 
         logger = MetricsLogger(out_dir, info.rank, tensorboard=r.logging.tensorboard,
