@@ -148,8 +148,9 @@ def test_a_typed_step_count_wins_over_the_recipe_epochs(tmp_path: Path, base_dir
     assert f"the recipe {both} sets both train.steps (10) and finetune.epochs (1)" in capsys.readouterr().err
 
 
-def test_prepare_data_takes_the_builtin_name_and_warns_without_validation(tmp_path: Path,
-                                                                          smollm2_gguf: Path) -> None:  # fmt: skip
+def test_prepare_data_takes_the_builtin_name_and_warns_without_validation(
+    tmp_path: Path, smollm2_gguf: Path, capsys: pytest.CaptureFixture
+) -> None:
     corpus = tmp_path / "story.txt"
     corpus.write_text("Once upon a time there was a small cat who liked to sit in the sun. " * 40)
     data = tmp_path / "data"
@@ -160,13 +161,15 @@ def test_prepare_data_takes_the_builtin_name_and_warns_without_validation(tmp_pa
     assert "0 validation tokens" in run.stderr and "--val-fraction" in run.stderr  # one file is one document
 
     # pretraining on it trains, warns that there is no validation loss and says how to get one
-    run = _cli("pretrain", "--config", str(REPO / "recipes" / "tiny.yaml"), "--data.path", str(data),
-               "--model.overrides", "{vocab_size: 49152}", "--set", "train.steps=2", "--data.seq_len", "32",
-               "--train.out_dir", str(tmp_path / "run"), "--set", "train.save=false")  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.strip().splitlines()[-1])["val_loss"] is None
-    assert "validation tokens" in run.stderr and "no validation loss" in run.stderr and "--val-fraction" in run.stderr
+    argv = ["pretrain", "--config", str(REPO / "recipes" / "tiny.yaml"), "--data.path", str(data),
+            "--model.overrides", "{vocab_size: 49152}", "--set", "train.steps=2", "--data.seq_len", "32",
+            "--train.out_dir", str(tmp_path / "run"), "--set", "train.save=false",
+            "--set", "logging.console=false"]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"validation tokens.*no validation loss.*--val-fraction"):
+        assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_loss"] is None
 
     # a name that is nothing says what was tried
-    run = _cli("prepare-data", str(corpus), "-o", str(tmp_path / "d2"), "--tokenizer", "no-such-model")
-    assert run.returncode == 2 and "unknown model 'no-such-model'" in run.stderr and "built-in" in run.stderr
+    assert cli.main(["prepare-data", str(corpus), "-o", str(tmp_path / "d2"), "--tokenizer", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "built-in" in err
