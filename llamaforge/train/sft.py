@@ -40,6 +40,7 @@ from .records import BadExample, DataReport, read_records, split_by_index
 
 TEMPLATES = ("auto", "chat", "alpaca")
 METHODS = ("full", "lora", "qlora")
+OBJECTIVES = ("sft", "dpo")
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")  # fmt: skip
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -387,6 +388,11 @@ class FinetuneSection:
     lora_targets: str = ",".join(("wq", "wk", "wv", "wo", "w1", "w2", "w3"))  # names, or all/attention/mlp
     quant: str = "nf4"  # QLoRA base: nf4 | int4 | int4-g32/64/128
     adapter_layout: str = "peft"  # peft (Hugging Face PEFT names) | llamaforge
+    objective: str = "sft"  # sft (instruction data) | dpo (preference pairs: train/dpo.py)
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | simpo (reference-free)
+    dpo_beta: float | None = None  # default: 0.1 for sigmoid and ipo, 2.0 for simpo
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    dpo_reference: str = "auto"  # auto (LoRA/QLoRA: adapters off; full: precompute) | precompute | adapter-off
 
 
 # Fine-tuning defaults that differ from pretraining's (the recipe or the command line can change each).
@@ -480,6 +486,20 @@ class FinetuneRecipe(Recipe):
             problems.append(f"finetune.template {f.template!r} must be one of {', '.join(TEMPLATES)}")
         if f.adapter_layout not in ("peft", "llamaforge"):
             problems.append(f"finetune.adapter_layout {f.adapter_layout!r} must be peft or llamaforge")
+        if f.objective not in OBJECTIVES:
+            problems.append(f"finetune.objective {f.objective!r} must be one of {', '.join(OBJECTIVES)}")
+        if f.objective == "dpo":
+            from .dpo import LOSSES, REFERENCES
+
+            if f.dpo_loss not in LOSSES:
+                problems.append(f"finetune.dpo_loss {f.dpo_loss!r} must be one of {', '.join(LOSSES)}")
+            if f.dpo_reference not in REFERENCES:
+                problems.append(f"finetune.dpo_reference {f.dpo_reference!r} must be one of {', '.join(REFERENCES)}")
+            if f.dpo_reference == "adapter-off" and f.method == "full":
+                problems.append("finetune.dpo_reference adapter-off needs LoRA or QLoRA (full tuning has no adapter to "
+                                "switch off): use auto or precompute")  # fmt: skip
+            if f.dpo_beta is not None and not f.dpo_beta > 0:
+                problems.append(f"finetune.dpo_beta must be positive, got {f.dpo_beta}")
         if f.epochs is not None and not f.epochs > 0:
             problems.append(f"finetune.epochs must be positive, got {f.epochs}")
         if f.method != "full":
@@ -562,28 +582,40 @@ def plan_steps(recipe: FinetuneRecipe, steps_per_epoch: float) -> str:
     return f"{t.steps} optimizer steps ({how}): {source}"
 
 
+def load_finetune_model(recipe: FinetuneRecipe, llm: Any = None) -> Any:
+    """The ``LLM`` to fine-tune (``llm`` or ``model.from_checkpoint`` with float32 weights), checked against the
+    recipe: it has a tokenizer to render the data with, and ``data.seq_len`` fits its context."""
+    if not recipe.finetune.data:
+        raise UserError("finetune.data (--data) names the training file")
+    if llm is None:
+        from ..llm import load
+
+        llm = load(recipe.model.from_checkpoint, device="cpu", dtype=torch.float32)
+    if llm.tokenizer is None:
+        raise UserError(f"{recipe.model.from_checkpoint}: the model has no tokenizer to render the data with")
+    if recipe.data.seq_len > llm.config.max_seq_len:
+        raise UserError(f"data.seq_len {recipe.data.seq_len} exceeds the model's context of {llm.config.max_seq_len}")
+    return llm
+
+
 def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any] = (),
              progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fine-tune ``recipe.model.from_checkpoint`` on ``recipe.finetune.data``; returns the run's summary.
+    ``finetune.objective: dpo`` trains on preference pairs instead (``dpo.finetune_dpo``).
 
     ``llm``: an already loaded ``LLM`` to fine-tune in place (its model is modified), instead of loading one.
     """
     from .parallel import resolve_device
 
+    if recipe.finetune.objective == "dpo":
+        from .dpo import finetune_dpo
+
+        return finetune_dpo(recipe, llm=llm, callbacks=callbacks, progress=progress)
     f, d, t = recipe.finetune, recipe.data, recipe.train
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", str(rank))))
-    if llm is None:
-        from ..llm import load
-
-        llm = load(recipe.model.from_checkpoint, device="cpu", dtype=torch.float32)
+    llm = load_finetune_model(recipe, llm)
     tokenizer = llm.tokenizer
-    if tokenizer is None:
-        raise UserError(f"{recipe.model.from_checkpoint}: the model has no tokenizer to render the data with")
-    if not f.data:
-        raise UserError("finetune.data (--data) names the training file")
-    if d.seq_len > llm.config.max_seq_len:
-        raise UserError(f"data.seq_len {d.seq_len} exceeds the model's context of {llm.config.max_seq_len}")
 
     def say(msg: str) -> None:
         if rank == 0 and recipe.logging.console:
