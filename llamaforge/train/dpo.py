@@ -24,6 +24,7 @@ recomputed in backward, so the [tokens, vocab] logits never exist in full.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import warnings
@@ -60,7 +61,8 @@ def _chunk_logps(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
 def sequence_logps(model: nn.Module, tokens: Tensor, targets: Tensor,
                    chunk_tokens: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Per row of ``tokens`` [N, T]: the sum of log p(target) over the targets that are not ``IGNORE_INDEX``
-    (float32, or float64 for a float64 model), and how many there are. Only those positions go through the output head, a chunk at a time."""
+    (float32, or float64 for a float64 model), and how many there are. Only those positions go through the
+    output head, a chunk at a time."""
     hidden = model(tokens, return_hidden=True)
     valid = targets != IGNORE_INDEX
     rows, cols = valid.nonzero(as_tuple=True)
@@ -147,7 +149,7 @@ def _fingerprint(model: nn.Module, pairs: Sequence[Pair], what: str) -> str:
         if name.endswith((".lora_A", ".lora_B")):
             continue
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     for p in pairs:
         for seq in (p.prompt, p.chosen, p.rejected, p.chosen_mask, p.rejected_mask):
             digest.update(repr(seq).encode())
@@ -161,8 +163,7 @@ def precompute_reference(model: nn.Module, pairs: Sequence[Pair], batch_size: in
     """Fill ``ref_chosen``/``ref_rejected`` of every pair with the model's response log-probabilities (its LoRA
     adapters off, if it has any), in one pass; read them from ``cache`` instead when it holds this model's
     values for these pairs, and write them there otherwise (``write``). Returns "cached" or "computed"."""
-    import contextlib
-
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file, save_file
 
     from ..checkpoint import atomic_output
@@ -171,10 +172,12 @@ def precompute_reference(model: nn.Module, pairs: Sequence[Pair], batch_size: in
     key = _fingerprint(model, pairs, "reference log-probabilities v1")
     path = Path(cache) if cache is not None else None
     if path is not None and path.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            same = (f.metadata() or {}).get("key") == key
+        try:
+            with safe_open(str(path), "pt") as f:
+                same = (f.metadata() or {}).get("key") == key
+        except (SafetensorError, OSError) as exc:  # not a cache this code wrote: compute again, replace it
+            warnings.warn(f"{path}: unreadable reference cache ({exc}); computing the reference again", stacklevel=2)
+            same = False
         if same:
             values = load_file(str(path))
             for p, c, r in zip(pairs, values["chosen"].tolist(), values["rejected"].tolist()):

@@ -184,10 +184,13 @@ def test_precomputed_reference_and_its_cache(tmp_path: Path, tiny_model: torch.n
     assert [p.ref_chosen for p in again] == [p.ref_chosen for p in pairs]
     with torch.no_grad():
         model.norm.weight.mul_(1.5)  # another model: the cache does not apply
+    cpu = torch.device("cpu")
     fresh, _ = load_pairs(tmp_path / "p.jsonl", tok, 64, "chat")
-    assert (
-        precompute_reference(model, fresh, 2, 0, device=torch.device("cpu"), cache=cache, progress=False) == "computed"
-    )
+    assert precompute_reference(model, fresh, 2, 0, device=cpu, cache=cache, progress=False) == "computed"
+    cache.write_bytes(b"not a safetensors file")  # something else at that path: warned about and replaced
+    with pytest.warns(UserWarning, match="unreadable reference cache"):
+        assert precompute_reference(model, fresh, 2, 0, device=cpu, cache=cache, progress=False) == "computed"
+    assert precompute_reference(model, fresh, 2, 0, device=cpu, cache=cache, progress=False) == "cached"
 
 
 def test_pair_loader_ranks_and_resume(tmp_path: Path, tok: ChatByteTokenizer) -> None:
