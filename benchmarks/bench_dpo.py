@@ -119,7 +119,7 @@ def own_preference(model, pairs, pad_id: int, batch: int = 8) -> float:
 def generations(llm, pairs, max_new_tokens: int) -> list[str]:
     llm.model.eval()
     outs = llm.generate([p.prompt for p in pairs], max_new_tokens=max_new_tokens, temperature=0, max_batch=16)
-    llm.model.clear_caches()
+    llm.clear_cache()
     return [o.text.strip() for o in outs]
 
 

@@ -1,6 +1,7 @@
 """llamaforge: the LLaMA family of open, efficient foundation language models as Python software."""
 
 from .config import ModelConfig, get_preset, preset_names
+from .inference import Engine, SamplingParams
 from .llm import LLM, load
 from .model import Transformer, build_model, count_parameters
 
@@ -16,5 +17,5 @@ def load_tokenizer(source):
     return _load_tokenizer(resolve_source(source))
 
 
-__all__ = ["LLM", "ModelConfig", "Transformer", "__version__", "build_model", "count_parameters", "get_preset",
-           "load", "load_tokenizer", "preset_names"]  # fmt: skip
+__all__ = ["LLM", "Engine", "ModelConfig", "SamplingParams", "Transformer", "__version__", "build_model",
+           "count_parameters", "get_preset", "load", "load_tokenizer", "preset_names"]  # fmt: skip
