@@ -7,7 +7,8 @@ Records (any file ``records.read_records`` reads) take the layouts of Hugging Fa
 - chat messages: ``{"prompt": [{"role": "user", "content": ...}, ...], "chosen": [{"role": "assistant", ...}],
   "rejected": [...]}`` (a response may also be a plain string);
 - implicit prompt: ``{"chosen": [messages], "rejected": [messages]}``, two conversations whose shared leading
-  messages are the prompt.
+  messages are the prompt; also when a plain-string ``prompt`` repeats their first user turn (UltraFeedback's
+  layout), as TRL reads it.
 
 Each side is rendered with the model's chat format (or the Alpaca prompt, as in ``sft``) and tokenized; the
 response tokens after the prompt (the assistant turn with its end-of-turn marker) are the only ones scored.
@@ -71,6 +72,17 @@ def _messages(value: Any, field: str, role: str | None = None) -> Messages:
     return out
 
 
+def _whole_conversations(record: dict[str, Any]) -> bool:
+    """A plain-string prompt beside chosen/rejected conversations that begin with the prompt's turns themselves
+    (UltraFeedback's layout: ``prompt`` repeats the user turn); the turns, not the string, are the prompt then,
+    as TRL takes them. Responses that begin with the assistant's turn use the string as the user turn."""
+    sides = (record.get("chosen"), record.get("rejected"))
+    return isinstance(record.get("prompt"), str) and all(
+        isinstance(s, list) and s and isinstance(s[0], dict) and s[0].get("role") not in (None, "assistant")
+        for s in sides
+    )
+
+
 def record_pair(record: Any) -> tuple[Messages, Messages, Messages]:
     """(prompt, chosen, rejected) messages of a preference record; BadExample when it cannot be used."""
     if isinstance(record, BadExample):
@@ -80,7 +92,7 @@ def record_pair(record: Any) -> tuple[Messages, Messages, Messages]:
     for key in ("chosen", "rejected"):
         if record.get(key) is None:
             raise BadExample("missing field", f"no {key!r} (preference records need prompt, chosen and rejected)")
-    if record.get("prompt") is None:
+    if record.get("prompt") is None or _whole_conversations(record):
         if isinstance(record["chosen"], str) or isinstance(record["rejected"], str):
             raise BadExample("missing field", "no 'prompt' (without one, chosen and rejected must be conversations "
                              "that share their prompt turns)")  # fmt: skip

@@ -51,6 +51,32 @@ def test_record_layouts() -> None:
     turns = [*_user("q1"), *_assistant("r1"), *_user("q2")]
     implicit = record_pair({"chosen": [*turns, *_assistant("A")], "rejected": [*turns, *_assistant("a")]})
     assert implicit == (turns, _assistant("A"), _assistant("a"))
+    # UltraFeedback: the prompt string repeats the conversations' user turn, which is not rendered twice
+    ultra = record_pair({"prompt": "q", "chosen": [*_user("q"), *_assistant("A")],
+                         "rejected": [*_user("q"), *_assistant("a")]})  # fmt: skip
+    assert ultra == (_user("q"), _assistant("A"), _assistant("a"))
+    assert record_pair({"prompt": "q", "chosen": _assistant("A"), "rejected": _assistant("a")}) == strings
+
+
+def test_hugging_face_preference_files(tmp_path: Path, tok: ChatByteTokenizer) -> None:
+    """A saved ``datasets`` directory and a Parquet file (messages as lists of structs) give the pairs of the same
+    records in JSONL, in order and with their record numbers."""
+    import datasets
+
+    records = [{"prompt": f"q{i}", "chosen": [*_user(f"q{i}"), *_assistant(f"A{i}")],
+                "rejected": [*_user(f"q{i}"), *_assistant(f"b{i}")]} for i in range(4)]  # fmt: skip
+    records[2]["rejected"] = records[2]["chosen"]  # no preference: skipped, named by its record number
+    ds = datasets.Dataset.from_list(records)
+    ds.save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    want, _ = load_pairs(_write(tmp_path / "p.jsonl", records), tok, 64, "chat")
+    for source in (tmp_path / "saved", tmp_path / "p.parquet"):
+        pairs, report = load_pairs(source, tok, 64, "chat")
+        assert [(p.index, p.prompt, p.chosen, p.rejected) for p in pairs] == [
+            (p.index, p.prompt, p.chosen, p.rejected) for p in want
+        ]
+        assert [p.index for p in pairs] == [0, 1, 3] and tok.decode(pairs[0].prompt).count("q0") == 1
+        assert report.skipped == {"identical responses": [("record 3", report.skipped["identical responses"][0][1])]}
 
 
 def test_bad_pairs_are_reported_by_line(tmp_path: Path, tok: ChatByteTokenizer) -> None:
