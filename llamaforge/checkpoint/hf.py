@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 5_000_000_000  # Hugging Face's default shard size ("5GB")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Llama4ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Llama4ForCausalLM", "Llama4ForConditionalGeneration")
 _LLAMA4_TYPES = {"llama4": "Llama4ForConditionalGeneration", "llama4_text": "Llama4ForCausalLM"}
 
 # Hugging Face name -> llamaforge name; {i} is the layer index.
@@ -73,6 +74,10 @@ _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 # Buffers some old exports carry; they are recomputed, never loaded.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+# Llama4ForConditionalGeneration's image side: llamaforge runs its language model only (text in, text out), so these
+# are skipped with a note, as llama.cpp keeps them out of the text model's GGUF (in a separate mmproj file).
+_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -367,11 +372,16 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
     path = Path(path)
     layout = _Layout(config, _prefixes(config.extra.get("architecture")))
     q_rows, k_rows = config.n_heads * config.dim_per_head, config.kv_heads * config.dim_per_head
+    multimodal = config.extra.get("architecture") == "Llama4ForConditionalGeneration"
+    skipped = 0
     for file in weight_files(path):
         with _open(file) as handle:
             names = list(handle.keys())
         for hf_name in names:
             if _IGNORED.fullmatch(hf_name):
+                continue
+            if multimodal and hf_name.startswith(_VISION_PREFIXES):
+                skipped += 1
                 continue
             name = layout.from_hf(hf_name)
             if name is None:
@@ -401,6 +411,9 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
                     tensor = permute_from_hf(tensor, config.kv_heads)
             yield name, tensor
             del tensor
+    if skipped:
+        print(f"llamaforge: {path}: loaded the language model of this Llama4ForConditionalGeneration checkpoint; its "
+              f"{skipped} vision tensors are not used (image input is not supported yet)", file=sys.stderr)  # fmt: skip
 
 
 def _open(file: Path) -> Any:
