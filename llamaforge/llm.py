@@ -121,6 +121,16 @@ class LLM:
             return self.stream(ids, **options)
         return self.generate(ids, **options)
 
+    def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, stream: bool = False,
+               **options: Any) -> Completion | Iterator[str]:  # fmt: skip
+        """Fill in the middle: the text that goes between `prefix` and `suffix` (Code Llama's ``<PRE> prefix
+        <SUF>suffix <MID>`` prompt, or the FIM tokens the vocabulary declares; generation stops at ``<EOT>``).
+        ``suffix_first``: Code Llama's suffix-prefix-middle order. Options: as ``generate``."""
+        ids = inference.infill_prompt_ids(self.require_tokenizer(), prefix, suffix, suffix_first)
+        if stream:
+            return self.stream(ids, **options)
+        return self.generate(ids, **options)
+
 
 def resolve_source(source: str | os.PathLike) -> Path:
     """A local path as it is; otherwise a built-in model name or hub id, fetched into the cache."""

@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "of --prompt (or of stdin when --prompt is '-').")  # fmt: skip
     add_model_arguments(p)
     p.add_argument("--prompt", "-p", required=True, help="the text to continue ('-' reads stdin)")
+    p.add_argument("--suffix", help="fill in the middle: print the text that goes between --prompt and SUFFIX "
+                   "(Code Llama's <PRE> <SUF> <MID> infilling, or the model vocabulary's FIM tokens)")  # fmt: skip
     _sampling_args(p, temperature=0.7)
     p.add_argument("--logprobs", type=int, metavar="N", help="also print each token's logprob and the top N")
     g = p.add_argument_group("output constraints (at most one)")
@@ -211,7 +213,14 @@ def _constraint_processor(llm: Any, constraint: dict[str, Any]) -> list:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ..inference import PromptCacheError, load_prompt_cache, prompt_ids, save_prompt_cache, stream_events
+    from ..inference import (
+        PromptCacheError,
+        infill_prompt_ids,
+        load_prompt_cache,
+        prompt_ids,
+        save_prompt_cache,
+        stream_events,
+    )
 
     params = _sampling_params(args, logprobs=args.logprobs)
     constraint = _constraint(args)
@@ -219,7 +228,10 @@ def _generate(args: argparse.Namespace) -> int:
     llm = load_for_cli(args)
     params = params.replace(logits_processors=_constraint_processor(llm, constraint))
     engine = llm.engine(compile=args.compile, **speculative_options(args))
-    ids = prompt_ids(llm.tokenizer, prompt)
+    if args.suffix is not None:
+        ids = infill_prompt_ids(llm.tokenizer, prompt, args.suffix)
+    else:
+        ids = prompt_ids(llm.tokenizer, prompt)
     cache_file = Path(args.prompt_cache) if args.prompt_cache else None
     held: list[int] = []
     if cache_file is not None and cache_file.exists():

@@ -25,7 +25,15 @@ from .engine import (
 )
 from .generate import TOOL_OPTIONS, chat_with_tools, generate, stream, stream_events
 from .prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
-from .prompts import PromptTooLongError, chat_prompt_ids, check_fits, encode_prompt, prompt_ids, stop_token_ids
+from .prompts import (
+    PromptTooLongError,
+    chat_prompt_ids,
+    check_fits,
+    encode_prompt,
+    infill_prompt_ids,
+    prompt_ids,
+    stop_token_ids,
+)
 from .sampling import SamplingBatch, SamplingParams, TokenHistory
 from .speculative import DraftModel, PromptLookup, Speculator, make_speculator
 from .step import FastForward, Step, select_step
@@ -59,6 +67,7 @@ __all__ = [
     "check_fits",
     "encode_prompt",
     "generate",
+    "infill_prompt_ids",
     "load_prompt_cache",
     "make_speculator",
     "prompt_ids",

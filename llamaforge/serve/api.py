@@ -1,12 +1,13 @@
 """The OpenAI-compatible HTTP API's routes: ``create_app()`` builds the FastAPI application.
 
-Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /v1/embeddings``, ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, the browser chat page at
-``GET /`` (``webui.py``), and with ``slot_save_path`` the prompt-cache actions ``GET /slots``,
-``POST /slots/{id}?action=save|restore|erase`` (llama-server's). Chat takes OpenAI's ``tools`` (written in the
-model's own format, calls parsed back and streamed as ``tool_calls`` deltas; ``tool_choice`` required or named
-forces a call whose arguments follow the schema), and both completion routes take ``response_format`` and the
-grammar extensions. Requests are translated into engine work by ``openai.py``; every error has OpenAI's shape,
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (with ``suffix``: fill in the middle),
+``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``POST /infill`` (llama-server's code completion),
+``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, the browser chat page at ``GET /`` (``webui.py``), and
+with ``slot_save_path`` the prompt-cache actions ``GET /slots``, ``POST /slots/{id}?action=save|restore|erase``
+(llama-server's). Chat takes OpenAI's ``tools`` (written in the model's own format, calls parsed back and streamed
+as ``tool_calls`` deltas; ``tool_choice`` required or named forces a call whose arguments follow the schema), and
+both completion routes take ``response_format`` and the grammar extensions. Requests are translated into engine
+work by ``openai.py``; every error has OpenAI's shape,
 validation errors become 400 naming the field, and errors found before generation (too-long prompt, bad values,
 full queue) are returned before any streaming starts. An outer ASGI guard checks the API key and the body size before
 anything else runs, and counts requests by route and status for /metrics.
@@ -45,6 +46,7 @@ from ..inference import (
     TokenLogprob,
     chat_prompt_ids,
     encode_prompt,
+    infill_prompt_ids,
     load_prompt_cache,
     make_speculator,
     save_prompt_cache,
@@ -74,8 +76,8 @@ from .openai import (
 from .webui import add_webui, is_page_path
 
 log = logging.getLogger("llamaforge.serve")
-ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize",
-          "/detokenize", "/metrics", "/slots")  # fmt: skip
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/infill",
+          "/tokenize", "/detokenize", "/metrics", "/slots")  # fmt: skip
 SLOT_ACTIONS = ("save", "restore", "erase")
 _FILENAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}")  # a plain file name inside --slot-save-path
 
@@ -310,6 +312,13 @@ def _chat_ids(state: ServerState, messages: list[S.ChatMessage], plan: ToolPlan 
     except ValueError as exc:
         raise bad(f"cannot format the conversation with the model's chat template: {exc}",
                    param="messages") from None  # fmt: skip
+
+
+def _infill_ids(state: ServerState, prefix: str, suffix: str, param: str = "suffix") -> list[int]:
+    try:
+        return infill_prompt_ids(state.tokenizer(), prefix, suffix)
+    except ValueError as exc:
+        raise bad(str(exc), param=param) from None
 
 
 # Results ---------------------------------------------------------------------------------------------------
@@ -574,15 +583,19 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         engine = state.require_engine()
         if body.best_of is not None and body.best_of != body.n:
             raise bad("best_of is not supported (only best_of = n)", param="best_of")
-        if body.suffix:
-            raise bad("suffix is not supported", param="suffix")
+        if body.suffix and body.echo:
+            raise bad("echo cannot be used with suffix", param="echo")
         vocab = state.llm.config.vocab_size
         prompts: list[Any] = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(
             body.prompt[0], int) else [body.prompt]  # fmt: skip
         limit = _context_limit(state)
         encoded: list[tuple[list[int], str | None]] = []
         for p in prompts:
-            if isinstance(p, str):
+            if body.suffix:  # fill in the middle: the text between the prompt and the suffix
+                if not isinstance(p, str):
+                    raise bad("suffix needs a text prompt (the text before the middle), not token ids", param="suffix")
+                encoded.append((check_ids(_infill_ids(state, p, body.suffix), vocab, "prompt"), p))
+            elif isinstance(p, str):
                 encoded.append((check_ids(encode_prompt(state.tokenizer(), p), vocab, "prompt"), p))
             else:
                 encoded.append((check_ids(list(p), vocab, "prompt"), None))
@@ -682,6 +695,45 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                                               finish_reason=r.finish_reason))  # fmt: skip
         usage = S.Usage.of(prompt_tokens, sum(r.tokens for r in results))
         return S.CompletionResponse(id=rid, created=created, model=config.model_name, choices=choices, usage=usage)
+
+    @app.post("/infill")
+    async def infill(body: S.InfillRequest, request: Request) -> JSONResponse:
+        """llama-server's code-completion route: the text between ``input_prefix`` and ``input_suffix``."""
+        state.check_model(body.model)
+        engine = state.require_engine()
+        if body.input_extra:
+            raise bad("input_extra (other files as context) is not supported", param="input_extra")
+        if body.stream:
+            raise bad("/infill answers in one response; stream with /v1/completions and suffix", param="stream")
+        if body.n != 1:
+            raise bad("/infill gives one completion (n = 1)", param="n")
+        vocab, limit = state.llm.config.vocab_size, _context_limit(state)
+        ids = _infill_ids(state, body.input_prefix, body.input_suffix, "input_prefix")
+        if body.prompt:  # llama-server: the start of the middle, already written
+            ids += state.tokenizer().encode(body.prompt)
+        ids = check_ids(ids, vocab, "input_prefix")
+        check_fits(ids, limit, "input_prefix")
+        requested = body.n_predict if body.n_predict is not None else body.max_tokens
+        max_new = limit - len(ids) if requested is None or requested < 0 else min(requested, limit - len(ids))
+        if max_new == 0:
+            raise bad("n_predict must be at least 1", param="n_predict")
+        if body.repeat_penalty is not None and body.repetition_penalty is None:
+            body.repetition_penalty = body.repeat_penalty
+        await _prepare(state, body)
+        state.metrics.prompt_tokens.inc(len(ids))
+        start = time.perf_counter()
+        sink: asyncio.Queue = asyncio.Queue()
+        subs = _submit(engine, [(ids, _params(state, body, max_new, None, 0))], sink)
+        (result,) = await _collect(engine, subs, sink, request)
+        stops = state.tokenizer().stop_ids
+        if result.finish_reason == "length":
+            stop_type = "limit"
+        else:
+            stop_type = "eos" if result.token_ids and result.token_ids[-1] in stops else "word"
+        return JSONResponse({"index": 0, "content": "".join(result.text), "tokens": result.token_ids, "stop": True,
+                             "stop_type": stop_type, "model": config.model_name, "tokens_predicted": result.tokens,
+                             "tokens_evaluated": len(ids),
+                             "timings": {"total_ms": (time.perf_counter() - start) * 1e3}})  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Any:

@@ -78,6 +78,19 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
 
+class InfillRequest(_Sampling):
+    """llama-server's ``POST /infill``: the text between ``input_prefix`` and ``input_suffix`` (``prompt``: the
+    start of that text, already written). ``n_predict`` (or ``max_tokens``) -1 or absent: up to the context."""
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[dict[str, Any]] | None = None
+    prompt: str = ""
+    n_predict: int | None = Field(default=None, ge=-1)
+    max_tokens: int | None = Field(default=None, ge=-1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
