@@ -719,11 +719,12 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             raise bad("n_predict must be at least 1", param="n_predict")
         if body.repeat_penalty is not None and body.repetition_penalty is None:
             body.repetition_penalty = body.repeat_penalty
-        await _prepare(state, body)
+        grammar = grammar_for(body)
+        await _prepare(state, grammar)
         state.metrics.prompt_tokens.inc(len(ids))
         start = time.perf_counter()
         sink: asyncio.Queue = asyncio.Queue()
-        subs = _submit(engine, [(ids, _params(state, body, max_new, None, 0))], sink)
+        subs = _submit(engine, [(ids, _params(state, body, max_new, None, 0, grammar))], sink)
         (result,) = await _collect(engine, subs, sink, request)
         stops = state.tokenizer().stop_ids
         if result.finish_reason == "length":
