@@ -55,7 +55,8 @@ SCHEMA = {
 PROMPT = [{"role": "user", "content": "Write a long grocery order for a big party as JSON."}]
 HEADER = (
     "| batch | tok/s (wall), no constraint | tok/s (wall), JSON schema | tok per CPU-s, no constraint "
-    "| tok per CPU-s, JSON schema | CPU cost of the schema | time in masks |\n|---|---|---|---|---|---|---|"
+    "| tok per CPU-s, JSON schema | CPU cost of the schema | time in masks | masks per step (ms) |\n"
+    "|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -77,9 +78,11 @@ def _time_masks() -> None:
     GrammarProcessor.apply_batch = staticmethod(timed)
 
 
-def decode_run(llm, ids: list[int], batch: int, tokens: int, grammar: str | None) -> tuple[float, float, float]:
-    """(decode tokens per wall second, per CPU second of this process, share of the wall time in the masks) for
-    `batch` rows decoding `tokens` tokens."""
+def decode_run(llm, ids: list[int], batch: int, tokens: int,
+               grammar: str | None) -> tuple[float, float, float, float]:  # fmt: skip
+    """(decode tokens per wall second, per CPU second of this process, share of the wall time in the masks,
+    mask seconds per decode step) for `batch` rows decoding `tokens` tokens. The last is what a step pays for the
+    masks whatever the step's own cost: on a loaded CPU the steps slow down and the share shrinks."""
     from llamaforge.constrain import Constrainer
     from llamaforge.inference import Engine, SamplingParams
 
@@ -98,7 +101,7 @@ def decode_run(llm, ids: list[int], batch: int, tokens: int, grammar: str | None
         steps += 1
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     n = batch * (tokens - 1)
-    return n / seconds, n / cpu, CLOCK[0] / seconds
+    return n / seconds, n / cpu, CLOCK[0] / seconds, CLOCK[0] / max(steps, 1)
 
 
 def compile_times(llm) -> dict[str, float]:
@@ -143,15 +146,16 @@ def main() -> int:
 
     rows = []
     for batch in args.batch:
-        runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], "schema": []}
+        runs: dict[str, list[tuple[float, float, float, float]]] = {"plain": [], "schema": []}
         for _ in range(args.rounds):
             runs["plain"].append(decode_run(llm, ids, batch, args.tokens, None))
             runs["schema"].append(decode_run(llm, ids, batch, args.tokens, grammar))
-        (p, pc, _), (c, cc, m) = ([statistics.median(x) for x in zip(*runs[k])] for k in ("plain", "schema"))
-        rows.append((batch, p, c, pc, cc, m))
+        (p, pc, _, _), (c, cc, m, ms) = ([statistics.median(x) for x in zip(*runs[k])] for k in ("plain", "schema"))
+        rows.append((batch, p, c, pc, cc, m, ms))
         print(
             f"batch {batch:2d}: {p:7.1f} / {c:7.1f} tok/s plain / with the schema (wall), {pc:7.1f} / {cc:7.1f} "
-            f"tok per CPU-second ({(1 - cc / pc) * 100:+.1f}%), masks {m * 100:.1f}% of decode time",
+            f"tok per CPU-second ({(1 - cc / pc) * 100:+.1f}%), masks {m * 100:.1f}% of decode time, "
+            f"{ms * 1e3:.2f} ms per step",
             flush=True,
         )
     times = compile_times(llm)
@@ -164,8 +168,9 @@ def main() -> int:
     if not args.no_results:
         command = "python benchmarks/bench_constrain.py " + " ".join(sys.argv[1:])
         table = "\n".join(
-            f"| {b} | {p:.1f} | {c:.1f} | {pc:.1f} | {cc:.1f} | {(1 - cc / pc) * 100:+.1f}% | {m * 100:.1f}% |"
-            for b, p, c, pc, cc, m in rows
+            f"| {b} | {p:.1f} | {c:.1f} | {pc:.1f} | {cc:.1f} | {(1 - cc / pc) * 100:+.1f}% | {m * 100:.1f}% "
+            f"| {ms * 1e3:.2f} |"
+            for b, p, c, pc, cc, m, ms in rows
         )
         replace_section(f"""## Constrained decoding (llguidance)
 
