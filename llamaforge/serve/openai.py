@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..inference import SamplingParams, TokenLogprob, prompts
+from ..tokenizer import clean_text
 from . import schemas as S
 from .json_mode import JsonObjectProcessor, JsonVocab
 
@@ -22,6 +23,7 @@ from .json_mode import JsonObjectProcessor, JsonVocab
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None) -> None:  # fmt: skip
+        message = clean_text(message)  # it may quote the client's text: a lone surrogate cannot be sent as UTF-8
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
