@@ -119,7 +119,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
 
 def load(source: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         quantize: str | None = None, adapter: str | os.PathLike | None = None) -> LLM:  # fmt: skip
+         quantize: str | None = None, adapter: str | os.PathLike | None = None, mmap: bool = False) -> LLM:  # fmt: skip
     """Load a model from a Hugging Face directory, a Meta directory, a GGUF file, a hub id or a built-in name.
 
     A quantized GGUF file (Q4_K_M, Q8_0, ...) runs in its own blocks, memory-mapped, as llama.cpp runs it
@@ -130,6 +130,8 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
     ``llamaforge.quantize.save_quantized`` loads quantized as it was saved. ``adapter``: a LoRA adapter
     directory (PEFT or llamaforge layout) applied unmerged on top of the base. A model that cannot fit in the
     memory available is refused before loading (``memory.InsufficientMemoryError``, with the numbers).
+    ``mmap=True``: a quantized GGUF's blocks stay memory-mapped instead of being read into memory (see
+    ``quantize.load_gguf_quantized``).
     """
     from . import quantize as q
     from .memory import check_fits, format_bytes
@@ -139,7 +141,7 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
         model, fmt = q.load_quantized(path, device=device), "quantized"
     elif quantize == "gguf" or (quantize is None and dtype is None and q.is_quantized_gguf(path)):
         check_fits(q.gguf_model_bytes(path), f"{path}")
-        model, fmt = q.load_gguf_quantized(path, device=device, dtype=dtype or torch.float32), "gguf"
+        model, fmt = q.load_gguf_quantized(path, device=device, dtype=dtype or torch.float32, mmap=mmap), "gguf"
     else:
         if q.is_quantized_gguf(path):
             need = q.gguf_model_bytes(path, dtype or torch.float32)

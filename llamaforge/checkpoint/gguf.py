@@ -36,6 +36,7 @@ Llama 3.1 RoPE scaling is stored, as llama.cpp does, as per-frequency divisors i
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import math
@@ -43,6 +44,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -534,6 +536,25 @@ def _raw_tensor(header: GGUFHeader, data: np.memmap, info: TensorInfo) -> GGUFTe
     row_bytes = info.shape[-1] // BLOCK_SIZES[info.qtype][0] * BLOCK_SIZES[info.qtype][1]
     raw = torch.from_numpy(data[info.offset : info.offset + info.nbytes]).view(*info.shape[:-1], row_bytes)
     return GGUFTensor(name, info.name, info.qtype, info.shape, raw)
+
+
+def into_memory(view: Tensor) -> Tensor:
+    """A copy of `view` (a tensor of ``read_raw``, mapped from the file) in the process's own memory, and the file's
+    pages it was read from unmapped again, so that its bytes are resident once. Only pages wholly inside the view
+    are dropped (they stay in the page cache and would be read again if touched)."""
+    copy = view.clone()
+    _unmap_pages(view.data_ptr(), view.numel() * view.element_size())
+    return copy
+
+
+def _unmap_pages(address: int, nbytes: int) -> None:
+    if sys.platform != "linux":
+        return
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(4))  # MADV_DONTNEED
 
 
 def read_raw(path: str | os.PathLike) -> dict[str, GGUFTensor]:

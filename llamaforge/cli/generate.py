@@ -69,6 +69,9 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
              "llama.cpp's quantizer gives it) or one block type for every matrix (q4_k, ...); 'gguf' keeps a GGUF "
              "file's own blocks (the default for a quantized GGUF)",
     )  # fmt: skip
+    p.add_argument("--mmap", action="store_true",
+                   help="keep a quantized GGUF's blocks memory-mapped from the file (instant start, pages shared "
+                        "between processes) instead of reading them into memory (faster decoding)")  # fmt: skip
     if compile:
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
@@ -148,7 +151,9 @@ def load_for_cli(args: argparse.Namespace, model: str | None = None):
     _setup_threads(getattr(args, "threads", None))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
-    return llamaforge.load(model or args.model, device=device, dtype=dtype, quantize=args.quantize)
+    return llamaforge.load(
+        model or args.model, device=device, dtype=dtype, quantize=args.quantize, mmap=getattr(args, "mmap", False)
+    )
 
 
 # Verbs ----------------------------------------------------------------------------------------------
