@@ -217,9 +217,12 @@ def _deadline(seconds: float) -> Iterator[None]:
         return on_line
 
     def on_call(frame: Any, event: str, arg: Any) -> Any:
-        if event == "call":
+        # Only the template's own frames and jinja's are stopped: an exception raised in a frame of someone else's
+        # (a gc callback, a __del__) would be swallowed there, and a trace function that raises is switched off.
+        name = frame.f_code.co_filename
+        if event == "call" and (name == "<template>" or "jinja2" in name):
             check()
-            if frame.f_code.co_filename == "<template>":
+            if name == "<template>":
                 return on_line
         return None
 
