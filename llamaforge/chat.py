@@ -15,7 +15,12 @@ escape HTML, ``{% generation %}``, loop controls). Reaching for an unsafe attrib
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -173,14 +178,84 @@ def render_jinja(
         "documents": None,
     }
     context.update({k: _plain(v) for k, v in variables.items()})
+    seconds, max_chars = _LIMITS.get()
     try:
-        return compiled.render(**context)
+        with _deadline(seconds):
+            parts, size = [], 0
+            for part in compiled.generate(**context):
+                size += len(part)
+                if size > max_chars:
+                    raise ChatTemplateError(f"chat template output is longer than the limit of {max_chars} characters")
+                parts.append(part)
+            return "".join(parts)
     except jinja2.exceptions.SecurityError as exc:
         raise ChatTemplateError(f"chat template blocked by the sandbox: {exc}") from None
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(f"chat template error: {exc}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
+    except (
+        TypeError,
+        ValueError,
+        AttributeError,
+        LookupError,
+        ArithmeticError,
+        RuntimeError,
+        MemoryError,
+        AssertionError,
+    ) as exc:  # jinja's filters assert on some arguments: truncate(0)
+        if isinstance(exc, ChatTemplateError):
+            raise
         raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+
+
+# --- limits on rendering --------------------------------------------------------------------------------
+TIME_LIMIT = 2.0  # seconds a template may take to render (real templates take milliseconds)
+_MAX_SIZE = 10_000_000  # longest string or list a template may build or output (a sandboxed template must not OOM us)
+_LIMITS: ContextVar[tuple[float, int]] = ContextVar("chat_template_limits", default=(TIME_LIMIT, _MAX_SIZE))
+
+
+@contextmanager
+def template_limits(seconds: float | None = None, max_chars: int | None = None) -> Iterator[None]:
+    """Bound the time (seconds) and output size (characters) of the jinja templates rendered inside the block
+    (defaults ``TIME_LIMIT``, 10M characters); the server sets ``--template-timeout`` this way."""
+    old_seconds, old_chars = _LIMITS.get()
+    token = _LIMITS.set((old_seconds if seconds is None else seconds, old_chars if max_chars is None else max_chars))
+    try:
+        yield
+    finally:
+        _LIMITS.reset(token)
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Stop a template that runs past `seconds`: a trace function checks the clock on every line of the compiled
+    template (a loop that calls nothing) and on every Python call made while rendering (filters, macros, tests)."""
+    end = time.monotonic() + seconds
+
+    def check() -> None:
+        if time.monotonic() > end:
+            raise ChatTemplateError(f"chat template took longer than the limit of {seconds:g} s to render")
+
+    def on_line(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            check()
+        return on_line
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        # Only the template's own frames and jinja's are stopped: an exception raised in a frame of someone else's
+        # (a gc callback, a __del__) would be swallowed there, and a trace function that raises is switched off.
+        name = frame.f_code.co_filename
+        if event == "call" and (name == "<template>" or "jinja2" in name):
+            check()
+            if name == "<template>":
+                return on_line
+        return None
+
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def _plain(value: Any) -> Any:
@@ -202,7 +277,36 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
-_MAX_SIZE = 10_000_000  # longest string or list a template may build with * (a sandboxed template must not OOM us)
+_BIG_NUMBER = re.compile(r"\d{8,}")  # a width of 10M+ in a format string
+
+
+def _check_call(what: str, args: tuple, kwargs: dict) -> None:
+    """Refuse a call (function, method, macro or filter) that would build something over the size limit: a huge
+    int argument (``"x"|center(10**9)``), a long string argument (a macro doubling its input each time) or a
+    format string with a huge width."""
+    import jinja2
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _MAX_SIZE:
+            raise jinja2.exceptions.SecurityError(f"{what}: argument {value} is too large")
+        if isinstance(value, (str, list, tuple, dict)) and len(value) > _MAX_SIZE:
+            raise jinja2.exceptions.SecurityError(f"{what}: an argument of {len(value)} items is too large")
+
+
+def _checked_filter(name: str, fn: Any) -> Any:
+    import functools
+
+    import jinja2
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_call(f"filter {name!r}", args[1:] if args and isinstance(args[0], (jinja2.runtime.Context,
+                    jinja2.nodes.EvalContext, jinja2.Environment)) else args, kwargs)  # fmt: skip
+        if name == "format" and args and isinstance(args[0], str) and _BIG_NUMBER.search(args[0]):
+            raise jinja2.exceptions.SecurityError("a format string with a huge width is not allowed")
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 @lru_cache(maxsize=32)
@@ -217,8 +321,17 @@ def _compile(template: str) -> Any:
         def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
             raise jinja2.exceptions.SecurityError(f"access to {attribute!r} of a {type(obj).__name__} is not allowed")
 
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            name = getattr(__obj, "__name__", type(__obj).__name__)
+            _check_call(name, args, kwargs)
+            owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # the sandbox wraps str.format
+            if name in ("format", "format_map") and isinstance(owner, str) and _BIG_NUMBER.search(owner):
+                raise jinja2.exceptions.SecurityError("a format string with a huge width is not allowed")
+            return super().call(__context, __obj, *args, **kwargs)
+
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            power = operator == "**" and isinstance(right, int) and isinstance(left, (int, float))
+            if power and (abs(right) > 64 or (isinstance(left, int) and int(left).bit_length() * right > 4096)):
                 raise jinja2.exceptions.SecurityError(f"exponent {right} is too large")
             if operator == "*":
                 size = next(
@@ -254,6 +367,7 @@ def _compile(template: str) -> Any:
 
         def __setitem__(self, name: str, value: Any) -> None:
             Namespace._check(name)
+            _check_call(f"namespace attribute {name!r}", (value,), {})
             jinja2.utils.Namespace.__setitem__(self, name, value)
 
         @staticmethod
@@ -277,6 +391,9 @@ def _compile(template: str) -> Any:
 
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, "jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
+    for name, fn in list(env.filters.items()):  # filters are called directly, not through Environment.call
+        env.filters[name] = _checked_filter(name, fn)
+    env.globals.pop("lipsum", None)  # lorem ipsum of any length: of no use to a chat template
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace, dict=make_dict)
     try:
         return env.from_string(template)
@@ -284,4 +401,5 @@ def _compile(template: str) -> Any:
         raise ChatTemplateError(f"chat template syntax error at line {exc.lineno}: {exc.message}") from None
 
 
-__all__ = ["NAMED_FORMATS", "ChatTemplateError", "format_chat", "render_chat", "render_jinja"]
+__all__ = ["NAMED_FORMATS", "TIME_LIMIT", "ChatTemplateError", "format_chat", "render_chat", "render_jinja",
+           "template_limits"]  # fmt: skip

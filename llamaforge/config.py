@@ -69,6 +69,12 @@ class ModelConfig:
             problems.append(f"n_experts_per_token ({self.n_experts_per_token}) must be in 1..{self.n_experts}")
         if self.head_dim is not None and self.head_dim % 2:
             problems.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        for key in ("head_dim", "hidden_dim", "ffn_dim_multiplier"):  # optional sizes: positive when given
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                problems.append(f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("multiple_of", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{key} must be positive, got {getattr(self, key)}")
         if problems:
             raise ValueError(f"invalid model config {self.name or ''}: " + "; ".join(problems))
 

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read: names the file and what is wrong with it."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file that cannot be read: names the file and what is wrong with it."""

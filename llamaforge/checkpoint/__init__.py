@@ -17,6 +17,7 @@ file and the tensor.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -64,12 +65,15 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     fmt = fmt or detect_format(path)
     module = format_module(fmt)
     config = module.read_config(path)
+    tensors = module.read_tensors(path, config)
+    first = next(tensors, None)  # the files' own checks (headers, offsets) report damage first
+    _check_size(path, config)
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
     optional = {"output.weight"} if config.tie_embeddings else set()
     seen: set[str] = set()
-    for name, tensor in module.read_tensors(path, config):
+    for name, tensor in itertools.chain([first] if first is not None else [], tensors):
         if name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {config.n_layers}-layer model")
         if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -90,6 +94,32 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
         model.tie_weights()
     model.reset_buffers()
     return model, fmt
+
+
+MIN_BITS_PER_WEIGHT = 2  # below every format llamaforge reads (GGUF Q2_K stores 2.625 bits per weight)
+
+
+def dense_parameters(config) -> int:
+    """The parameter count of a dense model of `config` (no module is built)."""
+    d, q, kv = config.dim, config.n_heads * config.dim_per_head, config.kv_heads * config.dim_per_head
+    layer = 2 * d * q + 2 * d * kv + 3 * d * config.ffn_hidden_dim + 2 * d
+    return config.n_layers * layer + config.vocab_size * d * (1 if config.tie_embeddings else 2) + d
+
+
+def _check_size(path: Path, config) -> None:
+    """Refuse a configuration that needs more weights than the checkpoint's files can hold, before building the
+    model from it: a damaged config (a billion layers) must not make llamaforge build a model that size."""
+    if config.n_experts:
+        return
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    n = dense_parameters(config)
+    if n * MIN_BITS_PER_WEIGHT // 8 > size:
+        raise CheckpointError(
+            f"{path}: the configuration describes a model of {n:,} parameters ({config.n_layers} layers of width "
+            f"{config.dim}, vocabulary {config.vocab_size}), but the checkpoint holds only {size:,} bytes: the "
+            "configuration is wrong or weights are missing"
+        )
 
 
 def _float_dtype(tensor: torch.Tensor) -> torch.dtype:

@@ -427,7 +427,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     vocab = md.get(f"{a}.vocab_size")
     if vocab is None:
         embd = header.tensors.get("token_embd.weight")
-        vocab = embd.shape[0] if embd is not None else len(md.get("tokenizer.ggml.tokens", []))
+        tokens = md.get("tokenizer.ggml.tokens")
+        vocab = embd.shape[0] if embd is not None else len(tokens) if isinstance(tokens, list) else 0
     else:
         vocab = _get(file, md, f"{a}.vocab_size", int)
     if not vocab:
@@ -496,7 +497,9 @@ def _read_rope_scaling(header: GGUFHeader, config: ModelConfig) -> RopeScaling |
     with open(file, "rb") as f:
         f.seek(info.offset)
         factors = np.frombuffer(f.read(info.nbytes), dtype="<f4").astype(np.float64)
-    orig = md.get(f"{a}.rope.scaling.original_context_length", 8192)
+    if not np.isfinite(factors).all() or (factors <= 0).any():
+        raise CheckpointError(f"{file}: {ROPE_FREQS} holds factors that are not finite positive numbers")
+    orig = _get(file, md, f"{a}.rope.scaling.original_context_length", int, 8192)
     return rope_scaling_from_factors(factors, config.rope_theta, config.dim_per_head, orig, file)
 
 

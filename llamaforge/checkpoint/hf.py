@@ -96,6 +96,8 @@ def read_json(file: Path, what: str) -> dict[str, Any]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: invalid JSON: nested too deeply") from None
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{file}: not a UTF-8 text file ({exc.reason})") from None
     if not isinstance(data, dict):
@@ -109,6 +111,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     data = read_json(file, "the Hugging Face model configuration")
     architectures = data.get("architectures") or []
     model_type = data.get("model_type")
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise CheckpointError(f"{file}: 'architectures' must be a list of strings, got {architectures!r}")
     known = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
     if not known and not architectures and model_type in ("llama", *_LLAMA4_TYPES):
         known = [_LLAMA4_TYPES.get(model_type, "LlamaForCausalLM")]
@@ -133,7 +137,15 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 
 def config_from_hf(data: Mapping[str, Any], file: Path | str, name: str = "") -> ModelConfig:
     """Translate a LlamaConfig dictionary into a ModelConfig; `file` is named in errors."""
+    try:
+        return _config_from_hf(data, file, name)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:  # int("x"), int(None), int(inf), n // 0, ModelConfig's
+        raise CheckpointError(f"{file}: {exc}") from None
 
+
+def _config_from_hf(data: Mapping[str, Any], file: Path | str, name: str) -> ModelConfig:
     def need(key: str) -> Any:
         if data.get(key) is None:
             raise CheckpointError(f"{file}: missing field {key!r}")
@@ -152,27 +164,22 @@ def config_from_hf(data: Mapping[str, Any], file: Path | str, name: str = "") ->
     dtype = data.get("dtype") or data.get("torch_dtype")
     if dtype:
         extra["dtype"] = dtype
-    try:
-        return ModelConfig(
-            dim=dim,
-            n_layers=int(need("num_hidden_layers")),
-            n_heads=n_heads,
-            n_kv_heads=int(data.get("num_key_value_heads") or n_heads),
-            vocab_size=int(need("vocab_size")),
-            head_dim=None if head_dim in (None, dim // n_heads) else int(head_dim),
-            hidden_dim=int(need("intermediate_size")),
-            norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            rope_scaling=_rope_scaling_from_hf(rope, file),
-            max_seq_len=int(data.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-            name=str(name),
-            extra=extra,
-        )
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{file}: {exc}") from None
+    return ModelConfig(
+        dim=dim,
+        n_layers=int(need("num_hidden_layers")),
+        n_heads=n_heads,
+        n_kv_heads=int(data.get("num_key_value_heads") or n_heads),
+        vocab_size=int(need("vocab_size")),
+        head_dim=None if head_dim in (None, dim // n_heads) else int(head_dim),
+        hidden_dim=int(need("intermediate_size")),
+        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        rope_scaling=_rope_scaling_from_hf(rope, file),
+        max_seq_len=int(data.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+        name=str(name),
+        extra=extra,
+    )
 
 
 def config_from_hf_llama4(data: Mapping[str, Any], file: Path | str, name: str = "") -> ModelConfig:

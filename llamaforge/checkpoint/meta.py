@@ -62,8 +62,9 @@ def _load_shard(file: Path) -> dict[str, Tensor]:
             f"{file}: holds objects other than tensors, which llamaforge refuses to unpickle "
             f"(torch.load weights_only=True: {first})"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint, perhaps truncated ({exc})") from None
+    except Exception as exc:  # a damaged pickle raises anything from KeyError (a bad memo index) to RuntimeError
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint, perhaps truncated or damaged "
+                              f"({type(exc).__name__}: {exc})") from None  # fmt: skip
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
         raise CheckpointError(f"{file}: expected a dictionary of tensors, found {type(data).__name__}")
     return data
@@ -84,8 +85,18 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
             raise CheckpointError(f"{file}: missing field {key!r}")
         return params[key]
 
-    dim, n_heads = int(need("dim")), int(need("n_heads"))
     first = _load_shard(shards[0])  # lazy: only the pickle's index is read
+    try:
+        return _config(params, file, path, shards, first, need)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:  # int("x"), int(None), int(inf), ModelConfig's checks
+        raise CheckpointError(f"{file}: {exc}") from None
+
+
+def _config(params: dict[str, Any], file: Path, path: Path, shards: list[Path], first: dict[str, Tensor],
+            need: Any) -> ModelConfig:  # fmt: skip
+    dim, n_heads = int(need("dim")), int(need("n_heads"))
     vocab_size = int(params.get("vocab_size", -1))
     if vocab_size <= 0:  # LLaMA 1/2 params.json say -1: the embedding knows
         emb = first.get("tok_embeddings.weight")
@@ -102,28 +113,27 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         )
     max_seq_len = params.get("max_seq_len") or (131072 if scaling else 2048)
     tied = bool(params.get("tie_embeddings")) or _shares_embedding(first)
-    try:
-        return ModelConfig(
-            dim=dim,
-            n_layers=int(need("n_layers")),
-            n_heads=n_heads,
-            n_kv_heads=params.get("n_kv_heads"),
-            vocab_size=vocab_size,
-            head_dim=params.get("head_dim"),
-            hidden_dim=params.get("hidden_dim"),
-            multiple_of=int(params.get("multiple_of", 256)),
-            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
-            rope_scaling=scaling,
-            max_seq_len=int(max_seq_len),
-            tie_embeddings=tied,
-            name=path.name,
-        )
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{file}: {exc}") from None
+    return ModelConfig(
+        dim=dim,
+        n_layers=int(need("n_layers")),
+        n_heads=n_heads,
+        n_kv_heads=_optional(int, params.get("n_kv_heads")),
+        vocab_size=vocab_size,
+        head_dim=_optional(int, params.get("head_dim")),
+        hidden_dim=_optional(int, params.get("hidden_dim")),
+        multiple_of=int(params.get("multiple_of", 256)),
+        ffn_dim_multiplier=_optional(float, params.get("ffn_dim_multiplier")),
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        rope_scaling=scaling,
+        max_seq_len=int(max_seq_len),
+        tie_embeddings=tied,
+        name=path.name,
+    )
+
+
+def _optional(kind: type, value: Any) -> Any:
+    return None if value is None else kind(value)
 
 
 def _shares_embedding(state: Mapping[str, Tensor]) -> bool:

@@ -65,12 +65,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how Llama models without a chat template write tool calls: JSON (Llama 3.1/3.3; the "
                         "Llama 3 default) or Python syntax (Llama 3.2, Llama 4; the Llama 4 default)")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="longest prompt in tokens; longer ones get HTTP 400 (default: any that fits --max-seq-len)",
+    )
+    p.add_argument(
+        "--max-request-tokens",
+        type=int,
+        help="most tokens one request may ask to generate, n x max_tokens (default 65536)",
+    )
+    p.add_argument(
+        "--max-streams-per-key",
+        type=int,
+        help="streaming responses open at once per API key (per client address without --api-key); "
+        "more get HTTP 429 (default 16)",
+    )
+    p.add_argument(
+        "--template-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time a chat template may take to render before the request gets HTTP 400 (default 2)",
+    )
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
     p.add_argument("--no-webui", dest="webui", action="store_false",
                    help="do not serve the browser chat page at / (the API is served either way)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(handler=_serve)
+
+
+def bind_warning(host: str, api_key: str | None) -> str | None:
+    """What `serve` prints when it binds beyond this machine (None on loopback)."""
+    if _is_loopback(host):
+        return None
+    auth = "requests need --api-key" if api_key else "without --api-key: anyone who can reach this port can use it"
+    return f"warning: serving on {host}, reachable from other machines ({auth})"
 
 
 def _is_loopback(host: str) -> bool:
@@ -106,9 +136,18 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"--cache-memory: {exc}") from None
     if args.slot_save_path is not None:
         Path(args.slot_save_path).mkdir(parents=True, exist_ok=True)
-    if not _is_loopback(args.host) and not args.api_key:
-        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
-              file=sys.stderr)  # fmt: skip
+    warning = bind_warning(args.host, args.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
+    from ..serve.limits import Limits
+
+    names = ("max_prompt_tokens", "max_request_tokens", "max_streams_per_key", "template_timeout")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    try:
+        limits = Limits(**given)
+    except ValueError as exc:
+        flag = "--" + str(exc).split(" ", 1)[0].replace("_", "-")
+        raise UserError(f"{flag}: {str(exc).split(' ', 1)[1]}") from None
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_seq_len=args.max_seq_len,
@@ -116,7 +155,8 @@ def _serve(args: argparse.Namespace) -> int:
                           compile=args.compile, prefill_budget=args.prefill_budget, cache_memory=cache_memory,
                           prefix_caching=args.prefix_caching, speculative_ngram=args.speculative_ngram,
                           num_speculative=args.num_speculative, slot_save_path=args.slot_save_path,
-                          cache_type=args.cache_type, webui=args.webui, tool_format=args.tool_format)  # fmt: skip
+                          cache_type=args.cache_type, webui=args.webui, tool_format=args.tool_format,
+                          limits=limits)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     draft_loader = (lambda: load_for_cli(args, model=args.draft_model)) if args.draft_model else None
     app = create_app(config, loader=lambda: load_for_cli(args), draft_loader=draft_loader)

@@ -95,15 +95,17 @@ def load_prompt_cache(engine: Engine, path: str | os.PathLike) -> list[int]:
     values into the engine's cache as a cached prefix; returns the file's tokens. ``PromptCacheError`` otherwise."""
     path = Path(path)
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt") as f:  # the metadata first: a foreign file's tensors are never read
             meta = f.metadata() or {}
+        _check(path, meta, _identity(engine))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
+        if isinstance(exc, PromptCacheError):
+            raise
         raise PromptCacheError(f"{path}: not a readable prompt-cache file ({exc})") from None
-    _check(path, meta, _identity(engine))
     try:
         tokens = [int(t) for t in json.loads(meta["tokens"])]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise PromptCacheError(f"{path}: corrupted prompt-cache file (its token list: {exc})") from None
     k, v = tensors.get("k"), tensors.get("v")
     c = engine.cache
@@ -128,7 +130,11 @@ def _check(path: Path, meta: dict[str, str], here: dict[str, str]) -> None:
         raise PromptCacheError(f"{path}: written by prompt-cache format version {meta.get('version')}; this "
                                f"llamaforge reads version {here['version']}")  # fmt: skip
     if meta.get("model") != here["model"]:
-        theirs = json.loads(meta.get("model_config") or "{}")
+        try:
+            theirs = json.loads(meta.get("model_config") or "{}")
+        except (ValueError, RecursionError):
+            theirs = None
+        theirs = theirs if isinstance(theirs, dict) else {}
         ours = json.loads(here["model_config"])
         diff = [f"{key} {theirs.get(key)!r} in the file, {ours.get(key)!r} here" for key in sorted(ours)
                 if theirs.get(key) != ours.get(key)]  # fmt: skip

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,11 @@ from ..inference import (
     make_speculator,
     save_prompt_cache,
 )
+from ..tokenizer import clean_text
 from ..tools import ToolError, ToolPlan, ToolStream, check_messages, has_tool_calls
 from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
+from .limits import Limits, StreamCounter, client_key
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import (
     APIError,
@@ -85,7 +87,7 @@ _FILENAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}")  # a plain file na
 @dataclass
 class ServerConfig:
     model_name: str = "llamaforge"
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in a log line or traceback
     max_batch: int = 8
     max_queue: int = 64
     max_seq_len: int | None = 2048  # KV cache length per slot (None: the model's context)
@@ -101,6 +103,7 @@ class ServerConfig:
     cache_type: str | None = None  # KV-cache storage: float32 / float16 / bfloat16 / q8_0 (None: the model's)
     webui: bool = True  # the chat page at /
     tool_format: str | None = None  # Meta formats: "json" or "pythonic" tool calls (default: the family's own)
+    limits: Limits = field(default_factory=Limits)  # prompt length, n x max_tokens, streams per key, template time
 
 
 # The guard: auth, body size, request metrics ------------------------------------------------------------
@@ -184,6 +187,7 @@ class ServerState:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.streams = StreamCounter(config.limits.max_streams_per_key)
         self.llm: Any = None
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
@@ -271,6 +275,12 @@ class ServerState:
         """Grammars compiled for this model's vocabulary (built on first use: call it off the event loop)."""
         return Constrainer.for_tokenizer(self.tokenizer(), self.llm.config.vocab_size)
 
+    def open_stream(self, request: Request) -> str:
+        """Count a streaming response against its client's key (429 over --max-streams-per-key)."""
+        key = client_key(request.headers, request.client)
+        self.streams.acquire(key)
+        return key
+
     def begin_shutdown(self) -> None:
         self.shutting_down = True
         if self.engine is not None:
@@ -304,7 +314,8 @@ def _chat_ids(state: ServerState, messages: list[S.ChatMessage], plan: ToolPlan 
     try:
         if plan is not None or has_tool_calls(chat):
             chat = check_messages(chat)
-        return chat_prompt_ids(state.tokenizer(), chat, **(plan.render_options if plan is not None else {}))
+        with state.config.limits.templates():
+            return chat_prompt_ids(state.tokenizer(), chat, **(plan.render_options if plan is not None else {}))
     except APIError:
         raise
     except ToolError as exc:
@@ -372,14 +383,21 @@ def _engine_error(exc: BaseException) -> APIError:
     return APIError(500, str(exc), type="server_error")
 
 
-def _submit(engine: AsyncEngine, items: list[tuple[list[int], SamplingParams]],
-            sink: asyncio.Queue) -> list[Submission]:  # fmt: skip
+def _submit(engine: AsyncEngine, items: list[tuple[list[int], SamplingParams]], sink: asyncio.Queue,
+            state: ServerState | None = None, stream_key: str | None = None) -> list[Submission]:  # fmt: skip
+    """Submit the choices; a refused submission gives back the stream place that `stream_key` holds."""
+    submitted = False
     try:
-        return engine.submit(items, sink)
+        subs = engine.submit(items, sink)
+        submitted = True
+        return subs
     except QueueFullError as exc:
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
     except ShuttingDownError as exc:
         raise APIError(503, str(exc), type="service_unavailable", code="shutting_down") from None
+    finally:
+        if not submitted and stream_key is not None and state is not None:
+            state.streams.release(stream_key)
 
 
 def _sse(payload: Any) -> str:
@@ -600,6 +618,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             else:
                 encoded.append((check_ids(list(p), vocab, "prompt"), None))
             check_fits(encoded[-1][0], limit, "prompt")
+            config.limits.check_prompt(encoded[-1][0], "prompt")
         grammar = grammar_for(body)
         await _prepare(state, grammar)
         requested = 16 if body.max_tokens is None else body.max_tokens
@@ -611,12 +630,17 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         items: list[tuple[list[int], SamplingParams]] = []
         if requested:
             for ids, _ in encoded:
-                max_new = min(requested, limit - len(ids))
+                max_new = config.limits.new_tokens(len(encoded) * body.n, requested, limit - len(ids))
                 items += [(ids, _params(state, body, max_new, body.logprobs, j, grammar)) for j in range(body.n)]
         scored: list[list[TokenLogprob | None]] = []
         if body.echo and body.logprobs is not None:  # scored by the engine's prefill, all prompts together
             scored = await engine.score([ids for ids, _ in encoded], body.logprobs)
-        echoes = [text if text is not None else _decode(state, ids) for ids, text in encoded] if body.echo else []
+        # The prompt echoed as the tokenizer read it (a lone surrogate, which JSON cannot carry, as U+FFFD).
+        echoes = (
+            [clean_text(text) if text is not None else _decode(state, ids) for ids, text in encoded]
+            if body.echo
+            else []
+        )
         rid, created = S.new_id("cmpl"), S.now()
         prompt_tokens = sum(len(ids) for ids, _ in encoded)
         n_choices = len(encoded) * body.n
@@ -643,7 +667,8 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                                         usage=S.Usage.of(prompt_tokens, 0))  # fmt: skip
 
         sink: asyncio.Queue = asyncio.Queue()
-        subs = _submit(engine, items, sink)
+        stream_key = state.open_stream(request) if body.stream else None
+        subs = _submit(engine, items, sink, state, stream_key)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             counts = [0] * n_choices
@@ -674,7 +699,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                 usage = S.Usage.of(prompt_tokens, sum(counts))
                 return S.CompletionResponse(id=rid, created=created, model=config.model_name, choices=[], usage=usage)
 
-            gen = _stream(engine, subs, sink, render, first, last)
+            gen = state.streams.track(stream_key, _stream(engine, subs, sink, render, first, last))
             return StreamingResponse(gen, media_type="text/event-stream", headers=_SSE_HEADERS)
 
         results = await _collect(engine, subs, sink, request)
@@ -746,8 +771,8 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         ids = _chat_ids(state, body.messages, plan)
         limit = _context_limit(state)
         check_fits(ids, limit, "messages")
-        requested = body.max_completion_tokens or body.max_tokens or limit
-        max_new = min(requested, limit - len(ids))
+        config.limits.check_prompt(ids, "messages")
+        max_new = config.limits.new_tokens(body.n, body.max_completion_tokens or body.max_tokens, limit - len(ids))
         if body.n > engine.capacity:
             raise bad(f"n={body.n} is more than this server can hold at once ({engine.capacity})", param="n")
         grammar = grammar_for(body, plan.grammar if plan is not None else None)
@@ -763,7 +788,8 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             return ToolStream(tokenizer, parser, engine.engine.stop_ids, ids[-6:]) if parser is not None else None
 
         sink: asyncio.Queue = asyncio.Queue()
-        subs = _submit(engine, items, sink)
+        stream_key = state.open_stream(request) if body.stream else None
+        subs = _submit(engine, items, sink, state, stream_key)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             counts = [0] * body.n
@@ -800,7 +826,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             def last() -> Any:
                 return chunk(None, S.Usage.of(len(ids), sum(counts))) if include_usage else None
 
-            gen = _stream(engine, subs, sink, render, first, last)
+            gen = state.streams.track(stream_key, _stream(engine, subs, sink, render, first, last))
             return StreamingResponse(gen, media_type="text/event-stream", headers=_SSE_HEADERS)
 
         results = await _collect(engine, subs, sink, request)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from ..constrain import GrammarError, grammar_from
 from ..embeddings import MAX_BATCH_TOKENS
 from ..inference import SamplingParams, TokenLogprob, prompts
+from ..tokenizer import clean_text
 from ..tools import Delta, ToolError, ToolPlan, plan_tools
 from . import schemas as S
 
@@ -27,6 +28,7 @@ from . import schemas as S
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None) -> None:  # fmt: skip
+        message = clean_text(message)  # it may quote the client's text: a lone surrogate cannot be sent as UTF-8
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 

@@ -14,10 +14,12 @@ import itertools
 import json
 import os
 import re
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import TokenizerError
 from . import formats as fmt
 from .base import BaseTokenizer, TextDecoder
 
@@ -302,7 +304,9 @@ class HFTokenizer(BaseTokenizer):
         if "chat_format" not in kw:
             marks = (("<|start_header_id|>", "llama3"), ("<|header_start|>", "llama4"), ("[INST]", "llama2"))
             kw["chat_format"] = next((f for name, f in marks if tk.token_to_id(name) is not None), None)
-        size = tk.get_vocab_size(with_added_tokens=True)
+        # Ids may skip numbers (a tokenizer.json whose vocab leaves gaps): the ids run up to the largest one.
+        size = max(tk.get_vocab_size(with_added_tokens=True), max(tk.get_vocab(with_added_tokens=True).values(),
+                                                                  default=-1) + 1)  # fmt: skip
         super().__init__(special=special, bos_id=bos_id, eos_id=eos_id, vocab_size=size, source=source, **kw)
 
     @property
@@ -399,29 +403,48 @@ def load_tokenizer(source: str | os.PathLike) -> BaseTokenizer:
         return _load_gguf(path)
     if path.name.endswith(".json"):
         return _load_hf(path)
-    if fmt.is_tiktoken_file(path):
-        return TiktokenTokenizer(path)
-    return SentencePieceTokenizer(path.read_bytes(), source=str(path), chat_template=_read_chat_template(path.parent))
+    try:
+        if fmt.is_tiktoken_file(path):
+            return TiktokenTokenizer(path)
+        template = _read_chat_template(path.parent)
+        return SentencePieceTokenizer(path.read_bytes(), source=str(path), chat_template=template)
+    except TokenizerError:
+        raise
+    except (ValueError, RuntimeError, OSError, IndexError, KeyError, struct.error) as exc:
+        # sentencepiece raises RuntimeError/OSError on a damaged model, our protobuf reader ValueError/struct.error
+        message = str(exc).removeprefix(f"{path}: ")
+        raise TokenizerError(f"{path}: not a tokenizer.model llamaforge can read ({message})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise TokenizerError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def _read_chat_template(directory: Path) -> str | None:
-    template = _read_json(directory / "tokenizer_config.json").get("chat_template")
+    config = directory / "tokenizer_config.json"
+    template = _read_json(config).get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     if not template and (directory / "chat_template.jinja").is_file():
-        template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        config = directory / "chat_template.jinja"
+        try:
+            template = config.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise TokenizerError(f"{config}: not a UTF-8 text file ({exc.reason})") from None
     if not template:
-        template = _read_json(directory / "chat_template.json").get("chat_template")
+        config = directory / "chat_template.json"
+        template = _read_json(config).get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{config}: chat_template must be a string, got {type(template).__name__}")
     return template or None
 
 
@@ -434,17 +457,23 @@ def _load_hf(path: Path) -> HFTokenizer:
 
     try:
         tk = HFTok.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise ValueError(f"{path}: not a tokenizer.json that the tokenizers library can read ({exc})") from exc
+    except BaseException as exc:  # a bare Exception on malformed files, and pyo3's PanicException (a BaseException)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise TokenizerError(f"{path}: not a tokenizer.json that the tokenizers library can read ({exc})") from None
     directory = path.parent
     config = _read_json(directory / "tokenizer_config.json")
     special_map = _read_json(directory / "special_tokens_map.json")
     bos = _token_text(config.get("bos_token", special_map.get("bos_token")))
     eos = _token_text(config.get("eos_token", special_map.get("eos_token")))
+    for key, value in (("bos_token", bos), ("eos_token", eos)):
+        if value is not None and not isinstance(value, str):
+            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: {key} must be a string, got {value!r}")
     stops: list[int] = []
     for name in ("generation_config.json", "config.json"):
         value = _read_json(directory / name).get("eos_token_id")
         stops += value if isinstance(value, list) else [value] if isinstance(value, int) else []
+    stops = [i for i in stops if isinstance(i, int) and not isinstance(i, bool)]
     kw: dict[str, Any] = {}
     if isinstance(config.get("add_bos_token"), bool):
         kw["add_bos_default"] = config["add_bos_token"]
@@ -458,18 +487,82 @@ def _load_gguf(path: Path) -> BaseTokenizer:
     model = meta.get("tokenizer.ggml.model")
     if not meta.get("tokenizer.ggml.tokens"):
         raise FileNotFoundError(f"{path}: this GGUF file has no tokenizer (no tokenizer.ggml.tokens)")
+    _check_gguf_vocabulary(meta, path)
     common = {
         "chat_template": meta.get("tokenizer.chat_template"),
         "source": str(path),
         "extra_stop_ids": [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")],
     }
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-    if model == "llama":
-        proto = fmt.sp_proto_from_gguf(meta, str(path))
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-        return SentencePieceTokenizer(proto, bos_id=bos, eos_id=eos, add_bos_default=add_bos, gguf=meta, **common)
-    if model == "gpt2":
-        tk, add_bos = fmt.hf_from_gguf_bpe(meta, str(path))
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos))
-        return HFTokenizer(tk, bos=bos, eos=eos, gguf=meta, add_bos_default=add_bos, **common)
-    raise ValueError(f"{path}: tokenizer.ggml.model = {model!r} is not supported (llamaforge reads 'llama' and 'gpt2')")
+    try:
+        if model == "llama":
+            proto = fmt.sp_proto_from_gguf(meta, str(path))
+            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
+            return SentencePieceTokenizer(proto, bos_id=bos, eos_id=eos, add_bos_default=add_bos, gguf=meta, **common)
+        if model == "gpt2":
+            tk, add_bos = fmt.hf_from_gguf_bpe(meta, str(path))
+            add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos))
+            return HFTokenizer(tk, bos=bos, eos=eos, gguf=meta, add_bos_default=add_bos, **common)
+    except TokenizerError:
+        raise
+    except (ValueError, RuntimeError, OSError) as exc:  # sentencepiece / tokenizers refusing the vocabulary
+        message = str(exc).removeprefix(f"{path}: ")
+        raise TokenizerError(f"{path}: the GGUF vocabulary cannot be used ({message})") from None
+    raise TokenizerError(
+        f"{path}: tokenizer.ggml.model = {model!r} is not supported (llamaforge reads 'llama' and 'gpt2')"
+    )
+
+
+_GGUF_TOKEN_IDS = ("bos", "eos", "unknown", "eot", "eom")
+
+
+def _check_gguf_vocabulary(meta: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the key, a GGUF vocabulary whose values have the wrong type, length or range."""
+
+    def fail(key: str, problem: str) -> TokenizerError:
+        return TokenizerError(f"{path}: {key} {problem}")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise fail("tokenizer.ggml.tokens", "must be an array of strings")
+    for i, token in enumerate(tokens):
+        try:
+            token.encode("utf-8")
+        except UnicodeEncodeError:
+            raise fail(f"tokenizer.ggml.tokens[{i}]", f"is not valid UTF-8: {token!r}") from None
+    for key, kind in (("scores", (int, float)), ("token_type", (int,)), ("merges", (str,))):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is None:
+            continue
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+            raise fail(f"tokenizer.ggml.{key}", f"must be an array of {kind[0].__name__}")
+        if key != "merges" and len(value) != len(tokens):
+            raise fail(f"tokenizer.ggml.{key}", f"has {len(value)} entries for {len(tokens)} tokens")
+        if key == "token_type" and any(not 0 <= t <= fmt.BYTE for t in value):
+            raise fail("tokenizer.ggml.token_type", f"holds a type outside 0..{fmt.BYTE}")
+        if key == "merges":
+            for n, merge in enumerate(value):
+                try:
+                    merge.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise fail(f"tokenizer.ggml.merges[{n}]", f"is not valid UTF-8: {merge!r}") from None
+    for name in _GGUF_TOKEN_IDS:
+        key = f"tokenizer.ggml.{name}_token_id"
+        value = meta.get(key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(tokens)
+        ):
+            raise fail(key, f"= {value!r} is not a token id (0..{len(tokens) - 1})")
+    for key in ("add_bos_token", "add_eos_token", "add_space_prefix", "remove_extra_whitespaces"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not isinstance(value, (bool, int)):
+            raise fail(f"tokenizer.ggml.{key}", f"must be a boolean, got {value!r}")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            raise fail(key, f"must be a string, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise fail(key, "is not valid UTF-8") from None
