@@ -187,6 +187,11 @@ def main() -> int:
     pref_after = float((after_c > after_r).float().mean())
     margins = args.beta * ((after_c - before_c) - (after_r - before_r))  # DPO's reward margin, reference = base
     reward_acc, reward_margin = float((margins > 0).float().mean()), float(margins.mean())
+    print(f"after: preference accuracy {pref_after:.1%}, reward accuracy {reward_acc:.1%}", flush=True)
+    # the inference engine runs plain linears: fold the adapters into the weights (merge_lora), as export does
+    from llamaforge.train.lora import merge_lora
+
+    merge_lora(llm.model)
     gen_after = generations(llm, held_pairs, args.max_new_tokens)
     before_ok, after_ok = [shouted(t) for t in gen_before], [shouted(t) for t in gen_after]
     wins = sum(a and not b for a, b in zip(after_ok, before_ok))
