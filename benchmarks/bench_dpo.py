@@ -7,7 +7,8 @@ training, so the model must learn the style, not the answers. Reports, before an
 
 - held-out preference accuracy: the share of held-out pairs whose chosen response the model finds more likely
   than the rejected one (summed response log-probabilities under the model itself), and after training also DPO's
-  reward accuracy on them (TRL's ``rewards/accuracies``: the policy/reference log-ratio is higher for chosen);
+  reward accuracy on them (TRL's ``rewards/accuracies``: the policy/reference log-ratio is higher for chosen; the
+  reference is the base, whose log-probabilities are the "before" ones, so no separate validation pass runs);
 - the held-out generations' win rate by an exact rule: a greedy answer wins when it has at least two words and
   every letter in it is a capital; after vs before, per prompt: win, tie or loss;
 
@@ -101,19 +102,20 @@ def shouted(text: str) -> bool:
 
 
 @torch.no_grad()
-def own_preference(model, pairs, pad_id: int, batch: int = 8) -> float:
-    """Share of pairs whose chosen response the model finds more likely than the rejected one."""
+def response_logps(model, pairs, pad_id: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each pair's chosen and rejected response under ``model``."""
     from llamaforge.train.dpo import sequence_logps
     from llamaforge.train.preference import collate_pairs
 
     model.eval()
-    wins = 0
+    chosen, rejected = [], []
     for lo in range(0, len(pairs), batch):
         b = collate_pairs(pairs[lo : lo + batch], pad_id)
         logps, _ = sequence_logps(model, b["tokens"], b["targets"])
-        chosen, rejected = logps.chunk(2)
-        wins += int((chosen > rejected).sum())
-    return wins / len(pairs)
+        c, r = logps.chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
 
 
 def generations(llm, pairs, max_new_tokens: int) -> list[str]:
@@ -159,7 +161,8 @@ def main() -> int:
         held_pairs, _ = load_pairs(held_file, base.tokenizer, 256)
         pad_id = base.tokenizer.eos_id
         t0 = time.perf_counter()
-        pref_before = own_preference(base.model, held_pairs, pad_id)
+        before_c, before_r = response_logps(base.model, held_pairs, pad_id)
+        pref_before = float((before_c > before_r).float().mean())
         gen_before = generations(base, held_pairs, args.max_new_tokens)
         eval_s = time.perf_counter() - t0
         print(f"before: preference accuracy {pref_before:.1%}, rule {sum(map(shouted, gen_before))}/{len(held)} "
@@ -169,7 +172,7 @@ def main() -> int:
         llm = llamaforge.load(args.model, dtype=torch.float32)
 
         overrides = {"model.from_checkpoint": args.model, "finetune.objective": "dpo", "finetune.method": "lora",
-                     "finetune.data": str(train_file), "finetune.val_data": str(held_file),
+                     "finetune.data": str(train_file), "finetune.val_fraction": 0.0,
                      "finetune.dpo_beta": args.beta, "finetune.lora_r": args.rank,
                      "finetune.lora_alpha": 2 * args.rank, "finetune.lora_dropout": 0.0, "data.seq_len": 256,
                      "data.micro_batch_size": args.micro_batch, "train.steps": args.steps, "optim.lr": args.lr,
@@ -180,7 +183,15 @@ def main() -> int:
         t0 = time.perf_counter()
         summary = finetune(recipe, llm=llm, progress=False)
         train_s = time.perf_counter() - t0
-    pref_after = own_preference(llm.model, held_pairs, pad_id)
+    after_c, after_r = response_logps(llm.model, held_pairs, pad_id)
+    pref_after = float((after_c > after_r).float().mean())
+    margins = args.beta * ((after_c - before_c) - (after_r - before_r))  # DPO's reward margin, reference = base
+    reward_acc, reward_margin = float((margins > 0).float().mean()), float(margins.mean())
+    print(f"after: preference accuracy {pref_after:.1%}, reward accuracy {reward_acc:.1%}", flush=True)
+    # the inference engine runs plain linears: fold the adapters into the weights (merge_lora), as export does
+    from llamaforge.train.lora import merge_lora
+
+    merge_lora(llm.model)
     gen_after = generations(llm, held_pairs, args.max_new_tokens)
     before_ok, after_ok = [shouted(t) for t in gen_before], [shouted(t) for t in gen_after]
     wins = sum(a and not b for a, b in zip(after_ok, before_ok))
@@ -192,11 +203,10 @@ def main() -> int:
               "held_out_pairs": len(held), "lora_rank": args.rank, "trainable_params": summary["trainable_params"],
               "n_params": summary["n_params"], "beta": args.beta, "lr": args.lr,
               "preference_accuracy_before": pref_before, "preference_accuracy_after": pref_after,
-              "reward_accuracy_after": summary.get("val_rewards/accuracies"),
-              "reward_margin_after": summary.get("val_rewards/margins"), "rule_before": sum(before_ok),
+              "reward_accuracy_after": reward_acc, "reward_margin_after": reward_margin, "rule_before": sum(before_ok),
               "rule_after": sum(after_ok), "wins": wins, "ties": ties, "losses": losses, "win_rate": wins / len(held),
               "first_loss": summary["history"][0]["loss"], "final_loss": summary["loss"],
-              "val_loss": summary["val_loss"], "train_s": train_s, "tokens": tokens,
+              "train_s": train_s, "tokens": tokens,
               "tokens_per_s": tokens / train_s, "peak_rss_mib": peak_rss_mib(),
               "total_s": time.perf_counter() - started, "load_average": load_avg, "threads": args.threads,
               "examples": [[held[i]["prompt"], gen_before[i], gen_after[i]] for i in range(0, len(held), 9)],
@@ -205,7 +215,7 @@ def main() -> int:
     if args.results:
         from results import replace_section
 
-        n, reward_acc, val_loss = len(held), result["reward_accuracy_after"], result["val_loss"]
+        n = len(held)
         samples = "\n".join(f"| {q} | `{b}` | `{a}` |" for q, b, a in result["examples"][:5])
         body = f"""{SECTION}
 
@@ -227,7 +237,8 @@ Win rate of the answers after vs before, by that rule: {wins} wins, {ties} ties,
 
 | | value |
 |---|---|
-| DPO loss: first step, last step, held-out | {result["first_loss"]:.3f}, {result["final_loss"]:.3f}, {val_loss:.3f} |
+| DPO loss: first step, last step | {result["first_loss"]:.3f}, {result["final_loss"]:.3f} |
+| held-out DPO reward margin after (beta x log-ratio difference) | {reward_margin:.2f} |
 | pairs seen | {result["pairs_seen"]} |
 | trainable parameters | {result["trainable_params"]:,} of {result["n_params"]:,} |
 | training time | {train_s:.0f} s ({tokens:,} tokens: chosen and rejected sequences) |
