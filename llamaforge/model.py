@@ -116,9 +116,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
                 rows: Tensor | None, cache_len: int) -> Tensor:  # fmt: skip
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # Heads counted from the projections: under tensor parallelism each rank holds a slice of them.
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.qk_norm_eps is not None:
@@ -130,7 +131,7 @@ class Attention(nn.Module):
         if cache_len:  # generation: append to the KV cache and attend over it
             assert self.kv_cache is not None
             k, v = self.kv_cache.update(positions, k, v, cache_len, rows)
-        gqa = self.n_kv_heads != self.n_heads
+        gqa = q.shape[1] != k.shape[1]
         if mask is None:  # plain causal attention over the given tokens (training, scoring)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -234,7 +235,7 @@ class Transformer(nn.Module):
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers, e.g. after building on the meta device and loading weights."""
-        device = self.tok_embeddings.weight.device
+        device = next((p.device for p in self.parameters()), self.rope_freqs.device)
         self.rope_freqs = rope_frequencies(self.config).to(device)
 
     @torch.no_grad()
@@ -275,15 +276,18 @@ class Transformer(nn.Module):
                 return_hidden: bool = False) -> Tensor:  # fmt: skip
         """Logits [B, T, vocab] for tokens [B, T].
 
+        A pipeline stage (``llamaforge.train.pipeline``) holds some of the blocks: without ``tok_embeddings`` it
+        takes hidden states [B, T, dim] instead of tokens; without ``norm`` and ``output`` it returns hidden states.
+
         Without ``input_pos``: causal attention over ``tokens`` alone (training and scoring); an
         ``attn_mask`` [B, 1, T, T] (True = attend) may replace the causal mask, e.g. for packed documents.
         With ``input_pos`` [B, T] (or [T]): the tokens sit at those absolute positions; their keys and
         values are written to KV-cache rows ``rows`` (default 0..B-1), and they attend to every cached
         position at or before their own among the first ``cache_len`` slots (default: the whole cache).
         """
-        B, T = tokens.shape
+        B, T = tokens.shape[:2]
         device = tokens.device
-        x = self.tok_embeddings(tokens)
+        x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if input_pos is None:
             positions = torch.arange(T, device=device).expand(B, T)
             mask = attn_mask
@@ -302,8 +306,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer_mask = chunked if (chunked is not None and layer.attention.use_rope) else mask
             x = layer(x, cos, sin, positions, layer_mask, rows, cache_len)
+        if self.norm is None:
+            return x
         x = self.norm(x)
-        return x if return_hidden else self.output(x)
+        return x if return_hidden or self.output is None else self.output(x)
 
     def _chunked_mask(self, positions: Tensor, mask: Tensor | None) -> Tensor | None:
         """Llama 4 local attention: RoPE layers see only keys in the query's chunk of the context."""

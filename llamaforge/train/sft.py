@@ -576,7 +576,7 @@ class FinetuneTrainer(Trainer):
         if r.finetune.method == "full":
             return super()._export(module, out_dir, info, config, logger)
         target = Path(r.train.export_dir) if r.train.export_dir else out_dir / "adapter"
-        state = full_model_state(module)  # collective under FSDP
+        state = full_model_state(module, self.layout)  # collective under FSDP and PP
         if info.is_main:
             lora_state = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
             save_adapter(lora_state, target, r.lora_config(), config, base_model=self.base_model,
