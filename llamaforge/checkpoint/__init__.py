@@ -1,4 +1,5 @@
-"""Checkpoint formats behind one ``load``: Hugging Face directories, Meta directories, GGUF files.
+"""Checkpoint formats behind one ``load``: Hugging Face directories, Meta directories, GGUF files, and (to read
+only) training checkpoints written with ``torch.distributed.checkpoint`` under any device mesh.
 
 Each format module (``hf``, ``meta``, ``gguf``) provides the same four functions:
 
@@ -31,11 +32,12 @@ from torch import nn
 from ..errors import CheckpointError
 from ..model import Transformer
 
-FORMATS = ("hf", "meta", "gguf")
+FORMATS = ("hf", "meta", "gguf")  # read and written
+READ_ONLY_FORMATS = ("dcp",)  # training checkpoints: read (and converted), written by training only
 
 
 def format_module(name: str) -> ModuleType:
-    if name not in FORMATS:
+    if name not in FORMATS + READ_ONLY_FORMATS:
         raise ValueError(f"unknown checkpoint format {name!r}; choose one of {', '.join(FORMATS)}")
     return importlib.import_module(f"{__name__}.{name}")
 
@@ -44,12 +46,13 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
-    for name in FORMATS:
+    for name in FORMATS + READ_ONLY_FORMATS:
         if format_module(name).detect(path):
             return name
     raise CheckpointError(
         f"{path}: not a checkpoint llamaforge can read (expected a Hugging Face directory with config.json "
-        "and *.safetensors, a Meta directory with params.json and consolidated.*.pth, or a .gguf file)"
+        "and *.safetensors, a Meta directory with params.json and consolidated.*.pth, a .gguf file, or a "
+        "training checkpoint step_N/ with .metadata and trainer_state.json)"
     )
 
 
@@ -169,5 +172,5 @@ def atomic_output(path: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
         raise
 
 
-__all__ = ["FORMATS", "atomic_output", "check_tensors", "detect_format", "format_module", "load_model", "model_tensors",
-           "save_model"]  # fmt: skip
+__all__ = ["FORMATS", "READ_ONLY_FORMATS", "atomic_output", "check_tensors", "detect_format", "format_module",
+           "load_model", "model_tensors", "save_model"]  # fmt: skip

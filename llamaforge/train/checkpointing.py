@@ -72,8 +72,10 @@ def _model_and_optim(module: nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 
 def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], rank: int = 0, keep_last: int | None = None) -> Path:  # fmt: skip
-    """Write checkpoint ``step`` under ``root`` (collective: every rank calls it); return its path."""
+                    trainer_state: dict[str, Any], rank: int = 0, keep_last: int | None = None,
+                    tokenizer: Any = None) -> Path:  # fmt: skip
+    """Write checkpoint ``step`` under ``root`` (collective: every rank calls it); return its path. Rank 0 adds
+    ``tokenizer``'s files (when it can save them), so the checkpoint loads and converts as a model directory."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -89,6 +91,8 @@ def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: t
     barrier()
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, default=_json_default))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run): replace it whole
             shutil.rmtree(final)
         tmp.rename(final)

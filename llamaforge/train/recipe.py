@@ -341,6 +341,7 @@ class Trainer:
         self.module: nn.Module | None = None  # the (parallelized) training module, after fit()
         self.runner: Any = None  # runs its steps (parallel.LocalRunner or pipeline.PipelineRunner), after fit()
         self.layout: Any = None  # this rank's place in the device mesh (mesh.Layout), after fit()
+        self._tokenizer_tried = False
 
     # Setup --------------------------------------------------------------------------------------------
     def _build_model(self, device: torch.device) -> nn.Module:
@@ -408,6 +409,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = self._build_model(device)
         config: ModelConfig = model.config
+        self._config = config
         if d.seq_len > config.max_seq_len:
             raise UserError(f"data.seq_len {d.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -445,6 +447,7 @@ class Trainer:
         logger = MetricsLogger(out_dir, info.rank, tensorboard=r.logging.tensorboard,
                                wandb_project=r.logging.wandb_project, run_name=r.logging.run_name,
                                config=r.to_dict(), console=r.logging.console)  # fmt: skip
+        self._logger = logger
         try:
             start = 0
             resume_from = ckpt.find_resume_point(out_dir, t.resume)
@@ -589,9 +592,11 @@ class Trainer:
             raise TrainingDiverged(f"step {step}: the weights contain NaN/Inf; refusing to write a checkpoint")
         state = {"step": step, "scheduler": scheduler.state_dict(), "data": train_data.state_dict(),
                  "metrics": {k: v for k, v in metrics.items() if v is not None}, "world_size": info.world_size,
-                 "recipe": self.recipe.to_dict()}  # fmt: skip
+                 "recipe": self.recipe.to_dict(), "model_config": self._config.to_dict()}  # fmt: skip
+        # the tokenizer's files too, so that the checkpoint converts to a complete model directory
+        tokenizer = self._export_tokenizer(self._logger) if info.is_main else None
         ckpt.save_checkpoint(out_dir / "checkpoints", step, module, optimizer, state, info.rank,
-                             self.recipe.train.keep_last)  # fmt: skip
+                             self.recipe.train.keep_last, tokenizer=tokenizer)  # fmt: skip
 
     def _export(self, module: nn.Module, out_dir: Path, info, config: ModelConfig, logger) -> Path | None:
         """Write the final weights as a Hugging Face directory (rank 0), tokenizer included when known."""
@@ -621,8 +626,12 @@ class Trainer:
         return target if info.is_main else None
 
     def _export_tokenizer(self, logger) -> Any:
-        if self.tokenizer is not None:
-            return self.tokenizer
+        if self.tokenizer is None and not self._tokenizer_tried:
+            self._tokenizer_tried = True
+            self.tokenizer = self._find_tokenizer(logger)
+        return self.tokenizer
+
+    def _find_tokenizer(self, logger) -> Any:
         source = self.recipe.train.export_tokenizer
         if source is None and self.recipe.data.path:
             from .data import read_meta
