@@ -134,6 +134,52 @@ def _headers(
     return parts
 
 
+# --- the named formats as jinja templates (for exports that other engines read) -----------------------------
+_TEXT_MACRO = (
+    "{%- macro text(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- elif m['content'] is not none -%}"
+    "{%- for c in m['content'] -%}{%- if c is mapping -%}{{ c.get('text', '') }}{%- else -%}{{ c }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+)
+_HEADERS_TEMPLATE = (
+    _TEXT_MACRO + "{{- '<|begin_of_text|>' }}{%- for m in messages %}"
+    "{{- '{start}' + ('ipython' if m['role'] == 'tool' else m['role']) + '{end}\n\n' + text(m) }}"
+    "{%- if m['role'] in ['assistant', 'tool'] and ({tool_eom}m.get('stop_reason') == 'end_of_message' or m.get('eom'))"
+    " %}{{- '{eom}' }}{%- else %}{{- '{eot}' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '{start}assistant{end}\n\n' }}{%- endif %}"
+)
+_LLAMA2_TEMPLATE = (
+    _TEXT_MACRO + "{%- set turns = messages %}{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- if messages | length < 2 %}{{ raise_exception('llama2 chat format: a system message must be followed by a "
+    "user message') }}{%- endif %}{%- set turns = [{'role': messages[1]['role'], 'content': '<<SYS>>\n' + "
+    "text(messages[0]) + '\n<</SYS>>\n\n' + text(messages[1])}] + messages[2:] %}{%- endif %}"
+    "{%- for t in turns %}{%- if t['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') %}"
+    "{{ raise_exception('llama2 chat format: roles must alternate user/assistant (after an optional system "
+    "message)') }}{%- endif %}{%- if loop.index0 % 2 == 0 %}"
+    "{%- if loop.last and not add_generation_prompt %}{{ raise_exception('llama2 chat format: a conversation that "
+    "ends with a user message always ends with the prompt for the answer') }}{%- endif %}"
+    "{{- '<s>[INST] ' + text(t) | trim + ' [/INST]' }}{%- else %}{{- ' ' + text(t) | trim + ' </s>' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def named_template(name: str) -> str:
+    """A jinja chat template that renders named format ``name`` to the same text as ``format_chat``, for model
+    directories read by other engines (transformers, vLLM, llama.cpp), which know templates, not names."""
+    if name in ("llama2", "codellama"):
+        return _LLAMA2_TEMPLATE
+    marks = {  # header start, header end, end of turn, end of message, when a message always ends with the latter
+        "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", ""),
+        "llama4": ("<|header_start|>", "<|header_end|>", "<|eot|>", "<|eom|>", "m['role'] == 'tool' or "),
+    }
+    if name not in marks:
+        raise ValueError(f"unknown chat format {name!r}; choose one of {', '.join(NAMED_FORMATS)}")
+    start, end, eot, eom, tool_eom = marks[name]
+    template = _HEADERS_TEMPLATE
+    for key, value in (("{start}", start), ("{end}", end), ("{eot}", eot), ("{eom}", eom), ("{tool_eom}", tool_eom)):
+        template = template.replace(key, value)
+    return template
+
+
 # --- jinja templates ----------------------------------------------------------------------------------
 def render_jinja(
     template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **variables: Any
@@ -260,4 +306,4 @@ def _compile(template: str) -> Any:
         raise ChatTemplateError(f"chat template syntax error at line {exc.lineno}: {exc.message}") from None
 
 
-__all__ = ["NAMED_FORMATS", "ChatTemplateError", "format_chat", "render_chat", "render_jinja"]
+__all__ = ["NAMED_FORMATS", "ChatTemplateError", "format_chat", "named_template", "render_chat", "render_jinja"]

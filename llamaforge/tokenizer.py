@@ -311,8 +311,13 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "clean_up_tokenization_spaces": False,
         }
-        if self.chat_template:
-            config["chat_template"] = self.chat_template
+        template = self.chat_template
+        if not template and self.chat_format:  # other engines know templates, not llamaforge's format names
+            from .chat import named_template
+
+            template = named_template(self.chat_format)
+        if template:
+            config["chat_template"] = template
         with atomic_output(directory / "tokenizer_config.json", is_dir=False) as tmp:
             tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return directory
@@ -548,6 +553,17 @@ class TiktokenTokenizer(Tokenizer):
     def _files_for_save(self) -> tuple[str, bytes, str]:
         return "tokenizer.model", self.path.read_bytes(), "PreTrainedTokenizerFast"
 
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Meta's tokenizer.model (read back by llamaforge, exactly) and a tokenizer.json with the special tokens,
+        which is what transformers, vLLM and llama.cpp's converter read in a Hugging Face directory."""
+        from .checkpoint import atomic_output
+
+        directory = super().save_pretrained(directory)
+        tk, _ = fmt.hf_from_gguf_bpe(self.gguf_metadata(), str(self.path))
+        with atomic_output(directory / "tokenizer.json", is_dir=False) as tmp:
+            tmp.write_text(tk.to_str(pretty=True), encoding="utf-8")
+        return directory
+
 
 # --- Hugging Face tokenizers ----------------------------------------------------------------------
 class HFTokenizer(Tokenizer):
@@ -628,6 +644,9 @@ def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     if path.is_dir():
+        meta_file = path / "tokenizer.model"
+        if meta_file.is_file() and fmt.is_tiktoken_file(meta_file):  # Meta's own file beside a derived tokenizer.json
+            return load_tokenizer(meta_file)
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
                 return load_tokenizer(path / name)
