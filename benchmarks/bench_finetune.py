@@ -167,7 +167,7 @@ def make_data(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[di
 
 
 def accuracy(llm, test: list[dict], max_new_tokens: int = 24) -> tuple[float, list[str]]:
-    from llamaforge.generate import chat_prompt_ids
+    from llamaforge.inference import chat_prompt_ids
 
     llm.model.eval()
     prompts = [chat_prompt_ids(llm.tokenizer, [{"role": "user", "content": f"{ex['instruction']}\n\n{ex['input']}"}])
@@ -175,7 +175,7 @@ def accuracy(llm, test: list[dict], max_new_tokens: int = 24) -> tuple[float, li
     outs = llm.generate(prompts, max_new_tokens=max_new_tokens, temperature=0, max_batch=16)
     texts = [o.text.strip() for o in outs]
     hits = sum(t == ex["output"] for t, ex in zip(texts, test))
-    llm.model.clear_caches()
+    llm.clear_cache()  # free the KV cache before training
     return hits / len(test), texts
 
 

@@ -104,6 +104,7 @@ def _lf_model(config: str, gguf_path: Path):
 def run_llamaforge(config: str, args, work: Path) -> dict:
     import torch
 
+    from llamaforge.inference import PagedKVCache, select_step
     from llamaforge.quantize import kv_cache_dtype
 
     torch.set_num_threads(args.threads)
@@ -112,25 +113,21 @@ def run_llamaforge(config: str, args, work: Path) -> dict:
     model = _lf_model(config, Path(args.gguf))
     load_s = time.perf_counter() - t0
     total = len(prompt) + args.decode
-    model.setup_caches(1, total, kv_cache_dtype(model))  # as generation does
+    cache = PagedKVCache.for_model(model, total + 64, dtype=kv_cache_dtype(model))  # as generation does
     fn = model
     if args.path != "eager":
-        from llamaforge.fast import compile_forward, prepare_for_inference
+        fn = select_step(model, compile=args.path == "compile").forward  # the engine's choice on CPU by default
+    seq = cache.sequence(total + 64)
 
-        fn = prepare_for_inference(model)  # what generation uses by default on CPU
-        if args.path == "compile":
-            fn = compile_forward(fn)
-    bucket = 128  # attend over the cache in steps of 128 slots: less work than the full cache early on
+    def forward(tok: torch.Tensor, pos: torch.Tensor, **kw: bool) -> torch.Tensor:
+        return fn(tok, pos, cache=cache.prepare([seq], pos), **kw)
 
-    def prefill(ids: list[int]) -> torch.Tensor:
-        tok = torch.tensor([ids])
-        hidden = fn(tok, torch.arange(len(ids)), cache_len=min(-(-len(ids) // bucket) * bucket, total),
-                       return_hidden=True)  # fmt: skip
+    def prefill(ids: list[int], start: int = 0) -> torch.Tensor:
+        hidden = forward(torch.tensor([ids]), torch.arange(start, start + len(ids))[None], return_hidden=True)
         return model.output(hidden[:, -1])
 
     def step(tok: int, pos: int) -> torch.Tensor:
-        cache_len = min(-(-(pos + 1) // bucket) * bucket, total)
-        return fn(torch.tensor([[tok]]), torch.tensor([pos]), cache_len=cache_len)[:, -1]
+        return forward(torch.tensor([[tok]]), torch.tensor([[pos]]))[:, -1]
 
     with torch.inference_mode():
         logits = prefill(prompt[:64])  # warm up both paths
@@ -145,7 +142,6 @@ def run_llamaforge(config: str, args, work: Path) -> dict:
             logits = step(int(logits.argmax()), pos)
             pos += 1
         decode_s = time.perf_counter() - t0
-        model.clear_caches()
         lp = torch.log_softmax(model(tokens[None])[0].float(), -1)
     nll, kl = _nll_and_kl(lp, tokens, work, config)
     return _row(config, len(prompt) / prefill_s, args.decode / decode_s, nll, kl, load_s)

@@ -8,6 +8,13 @@ prompt, max_tokens, greedy decoding and the same CPU threads; the end-of-sequenc
 
     .venv/bin/python benchmarks/bench_serve.py                 # SmolLM2-135M (built-in), both servers
     .venv/bin/python benchmarks/bench_serve.py --write         # also update the "## Serving" section of RESULTS.md
+    .venv/bin/python benchmarks/bench_serve.py --prefix-tokens 1500 --write   # prefix reuse: the "## Serving:
+                                                               # prefix reuse" section
+
+Prefix reuse (``--prefix-tokens N``): a system prompt of about N tokens, then a question. Each round uses a new
+system prompt (it starts with the round's number, so nothing of it is cached): its first request's time to first
+token is the cold one, a second request with the same system prompt and another question the warm one (the
+server may reuse the first one's KV cache). Medians over ``--rounds``; one client, 4 streamed tokens each.
 
 All traffic stays on 127.0.0.1. llama-cpp-python's rows are skipped (with a note) when it or its server
 extras are not installed.
@@ -115,6 +122,7 @@ def _process(cmd: list[str], base: str, health: str, log: Path, timeout: float =
 
 
 def llamaforge_server(model: Path, port: int, args: argparse.Namespace, log: Path):
+    quantize = ["--quantize", args.quantize] if args.quantize != "none" else []
     cmd = [
         sys.executable,
         "-m",
@@ -136,6 +144,8 @@ def llamaforge_server(model: Path, port: int, args: argparse.Namespace, log: Pat
         str(args.threads),
         "--log-level",
         "warning",
+        *quantize,
+        *args.llamaforge_args,
     ]
     return _process(cmd, f"http://127.0.0.1:{port}", "/health", log)
 
@@ -229,6 +239,53 @@ async def run_level(name: str, base: str, concurrency: int, args: argparse.Names
     return level
 
 
+# Prefix reuse ----------------------------------------------------------------------------------------------------
+QUESTIONS = ["What is the main idea?", "Summarize it in one sentence.", "Who would enjoy reading this?",
+             "What happens at the end?", "Give it a title.", "What is the tone of the text?"]  # fmt: skip
+
+
+def system_prompt(tokenizer, n_tokens: int, round_: int) -> str:
+    """About `n_tokens` tokens of varied English, starting with the round number (so rounds share no prefix)."""
+    words = ["llama", "alpaca", "mountain", "river", "valley", "market", "weaver", "wool", "trader", "village", "song",
+             "winter", "harvest", "stone", "bridge", "lantern", "story", "garden", "morning", "evening", "shepherd",
+             "herd", "path", "journey"]  # fmt: skip
+    sentences, i = [], 0
+    while True:
+        w = [words[(i * 7 + j * 3) % len(words)] for j in range(9)]
+        sentences.append(f"The {w[0]} near the {w[1]} told the {w[2]} about a {w[3]} and its {w[4]} of {w[5]}.")
+        i += 1
+        text = f"Round {round_}. You are a careful assistant. Read this text first.\n" + " ".join(sentences)
+        if len(tokenizer.encode(text)) >= n_tokens:
+            return text
+
+
+async def _ttft(client: httpx.AsyncClient, prompt: str) -> float:
+    payload = {"model": "model", "prompt": prompt, "max_tokens": 4, "temperature": 0.0, "stream": True}
+    return (await _one(client, payload)).ttft
+
+
+async def run_prefix(name: str, base: str, args: argparse.Namespace, tokenizer) -> dict:
+    cold, warm = [], []
+    async with httpx.AsyncClient(base_url=base, timeout=args.request_timeout) as client:
+        await _ttft(client, system_prompt(tokenizer, 64, -1) + "\nQuestion: warm-up\nAnswer:")
+        for r in range(args.rounds):
+            system = system_prompt(tokenizer, args.prefix_tokens, r)
+            q1, q2 = QUESTIONS[r % len(QUESTIONS)], QUESTIONS[(r + 1) % len(QUESTIONS)]
+            cold.append(await _ttft(client, f"{system}\nQuestion: {q1}\nAnswer:"))
+            warm.append(await _ttft(client, f"{system}\nQuestion: {q2}\nAnswer:"))
+    c, w = statistics.median(cold), statistics.median(warm)
+    print(f"  {name:10s} cold TTFT {c:.3f}s  warm TTFT {w:.3f}s  ({c / w:.1f}x)  cold {cold} warm {warm}",
+          file=sys.stderr)  # fmt: skip
+    return {"server": name, "cold": c, "warm": w, "cold_all": cold, "warm_all": warm}
+
+
+def prefix_table(rows: list[dict]) -> str:
+    lines = ["| server | cold TTFT p50 (s) | warm TTFT p50 (s) | speed-up |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['server']} | {r['cold']:.3f} | {r['warm']:.3f} | {r['cold'] / r['warm']:.1f}x |")
+    return "\n".join(lines)
+
+
 # Report ------------------------------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     head = (
@@ -263,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float, default=600)
     p.add_argument("--servers", nargs="+", default=["llamaforge", "llama.cpp"], choices=["llamaforge", "llama.cpp"])
     p.add_argument("--write", action="store_true", help="write the '## Serving' section of benchmarks/RESULTS.md")
+    p.add_argument(
+        "--quantize",
+        default="gguf",
+        choices=["gguf", "none"],
+        help="llamaforge's --quantize: 'gguf' runs the file's own blocks, as llama.cpp does (default)",
+    )
+    p.add_argument("--prefix-tokens", type=int, default=0, help="run the prefix-reuse benchmark instead (see above)")
+    p.add_argument("--rounds", type=int, default=5, help="prefix-reuse rounds (default 5)")
+    p.add_argument("--llamaforge-args", nargs=argparse.REMAINDER, default=[],
+                   help="further arguments for llamaforge serve (last on the command line)")  # fmt: skip
     args = p.parse_args(argv)
 
     if args.model:
@@ -273,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         model = builtin_model_path("smollm2-135m-instruct")
     from llamaforge.tokenizer import load_tokenizer
 
-    eos_ids = sorted(load_tokenizer(model).stop_ids)
+    tokenizer = load_tokenizer(model)
+    eos_ids = sorted(tokenizer.stop_ids)
     logs = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    if args.prefix_tokens:
+        return prefix_main(model, args, tokenizer, logs, argv)
     rows: list[dict] = []
     notes: list[str] = []
     for name in args.servers:
@@ -334,6 +404,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         write_section(text)
         print(f"wrote the Serving section of {RESULTS}", file=sys.stderr)
+    return 0
+
+
+def prefix_main(model: Path, args: argparse.Namespace, tokenizer, logs: Path, argv: list[str] | None) -> int:
+    rows, notes = [], []
+    for name in args.servers:
+        if name == "llama.cpp" and (missing := llamacpp_missing()):
+            notes.append(f"llama.cpp rows skipped: {missing}.")
+            continue
+        port = _free_port()
+        start = (llamaforge_server if name == "llamaforge" else llamacpp_server)(
+            model, port, args, logs / f"{name}.log"
+        )
+        print(f"starting {name} ...", file=sys.stderr)
+        with start:
+            rows.append(asyncio.run(run_prefix(name, f"http://127.0.0.1:{port}", args, tokenizer)))
+    ours = next((r for r in rows if r["server"] == "llamaforge"), None)
+    checks = []
+    if ours is not None:
+        ratio = ours["cold"] / ours["warm"]
+        checks.append(f"llamaforge warm / cold time to first token: {ratio:.1f}x faster (target >= 5x): "
+                      f"{'met' if ratio >= 5 else 'NOT met'}.")  # fmt: skip
+    import torch
+
+    n = len(tokenizer.encode(system_prompt(tokenizer, args.prefix_tokens, 0)))
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    text = "\n".join([
+        "## Serving: prefix reuse",
+        "",
+        f"`.venv/bin/python benchmarks/bench_serve.py {command}`",
+        "",
+        f"Model {model.name}; a system prompt of {n} tokens, then a question; one client, 4 streamed tokens per "
+        f"request; {args.rounds} rounds, each with a new system prompt: its first request is cold, a second one "
+        f"with the same system prompt warm. {args.threads} CPU threads per server, context {args.ctx}; llamaforge "
+        f"--quantize {args.quantize}. Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}.",
+        "",
+        prefix_table(rows),
+        "",
+        *[f"- {c}" for c in checks + notes],
+    ])  # fmt: skip
+    print(text)
+    if args.write:
+        write_section(text)
+        print(f"wrote the prefix-reuse section of {RESULTS}", file=sys.stderr)
     return 0
 
 

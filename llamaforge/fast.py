@@ -1,72 +1,46 @@
-"""Inference-time preparation for fast cached forwards (decode steps and prefill chunks).
+"""Fused projections for inference: linears that share an input run as one projection.
 
-``prepare_for_inference(model)`` returns a ``FastForward``: a callable with the cached-forward signature
-of ``Transformer.forward`` (``fn(tokens, input_pos, rows=..., cache_len=..., return_hidden=...)``) that
-computes the same function with fewer, larger kernels:
-
-- wq/wk/wv run as one matmul and w1/w3 as one (same input, concatenated output rows). For float
-  linears the original parameters become views into the fused matrix, so no weight is stored twice and
-  the state dict keeps its names and values; quantized linears are concatenated into a new module of
-  the same kind (exact: every output row keeps its own scales).
-- RoPE rotates q and k in one pass; single-token steps attend with two small batched matmuls instead of
-  ``scaled_dot_product_attention`` (whose CPU flash kernel costs more than the math at one query).
-- 16-bit weights on CPU use fbgemm's packed fp16 GEMM (float32 activations, weights converted in
-  registers with F16C), faster at one row than the generic half-precision matmuls. The packed copy is
-  extra memory (the model's own 16-bit weights stay, for saving and for uncached forwards).
-- With the native kernels (``llamaforge.kernels``), a step of one token per sequence (up to
-  ``kernels.MAX_ROWS`` sequences) runs through all layers as one op, ``kernels.decode_step`` (RMSNorm,
-  matmuls reading the weights as stored, RoPE + KV-cache write + attention, SiLU-gate, residual adds),
-  then the head. The residual stream stays float32 there (as llama.cpp's does), also for 16-bit models;
-  the KV cache is whatever ``setup_caches`` allocated (float16 for quantized float32 models in generation).
-
-The model's own modules (norms, embeddings, KV caches, rope functions) do the rest, so the numbers match
-``model(...)`` up to float rounding. Models with features this path does not cover (mixture of experts,
-qk-norm, NoPE layers, chunked attention) get the model itself back. ``compile_forward`` wraps a forward
-in ``torch.compile`` with the inductor settings that suit CPU decoding.
+``fuse_linears([wq, wk, wv])`` (and ``[w1, w3]``) returns one module computing the concatenated outputs.
+Quantized linears of one kind (int8, int4, repacked Q8_0) are concatenated into a new module of that kind
+(exact: every output row keeps its own scales). Float weights and GGUF blocks are never copied: they often
+are a memory-mapped checkpoint, whose copy would hold every weight twice; their parts run side by side (the
+native decode step runs all of a projection's parts in one call anyway). On CPU float parts take the native
+kernels (``llamaforge.kernels``) for a few rows; 16-bit weights are multiplied in float32 for more rows
+(prefill), converting a chunk of weight rows at a time. ``native_parts`` gives a fused projection's weights in
+the form ``kernels.decode_step`` takes. The inference step that uses them is ``llamaforge/inference/step.py``.
 """
 
 from __future__ import annotations
 
 import itertools
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .model import FeedForward, Transformer, apply_rope, rope_cos_sin
-from .quantize import fuse_quantized, is_quantized
+from .quantize import GGUFLinear, fuse_quantized, is_quantized
 
-_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fbgemm_fp16() -> bool:
-    engines = torch.backends.quantized.supported_engines
-    return "fbgemm" in engines and hasattr(torch.ops.quantized, "linear_dynamic_fp16")
-
-
-class _Fp16Packed(nn.Module):
-    """A float16 weight packed for fbgemm's fp16 GEMM; activations stay float32 inside."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), None)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+_UPCAST_WEIGHTS = 1 << 22  # 16-bit weights converted to float32 at a time for a many-row product (16 MB)
 
 
 class _Linear(nn.Module):
-    """A plain float matmul on a (possibly fused) weight."""
+    """A plain float matmul; 16-bit weights on CPU are converted to float32 a chunk of rows at a time (torch's
+    CPU GEMMs are fast in float32, and no float32 copy of the whole weight is made)."""
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
         self.weight = weight
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float16, torch.bfloat16):
+            return F.linear(x, w)
+        step = max(1, _UPCAST_WEIGHTS // w.shape[1])
+        xf = x.float()
+        parts = [F.linear(xf, w[i : i + step].float()) for i in range(0, w.shape[0], step)]
+        return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 class _FloatLinear(nn.Module):
@@ -86,17 +60,8 @@ class _FloatLinear(nn.Module):
 
 
 def _float_kernel(weight: Tensor) -> nn.Module:
-    """Native kernels for a few rows when built (``_FloatLinear``), else torch's: fbgemm's fp16 GEMM for
-    16-bit weights on CPU, a plain matmul otherwise.
-
-    bfloat16 weights go there too: every bfloat16 value within float16's normal range is exact in float16
-    (7 mantissa bits fit in 10), smaller ones lose at most 3e-8, and the activations stay float32, so the
-    result is at least as accurate as a bfloat16 matmul. Weights beyond float16's range keep the matmul.
-    """
-    sixteen = weight.dtype in (torch.float16, torch.bfloat16) and weight.device.type == "cpu"
-    gemm: nn.Module = _Linear(weight)
-    if sixteen and _fbgemm_fp16() and (weight.dtype == torch.float16 or bool(weight.detach().abs().amax() < 65504)):
-        gemm = _Fp16Packed(weight)
+    """Native kernels for a few rows when built (``_FloatLinear``), torch's GEMM otherwise (``_Linear``)."""
+    gemm = _Linear(weight)
     if weight.device.type == "cpu" and weight.is_contiguous():
         return _FloatLinear(weight, gemm)
     return gemm
@@ -106,10 +71,9 @@ def _float_kernel(weight: Tensor) -> nn.Module:
 def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
     """One module computing ``cat([lin(x) for lin in linears], -1)``.
 
-    Float linears: their weights are copied into one matrix and each ``lin.weight`` becomes a view of its
-    rows (same parameter object, same values, no extra memory). Quantized linears of one kind: a new
-    module with the rows concatenated (see ``quantize.fuse_quantized``). Neighbours stored differently
-    (q and k in 4 bits, v in float, as in GGUF Q4_K_M files) are fused in runs and the runs concatenated.
+    Quantized linears of one kind (int8, int4, repacked Q8_0): a new module with the rows concatenated (see
+    ``quantize.fuse_quantized``). Float linears and GGUF blocks are never copied (see ``_fusion_key``): their
+    parts run side by side, as do neighbours stored differently.
     """
     runs = [list(run) for _, run in itertools.groupby(linears, key=_fusion_key)]
     fused = [_fuse_run(run) for run in runs]
@@ -117,26 +81,16 @@ def fuse_linears(linears: Sequence[nn.Module]) -> nn.Module:
 
 
 def _fusion_key(m: nn.Module) -> tuple:
-    """Linears with equal keys can be fused into one."""
-    if isinstance(m, nn.Linear) and m.bias is None:
-        return ("float",)
-    if is_quantized(m):
+    """Linears with equal keys can be fused into one: quantized ones of one kind. Float weights and GGUF blocks
+    stay where the checkpoint has them (often memory-mapped: a fused copy would hold every weight twice)."""
+    if is_quantized(m) and not isinstance(m, GGUFLinear):
         return (type(m), m.in_features, getattr(m, "group_size", None), getattr(m, "block", None), m.compute_dtype)
     return ("alone", id(m))
 
 
 def _fuse_run(linears: list[nn.Module]) -> nn.Module:
     if isinstance(linears[0], nn.Linear) and linears[0].bias is None:
-        weights = [m.weight for m in linears]
-        if len(weights) == 1:
-            return _float_kernel(weights[0])
-        fused = torch.cat([w.detach() for w in weights], dim=0)
-        start = 0
-        for m in linears:
-            n = m.weight.shape[0]
-            m.weight.data = fused[start : start + n]
-            start += n
-        return _float_kernel(fused)
+        return _float_kernel(linears[0].weight)
     return fuse_quantized(linears) if len(linears) > 1 else linears[0]
 
 
@@ -149,171 +103,9 @@ class _Concat(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def _native_parts(projection: nn.Module) -> list[tuple[Tensor, Tensor | None]] | None:
+def native_parts(projection: nn.Module) -> list[tuple[Tensor, Tensor | None]] | None:
     """The (weight, scales) pairs of a projection's parts as ``kernels.decode_step`` takes them, or None
     when one of them has no native form (e.g. a float weight on another device)."""
     modules = list(projection.parts) if isinstance(projection, _Concat) else [projection]
     native = [m.native_weights() if hasattr(m, "native_weights") else None for m in modules]
     return None if any(n is None for n in native) else native  # type: ignore[return-value]
-
-
-def unsupported_reason(model: Transformer) -> str | None:
-    """Why ``FastForward`` cannot run this model, or None when it can."""
-    c = model.config
-    if c.n_experts:
-        return "mixture-of-experts layers"
-    if c.use_qk_norm or c.attn_temperature_tuning or c.attention_chunk_size is not None:
-        return "Llama 4 attention features"
-    if not all(c.uses_rope(i) for i in range(c.n_layers)):
-        return "layers without RoPE"
-    if not all(isinstance(layer.feed_forward, FeedForward) for layer in model.layers):
-        return "a non-SwiGLU feed-forward"
-    return None
-
-
-class _FastLayer(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        att, ff = layer.attention, layer.feed_forward
-        self.attention_norm, self.ffn_norm = layer.attention_norm, layer.ffn_norm
-        self.n_heads, self.n_kv_heads, self.head_dim = att.n_heads, att.n_kv_heads, att.head_dim
-        self.qkv = fuse_linears([att.wq, att.wk, att.wv])
-        self.wo = fuse_linears([att.wo])
-        self.w13 = fuse_linears([ff.w1, ff.w3])
-        self.w2 = fuse_linears([ff.w2])
-        self.hidden = ff.w1.out_features
-        self.owner = weakref.ref(att)  # its kv_cache is replaced by setup_caches: look it up each call
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor, bias: Tensor | None,
-                rows: Tensor | None, cache_len: int) -> Tensor:  # fmt: skip
-        B, T, _ = x.shape
-        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(self.attention_norm(x))
-        qk = apply_rope(qkv[..., : (H + Hkv) * D].view(B, T, H + Hkv, D), cos, sin)
-        q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
-        v = qkv[..., (H + Hkv) * D :].view(B, T, Hkv, D).transpose(1, 2)
-        cache = self.owner().kv_cache
-        k, v = cache.update(positions, k, v, cache_len, rows)
-        if bias is not None:  # one query per row: two small matmuls beat the flash kernel
-            G = H // Hkv
-            qg = q.reshape(B, Hkv, G, D)
-            scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (D**-0.5) + bias
-            y = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, Hkv, G, D]
-            y = y.reshape(B, 1, H * D)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
-            y = y.transpose(1, 2).reshape(B, T, H * D)
-        h = x + self.wo(y)
-        g = self.w13(self.ffn_norm(h))
-        return h + self.w2(F.silu(g[..., : self.hidden]) * g[..., self.hidden :])
-
-
-class FastForward(nn.Module):
-    """The cached forward of ``model`` with fused projections; other calls go to the model itself."""
-
-    def __init__(self, model: Transformer) -> None:
-        super().__init__()
-        reason = unsupported_reason(model)
-        if reason is not None:
-            raise ValueError(f"FastForward does not support {reason}")
-        self._model = weakref.ref(model)
-        self.layers = nn.ModuleList(_FastLayer(layer) for layer in model.layers)
-        self.head = fuse_linears([model.output])
-        self._stamp = _stamp(model)
-        self._native = self._native_params(model)
-
-    def _native_params(self, model: Transformer) -> tuple[list[Tensor | None], list[int]] | None:
-        """``kernels.decode_step``'s params and parts for this model, or None when it is not on the CPU or a
-        projection has no native form."""
-        if model.tok_embeddings.weight.device.type != "cpu":
-            return None
-
-        def norm(m: nn.Module) -> Tensor:  # the parameter itself: later in-place updates are seen
-            return m.weight.detach()
-
-        params: list[Tensor | None] = []
-        parts: list[int] = []
-        for layer in self.layers:
-            params += [norm(layer.attention_norm), norm(layer.ffn_norm)]
-            for projection in (layer.qkv, layer.wo, layer.w13, layer.w2):
-                native = _native_parts(projection)
-                if native is None:
-                    return None
-                parts.append(len(native))
-                params += [t for pair in native for t in pair]
-        return [*params, norm(model.norm)], parts
-
-    @property
-    def model(self) -> Transformer:
-        model = self._model()
-        if model is None:
-            raise RuntimeError("the model of this FastForward was freed")
-        return model
-
-    def is_current(self) -> bool:
-        """False once the model's weights were moved, cast or replaced after preparation."""
-        return _stamp(self.model) == self._stamp
-
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, rows: Tensor | None = None,
-                cache_len: int | None = None, attn_mask: Tensor | None = None,
-                return_hidden: bool = False) -> Tensor:  # fmt: skip
-        model = self.model
-        if input_pos is None or attn_mask is not None:
-            return model(tokens, input_pos, rows=rows, cache_len=cache_len, attn_mask=attn_mask,
-                         return_hidden=return_hidden)  # fmt: skip
-        if model.cache_shape is None:
-            raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
-        B, T = tokens.shape
-        positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
-        cache_len = cache_len or model.cache_shape[1]
-        if T == 1 and B <= kernels.MAX_ROWS and self._native is not None and kernels.available():
-            return self._native_step(model, tokens, positions, rows, cache_len, return_hidden)
-        x = model.tok_embeddings(tokens)
-        keys = torch.arange(cache_len, device=tokens.device)
-        mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
-        bias = None
-        if T == 1:  # additive mask [B, 1, 1, S] for the single-query attention
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=tokens.device).masked_fill_(~mask, -torch.inf)
-        cos, sin = rope_cos_sin(model.rope_freqs, positions)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, mask, bias, rows, cache_len)
-        x = model.norm(x)
-        return x if return_hidden else self.head(x)
-
-    def _native_step(self, model: Transformer, tokens: Tensor, positions: Tensor, rows: Tensor | None,
-                     cache_len: int, return_hidden: bool) -> Tensor:  # fmt: skip
-        assert self._native is not None
-        params, parts = self._native
-        B = tokens.shape[0]
-        dtype = model.tok_embeddings.weight.dtype
-        cos, sin = rope_cos_sin(model.rope_freqs, positions)
-        caches = [layer.attention.kv_cache for layer in model.layers]
-        x = kernels.decode_step(model.tok_embeddings(tokens).view(B, -1), cos.view(B, -1), sin.view(B, -1),
-                                positions.view(B), torch.arange(B) if rows is None else rows, cache_len, params,
-                                parts, [c.k for c in caches], [c.v for c in caches], model.config.n_heads,
-                                model.config.kv_heads, model.norm.eps)  # fmt: skip
-        out = x if return_hidden else self.head(x)
-        return out.view(B, 1, -1).to(dtype)
-
-
-def _stamp(model: Transformer) -> tuple:
-    first = model.layers[0].attention.wq
-    ref = first.weight if isinstance(first, nn.Linear) else next(iter(first.buffers()))
-    return (ref.data_ptr(), ref.dtype, ref.device, model.output.__class__, model.tok_embeddings.weight.data_ptr())
-
-
-def prepare_for_inference(model: Transformer) -> Callable[..., Tensor]:
-    """The fastest eager forward for cached generation steps: a ``FastForward`` (built once per model and
-    rebuilt if the weights changed), or the model itself when it uses features FastForward lacks."""
-    if unsupported_reason(model) is not None:
-        return model
-    fast = _PREPARED.get(model)
-    if fast is None or not fast.is_current():
-        fast = FastForward(model)
-        _PREPARED[model] = fast
-    return fast
-
-
-def compile_forward(fn: Callable[..., Tensor], mode: str | None = None) -> Callable[..., Tensor]:
-    """``torch.compile`` of a forward, with static shapes (``cache_len`` comes in few distinct values)."""
-    return torch.compile(fn, mode=mode, fullgraph=False, dynamic=False)

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from . import inference
 from .checkpoint import load_model
 from .config import ModelConfig
+from .inference import Completion, Engine
 from .model import Transformer
+from .tokenizer import Tokenizer, load_tokenizer
 
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+ENGINE_BATCH = 32  # requests the Python API's engine runs together (more are queued)
 
 
 @dataclass
 class LLM:
-    """A model ready to use. ``llm.model(tokens[B, T]) -> logits[B, T, vocab]``."""
+    """A model ready to use. ``llm.model(tokens[B, T]) -> logits[B, T, vocab]``.
+
+    ``generate``, ``stream`` and ``chat`` run on one engine that this object keeps (``llm.engine()``), so its KV
+    cache outlives a call: a prompt that starts like an earlier one (the same system prompt, a chat's earlier
+    turns) reuses the cached prefix instead of computing it again."""
 
     model: Transformer
     tokenizer: Tokenizer | None
@@ -27,6 +35,8 @@ class LLM:
     source: str = ""
     format: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
+    _engine_key: tuple = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -37,34 +47,74 @@ class LLM:
             raise ValueError(f"{self.source}: this checkpoint has no tokenizer; pass token ids instead of text")
         return self.tokenizer
 
-    def generate(self, prompt: Any, **kwargs: Any) -> Any:
-        """Complete `prompt` (text or token ids); see ``llamaforge.generate.generate`` for the options."""
-        from .generate import generate
+    def engine(self, *, compile: bool = False, draft: LLM | None = None, speculative: str | None = None,
+               num_speculative: int | None = None, max_batch: int = ENGINE_BATCH,
+               cache_type: str | None = None) -> Engine:  # fmt: skip
+        """The engine behind ``generate/stream/chat``, built on first use and kept while these settings stay the
+        same (and the weights are not moved or replaced). An engine that is busy (a stream still open) is left
+        alone: the call gets a fresh one for itself.
 
-        return generate(self, prompt, **kwargs)
+        `draft`: speculative decoding with this smaller model (same tokenizer); `speculative="ngram"`: with
+        prompt lookup, no second model; `num_speculative`: draft tokens per step (default 4 with a draft, 3
+        with prompt lookup); `cache_type`: the KV cache's "float32", "float16", "bfloat16" or "q8_0" (default: the
+        model's dtype, float16 for float32 models with quantized weights)."""
+        if speculative not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative must be 'ngram' or None (or pass draft=), got {speculative!r}")
+        key = (compile, id(draft.model) if draft is not None else None, speculative, num_speculative, max_batch,
+               id(self.tokenizer), cache_type)  # fmt: skip
+        engine = self._engine
+        reusable = engine is not None and key == self._engine_key and engine.step_fn.is_current(self.model)
+        if reusable and engine.idle:  # type: ignore[union-attr]
+            return engine  # type: ignore[return-value]
+        step = engine.step_fn if reusable else None  # a busy engine: share its step (fused weights), not its cache
+        if speculative == "draft" and draft is None:
+            raise ValueError("speculative='draft' needs draft=<a smaller LLM with the same tokenizer>")
+        speculator = inference.make_speculator(self, draft, speculative == "ngram", num_speculative)
+        fresh = Engine(self, max_batch=max_batch, compile=compile, preallocate=False, speculator=speculator, step=step,
+                       cache_dtype=cache_type)  # fmt: skip
+        if not reusable or engine is None:
+            self._engine, self._engine_key = fresh, key
+        return fresh
 
-    def stream(self, prompt: Any, **kwargs: Any) -> Any:
-        """Yield the completion of `prompt` piece by piece as it is generated."""
-        from .generate import stream
+    def clear_cache(self) -> None:
+        """Drop the engine and its KV cache (with every prefix it holds), e.g. to free the memory for training."""
+        self._engine, self._engine_key = None, ()
 
-        return stream(self, prompt, **kwargs)
+    def generate(self, prompt: Any, *, compile: bool = False, draft: LLM | None = None, speculative: str | None = None,
+                 num_speculative: int | None = None, max_batch: int = ENGINE_BATCH, cache_type: str | None = None,
+                 **options: Any) -> Completion | list[Completion]:  # fmt: skip
+        """Complete `prompt` (text or token ids), or a list of prompts together (a list of Completions).
+        Options: the fields of ``SamplingParams`` (``llamaforge.inference.generate``); see ``engine`` for the rest."""
+        engine = self.engine(compile=compile, draft=draft, speculative=speculative, num_speculative=num_speculative,
+                             max_batch=max_batch, cache_type=cache_type)  # fmt: skip
+        return inference.generate(engine, prompt, **options)
 
-    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
-        """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format."""
-        from .generate import chat
+    def stream(self, prompt: Any, *, compile: bool = False, **options: Any) -> Iterator[str]:
+        """Yield the completion of `prompt` piece by piece (complete UTF-8) as it is generated."""
+        return inference.stream(self.engine(compile=compile), prompt, **options)
 
-        return chat(self, messages, **kwargs)
+    def stream_events(self, prompt: Any, params: inference.SamplingParams | None = None, *,
+                      compile: bool = False) -> Iterator[inference.Event]:  # fmt: skip
+        """The events of one request (token ids, text, logprobs, finish_reason); closing the iterator cancels it."""
+        return inference.stream_events(self.engine(compile=compile), prompt, params)
+
+    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
+             **options: Any) -> Completion | Iterator[str]:  # fmt: skip
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format; ``stream=True``
+        yields text pieces instead. Earlier turns come from the engine's prefix cache."""
+        ids = inference.chat_prompt_ids(self.require_tokenizer(), messages)
+        if stream:
+            return self.stream(ids, **options)
+        return self.generate(ids, **options)
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
     """A local path as it is; otherwise a built-in model name or hub id, fetched into the cache."""
+    from .hub import resolve_model
+
     path = Path(source).expanduser()
     if path.exists():
         return path
-    try:
-        from .hub import resolve_model
-    except ModuleNotFoundError as exc:  # pragma: no cover - hub support not installed
-        raise FileNotFoundError(f"no such file or directory: {source}") from exc
     return resolve_model(str(source))
 
 
@@ -72,20 +122,31 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
          quantize: str | None = None, adapter: str | os.PathLike | None = None) -> LLM:  # fmt: skip
     """Load a model from a Hugging Face directory, a Meta directory, a GGUF file, a hub id or a built-in name.
 
-    ``dtype=None`` keeps the checkpoint's own dtype (float32 for quantized GGUF weights, dequantized).
-    ``quantize``: "int8", "int4" or "int4-g32/64/128" quantizes the weights on load; "gguf" keeps a GGUF
-    file's own Q8_0/Q4_0/Q4_1/Q4_K blocks and runs them quantized. A directory written by
+    A quantized GGUF file (Q4_K_M, Q8_0, ...) runs in its own blocks, memory-mapped, as llama.cpp runs it
+    (``quantize.GGUF_BLOCK_TYPES``); giving a ``dtype`` dequantizes its weights to that dtype instead (the memory
+    that takes is printed first). Other checkpoints load in their own dtype unless ``dtype`` is given.
+    ``quantize``: "int8", "int4" or "int4-g32/64/128" quantizes the weights on load; "gguf" keeps a GGUF file's
+    blocks whatever ``dtype`` says (then the dtype of the activations). A directory written by
     ``llamaforge.quantize.save_quantized`` loads quantized as it was saved. ``adapter``: a LoRA adapter
-    directory (PEFT or llamaforge layout) applied unmerged on top of the base.
+    directory (PEFT or llamaforge layout) applied unmerged on top of the base. A model that cannot fit in the
+    memory available is refused before loading (``memory.InsufficientMemoryError``, with the numbers).
     """
     from . import quantize as q
+    from .memory import check_fits, format_bytes
 
     path = resolve_source(source)
     if q.is_quantized_dir(path):
         model, fmt = q.load_quantized(path, device=device), "quantized"
-    elif quantize == "gguf":
+    elif quantize == "gguf" or (quantize is None and dtype is None and q.is_quantized_gguf(path)):
+        check_fits(q.gguf_model_bytes(path), f"{path}")
         model, fmt = q.load_gguf_quantized(path, device=device, dtype=dtype or torch.float32), "gguf"
     else:
+        if q.is_quantized_gguf(path):
+            need = q.gguf_model_bytes(path, dtype or torch.float32)
+            print(f"llamaforge: dequantizing {path.name} to {dtype or torch.float32}: {format_bytes(need)} of "
+                  f"weights (its blocks take {format_bytes(q.gguf_model_bytes(path))})", file=sys.stderr)  # fmt: skip
+            check_fits(need, f"{path} dequantized to {dtype or torch.float32}",
+                       "load it without a dtype to run its blocks as stored")  # fmt: skip
         model, fmt = load_model(path, device=device, dtype=dtype)
         if quantize:
             q.quantize_model(model, quantize)
@@ -99,10 +160,6 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
 
 
 def _load_tokenizer_if_present(path: Path) -> Tokenizer | None:
-    try:
-        from .tokenizer import load_tokenizer
-    except ModuleNotFoundError:
-        return None
     try:
         return load_tokenizer(path)
     except FileNotFoundError:

@@ -1,16 +1,18 @@
-"""The LLaMA family's math in one file: RMSNorm, rotary embeddings, grouped-query attention with a
-preallocated KV cache, SwiGLU, and the Llama 4 mixture of experts.
+"""The LLaMA family's math in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, and
+the Llama 4 mixture of experts.
 
 Parameter names follow Meta's reference code (``wq/wk/wv/wo``, ``w1/w2/w3``, ``attention_norm``,
 ``ffn_norm``) so that Meta checkpoints load without renaming. Rotary embeddings rotate adjacent pairs
 of dimensions, as Meta's complex-number formulation does; Hugging Face checkpoints are permuted into
 this layout on load (see ``checkpoint/hf.py``). Nothing here knows about parallelism, training,
-quantization or file formats.
+quantization or file formats, and the model keeps no inference state: a KV cache is an object the caller
+owns and passes in (``model(tokens, positions, cache=...)``, see ``llamaforge/inference/cache.py``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -72,31 +74,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # Attention ---------------------------------------------------------------------------------------
-class KVCache(nn.Module):
-    """Preallocated keys and values [max_batch, n_kv_heads, max_seq_len, head_dim] for one layer."""
+class KVCacheView(Protocol):
+    """What a cached forward needs from a KV cache (one batch of sequences, see ``inference.cache``)."""
 
-    def __init__(self, max_batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
-        super().__init__()
-        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    @property
+    def key_length(self) -> int:
+        """Key positions 0..key_length-1 that ``update`` returns for every sequence of the batch."""
+        ...
 
-    def update(
-        self, positions: Tensor, k: Tensor, v: Tensor, length: int, rows: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, H, T, D] at `positions` [B, T] of cache rows `rows` [B] (default 0..B-1) and
-        return those rows' first `length` slots (a view when rows is None, a gather otherwise), in k's
-        dtype (a cache may be stored narrower than the activations, e.g. float16 for float32)."""
-        B = k.shape[0]
-        if rows is None:
-            k_rows, v_rows = self.k[:B], self.v[:B]
-            index = torch.arange(B, device=k.device)[:, None]
-            k_rows[index, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-            v_rows[index, :, positions] = v.transpose(1, 2).to(self.v.dtype)
-            return k_rows[:, :, :length].to(k.dtype), v_rows[:, :, :length].to(k.dtype)
-        self.k[rows[:, None], :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows[:, None], :, positions] = v.transpose(1, 2).to(self.v.dtype)
-        return self.k[rows, :, :length].to(k.dtype), self.v[rows, :, :length].to(k.dtype)
+    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, Hkv, T, D] of layer ``layer`` at ``positions`` [B, T]; return each sequence's keys and
+        values [B, Hkv, key_length, D] at positions 0..key_length-1, in k's dtype."""
+        ...
 
 
 class Attention(nn.Module):
@@ -111,10 +100,10 @@ class Attention(nn.Module):
         self.qk_norm_eps = config.norm_eps if (config.use_qk_norm and self.use_rope) else None
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.attn_floor_scale, config.attn_scale
-        self.kv_cache: KVCache | None = None
+        self.layer_id = layer_id
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
-                rows: Tensor | None, cache_len: int) -> Tensor:  # fmt: skip
+                cache: KVCacheView | None) -> Tensor:  # fmt: skip
         B, T, _ = x.shape
         # Heads counted from the projections: under tensor parallelism each rank holds a slice of them.
         q = self.wq(x).view(B, T, -1, self.head_dim)
@@ -128,9 +117,8 @@ class Attention(nn.Module):
             scale = torch.log(torch.floor((positions.float() + 1.0) / self.floor_scale) + 1.0) * self.attn_scale + 1.0
             q = (q * scale[:, :, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache_len:  # generation: append to the KV cache and attend over it
-            assert self.kv_cache is not None
-            k, v = self.kv_cache.update(positions, k, v, cache_len, rows)
+        if cache is not None:  # generation: store the new keys/values and attend over the cached ones
+            k, v = cache.update(self.layer_id, positions, k, v)
         gqa = q.shape[1] != k.shape[1]
         if mask is None:  # plain causal attention over the given tokens (training, scoring)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -202,8 +190,8 @@ class TransformerBlock(nn.Module):
             self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
-                rows: Tensor | None, cache_len: int) -> Tensor:  # fmt: skip
-        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, rows, cache_len)
+                cache: KVCacheView | None) -> Tensor:  # fmt: skip
+        h = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -250,62 +238,39 @@ class Transformer(nn.Module):
                 p.normal_(0.0, out_std if residual else std, generator=generator)
         self.reset_buffers()
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache for generation; max_seq_len is capped at the model's context."""
-        if max_seq_len > self.config.max_seq_len:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's context of {self.config.max_seq_len}")
-        ref = self.tok_embeddings.weight
-        dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
-        for layer in self.layers:
-            att = layer.attention
-            att.kv_cache = KVCache(max_batch_size, max_seq_len, att.n_kv_heads, att.head_dim, dtype, ref.device)
-
-    def clear_caches(self) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache = None
-
-    @property
-    def cache_shape(self) -> tuple[int, int] | None:
-        """(max_batch, max_seq_len) of the KV cache, or None when there is none."""
-        cache = self.layers[0].attention.kv_cache
-        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
-
     # Forward --------------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, rows: Tensor | None = None,
-                cache_len: int | None = None, attn_mask: Tensor | None = None,
-                return_hidden: bool = False) -> Tensor:  # fmt: skip
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, cache: KVCacheView | None = None,
+                attn_mask: Tensor | None = None, return_hidden: bool = False) -> Tensor:  # fmt: skip
         """Logits [B, T, vocab] for tokens [B, T].
 
         A pipeline stage (``llamaforge.train.pipeline``) holds some of the blocks: without ``tok_embeddings`` it
         takes hidden states [B, T, dim] instead of tokens; without ``norm`` and ``output`` it returns hidden states.
 
-        Without ``input_pos``: causal attention over ``tokens`` alone (training and scoring); an
+        Without a cache: causal attention over ``tokens`` alone at positions 0..T-1 (training, scoring); an
         ``attn_mask`` [B, 1, T, T] (True = attend) may replace the causal mask, e.g. for packed documents.
-        With ``input_pos`` [B, T] (or [T]): the tokens sit at those absolute positions; their keys and
-        values are written to KV-cache rows ``rows`` (default 0..B-1), and they attend to every cached
-        position at or before their own among the first ``cache_len`` slots (default: the whole cache).
+        With ``cache`` (a ``KVCacheView``): the tokens sit at absolute positions ``input_pos`` [B, T] (or [T]);
+        their keys and values go into the cache, and each attends to every cached position at or before its own.
         """
         B, T = tokens.shape[:2]
         device = tokens.device
         x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        if input_pos is None:
+        if cache is None:
+            if input_pos is not None:
+                raise ValueError("input_pos without a cache: pass cache= (llamaforge.inference.cache)")
             positions = torch.arange(T, device=device).expand(B, T)
             mask = attn_mask
             if self.config.attention_chunk_size is not None and mask is None:
                 mask = _causal_mask(positions, torch.arange(T, device=device))
-            rows = None
-            cache_len = 0
         else:
-            if self.cache_shape is None:
-                raise RuntimeError("input_pos given but no KV cache: call setup_caches() first")
+            if input_pos is None:
+                raise ValueError("a cached forward needs input_pos, the positions of the tokens")
             positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
-            cache_len = cache_len or self.cache_shape[1]
-            mask = _causal_mask(positions, torch.arange(cache_len, device=device))
+            mask = _causal_mask(positions, torch.arange(cache.key_length, device=device))
         cos, sin = rope_cos_sin(self.rope_freqs, positions)
         chunked = self._chunked_mask(positions, mask)
         for layer in self.layers:
             layer_mask = chunked if (chunked is not None and layer.attention.use_rope) else mask
-            x = layer(x, cos, sin, positions, layer_mask, rows, cache_len)
+            x = layer(x, cos, sin, positions, layer_mask, cache)
         if self.norm is None:
             return x
         x = self.norm(x)

@@ -31,7 +31,9 @@ model's own names (``layers.0.attention.wq.qweight``, ``...scales``) plus the fl
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -59,16 +61,37 @@ WEIGHTS_FILE = "model.safetensors"
 _LINEAR_NAMES = re.compile(r"(^|\.)(wq|wk|wv|wo|w1|w2|w3|output)$")
 
 
+def gguf_schemes() -> tuple[str, ...]:
+    """GGUF schemes an in-memory model can be quantized to: llama.cpp's mixes ("q4_k_m", "q8_0", ...: each matrix
+    the type llama.cpp's quantizer gives it) and single block types ("q4_k": every matrix that type)."""
+    from .gguf_mixes import MIXES
+    from .gguf_quants import QUANTIZABLE
+
+    types = {t.name.lower() for t in QUANTIZABLE if t.name in GGUF_BLOCK_TYPES}
+    return tuple(sorted(set(MIXES) | types))
+
+
 def parse_scheme(scheme: str, group_size: int | None = None) -> tuple[str, int | None]:
-    """("int8", None) or ("int4", group) from a scheme name such as "int4-g64"; clear errors otherwise."""
+    """("int8", None), ("int4", group) from a scheme name such as "int4-g64", ("gguf-mix", None) for one of
+    llama.cpp's mixes ("q4_k_m", "q8_0", ...) or ("gguf", ggml type) for a block type ("q4_k"); clear errors
+    otherwise."""
     s = scheme.lower().strip()
+    if s in gguf_schemes():
+        from gguf import GGMLQuantizationType
+
+        from .gguf_mixes import MIXES
+
+        if group_size is not None:
+            raise ValueError(f"{scheme} has its own block size; group_size applies only to int4")
+        return ("gguf-mix", None) if s in MIXES else ("gguf", int(GGMLQuantizationType[s.upper()]))
     if s == "int8":
         if group_size is not None:
             raise ValueError("int8 quantization is per output channel; group_size applies only to int4")
         return "int8", None
     m = re.fullmatch(r"int4(?:-g(\d+))?", s)
     if m is None:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of "
+                         f"{', '.join(SCHEMES + gguf_schemes())}")  # fmt: skip
     named = int(m.group(1)) if m.group(1) else None
     if named is not None and group_size is not None and named != group_size:
         raise ValueError(f"scheme {scheme!r} names group size {named} but group_size={group_size} was given")
@@ -119,6 +142,10 @@ class _QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, expected {self.in_features}")
+        if x.requires_grad and torch.is_grad_enabled():
+            # The native and torch int kernels have no backward: a gradient wanted through this layer (LoRA /
+            # QLoRA on a quantized base) takes the dequantized matmul, which autograd differentiates.
+            return F.linear(x, self.dequantize(x.dtype))
         if x.is_floating_point() and kernels.usable(x) and (native := self.native_weights()) is not None:
             return kernels.linear(x, *native)
         x2 = x.reshape(-1, self.in_features)
@@ -336,24 +363,62 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def quantize_model(model: Transformer, scheme: str = "int8", group_size: int | None = None,
                    compute_dtype: torch.dtype | None = None) -> Transformer:  # fmt: skip
-    """Swap the attention/FFN linears and the output head for int8 or int4 modules, in place.
+    """Swap the attention/FFN linears and the output head for quantized modules, in place: int8 or int4 (torch's
+    kernels' layouts), or GGUF blocks as ``GGUFLinear`` (the kernels llamaforge runs GGUF files with): one of
+    llama.cpp's mixes ("q4_k_m", "q8_0", ...: each matrix gets the type llama.cpp's quantizer gives it, so the
+    model equals `convert --quantize` of the same checkpoint) or one block type for every matrix ("q4_k"; a
+    matrix whose rows do not fill its blocks takes Q8_0).
 
     Shapes are checked for every layer before anything changes, so a failure leaves the model intact.
     A tied output head is quantized as its own copy (the embedding table stays float).
     """
+    from tqdm import tqdm
+
     kind, group = parse_scheme(scheme, group_size)
     targets = list(_target_linears(model))
     if kind == "int4":
         for name, lin in targets:
             check_int4_shape(lin.in_features, lin.out_features, group, name)  # type: ignore[arg-type]
-    for name, lin in targets:
+    if kind.startswith("gguf"):
+        types = {name: _gguf_type(model, scheme, kind, group, name, lin) for name, lin in targets}
+    for name, lin in tqdm(targets, desc=f"quantizing to {scheme}", unit="matrix", disable=None, leave=False):
         if kind == "int8":
             new: nn.Module = Int8Linear.from_float(lin.weight, compute_dtype)
-        else:
+        elif kind == "int4":
             new = Int4Linear.from_float(lin.weight, group, compute_dtype)  # type: ignore[arg-type]
+        elif types[name] is None:
+            continue  # rows that fill no GGUF block: the matrix stays float, as llama.cpp keeps it F16
+        else:
+            new = GGUFLinear.from_float(lin.weight, types[name])
         _set_module(model, name, new)
-    model.quantization = {"scheme": kind, "group_size": group}  # type: ignore[assignment]
+    named = scheme.lower() if kind.startswith("gguf") else kind
+    model.quantization = {"scheme": named, "group_size": group if kind == "int4" else None}  # type: ignore[assignment]
     return model
+
+
+def _gguf_type(model: Transformer, scheme: str, kind: str, qtype: int | None, name: str, lin: nn.Linear) -> int | None:
+    """The GGUF type `scheme` gives the linear `name` (None: it stays float)."""
+    if kind == "gguf":
+        return _block_type(qtype, lin.in_features, name)  # type: ignore[arg-type]
+    from gguf import GGMLQuantizationType as Q
+
+    from .gguf_mixes import tensor_type
+
+    chosen = tensor_type(model.config, f"{name}.weight", (lin.out_features, lin.in_features), scheme.lower())
+    return None if chosen in (Q.F16, Q.F32, Q.BF16) else int(chosen)
+
+
+def _block_type(qtype: int, in_features: int, name: str) -> int:
+    """The GGUF type a matrix takes: `qtype`, or Q8_0 when its rows do not fill `qtype`'s blocks."""
+    from gguf import GGMLQuantizationType as Q
+
+    from .gguf_quants import BLOCK_SIZES
+
+    if in_features % BLOCK_SIZES[Q(qtype)][0] == 0:
+        return qtype
+    if in_features % 32 == 0:
+        return int(Q.Q8_0)
+    raise ValueError(f"{name}: in_features {in_features} is not a multiple of 32, the smallest GGUF block")
 
 
 def quantized_modules(model: nn.Module) -> dict[str, _QuantLinear]:
@@ -409,7 +474,134 @@ def fuse_quantized(mods: list[_QuantLinear]) -> _QuantLinear:
     return out
 
 
-# GGUF blocks -> quantized modules ------------------------------------------------------------------------
+# GGUF blocks, run as stored ---------------------------------------------------------------------------------
+# Types whose blocks the native kernels multiply as stored (llamaforge/kernels/blocks.cpp).
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+_CHUNK_WEIGHTS = 1 << 24  # weights dequantized at a time where no native kernel applies (64 MB of float32)
+
+
+class GGUFLinear(_QuantLinear):
+    """A weight matrix kept in a GGUF file's own blocks (``blocks`` uint8 [N, bytes per row], usually a view of the
+    memory-mapped file) and multiplied as stored by the native kernels, activations rounded to 8 bits per block
+    as llama.cpp does. Without them (another device, no compiler) it is dequantized a chunk of rows at a time, so
+    no float copy of the whole matrix ever exists. Under autograd the input gets its gradient (the weights are
+    frozen), e.g. for LoRA on a GGUF base."""
+
+    kind = "gguf"
+
+    def __init__(self, in_features: int, out_features: int, qtype: Any, blocks: Tensor | None = None,
+                 device=None) -> None:  # fmt: skip
+        from gguf import GGMLQuantizationType
+
+        from .gguf_quants import BLOCK_SIZES
+
+        super().__init__(in_features, out_features)
+        try:
+            self.qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
+        except (KeyError, ValueError):
+            raise ValueError(f"unknown GGUF type {qtype!r}") from None
+        block, size = BLOCK_SIZES[self.qtype]
+        if in_features % block:
+            raise ValueError(f"{self.qtype.name}: in_features {in_features} is not a multiple of its block of {block}")
+        shape = (out_features, in_features // block * size)
+        if blocks is None:
+            blocks = torch.zeros(shape, dtype=torch.uint8, device=device)
+        elif blocks.dtype != torch.uint8 or tuple(blocks.shape) != shape:
+            raise ValueError(f"{self.qtype.name} blocks for [{out_features}, {in_features}] must be uint8 "
+                             f"{list(shape)}, got {blocks.dtype} {list(blocks.shape)}")  # fmt: skip
+        self.register_buffer("blocks", blocks)
+        self._info = kernels.gguf_info(int(self.qtype), in_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, qtype={self.qtype.name}"
+
+    @classmethod
+    def from_float(cls, weight: Tensor, qtype: Any) -> GGUFLinear:
+        """Quantize a float weight [N, K] to GGUF blocks (ggml's reference quantizers, ``gguf_quants.quantize``)."""
+        from .gguf_quants import quantize
+
+        w = weight.detach()
+        return cls(w.shape[1], w.shape[0], qtype, quantize(w, qtype).to(w.device))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> Tensor:
+        from .gguf_quants import dequantize
+
+        blocks = self.blocks if rows is None else self.blocks[rows]
+        return dequantize(blocks, self.qtype, (blocks.shape[0], self.in_features)).to(dtype)
+
+    def native_weights(self) -> tuple[Tensor, Tensor] | None:
+        native = self.qtype.name in GGUF_BLOCK_TYPES and self.blocks.device.type == "cpu"
+        return (self.blocks, self._info) if native else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"GGUFLinear: input has {x.shape[-1]} features, expected {self.in_features}")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _BlocksMatmul.apply(x, self)
+        return self.matmul(x)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """``x @ W.T`` without autograd."""
+        if x.is_floating_point() and x.device.type == "cpu" and self.native_weights() and kernels.available():
+            return kernels.linear(x, self.blocks, self._info)
+        step = max(1, _CHUNK_WEIGHTS // self.in_features)
+        parts = [F.linear(x, self.dequantize(x.dtype, slice(i, i + step))) for i in range(0, self.out_features, step)]
+        return torch.cat(parts, dim=-1)
+
+    def grad_input(self, grad: Tensor) -> Tensor:
+        """``grad @ W``, a chunk of the weight's rows at a time."""
+        step = max(1, _CHUNK_WEIGHTS // self.in_features)
+        out = None
+        for i in range(0, self.out_features, step):
+            part = grad[..., i : i + step] @ self.dequantize(grad.dtype, slice(i, i + step))
+            out = part if out is None else out + part
+        assert out is not None
+        return out
+
+
+QUANT_MODULES[GGUFLinear.kind] = GGUFLinear
+
+
+class _BlocksMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, module: GGUFLinear) -> Tensor:  # type: ignore[override]
+        ctx.module = module
+        return module.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.module.grad_input(grad), None
+
+
+class GGUFEmbedding(nn.Module):
+    """An embedding table kept in GGUF blocks: a lookup dequantizes only the rows it needs. ``weight`` is the
+    blocks tensor (for callers that ask where the table lives); a tied output head shares it as a ``GGUFLinear``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: Any, blocks: Tensor,
+                 dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        super().__init__()
+        self.table = GGUFLinear(embedding_dim, num_embeddings, qtype, blocks)  # the same checks, one copy
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+
+    @property
+    def weight(self) -> Tensor:
+        return self.table.blocks
+
+    @property
+    def qtype(self) -> Any:
+        return self.table.qtype
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, qtype={self.qtype.name}"
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        from .gguf_quants import dequantize
+
+        rows = self.table.blocks[tokens.reshape(-1)]
+        out = dequantize(rows, self.qtype, (rows.shape[0], self.embedding_dim))
+        return out.view(*tokens.shape, self.embedding_dim).to(self.dtype)
+
+
 def _f16(b: Tensor) -> Tensor:
     return b.contiguous().view(torch.float16).float()
 
@@ -424,11 +616,11 @@ def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gguf_codes(data: Tensor, qtype: Any, shape: tuple[int, int]) -> tuple[str, Tensor, Tensor, Tensor | None]:
-    """Decode GGUF blocks [N, bytes_per_row] of a 2-D weight into quantized codes, without dequantizing.
+    """Decode GGUF blocks [N, bytes_per_row] of a 2-D weight into the codes of torch's int4/int8 kernels.
 
     Returns ("int4", q [N, K] in 0..15, scales [N, K/32], zeros [N, K/32]) for Q4_0/Q4_1/Q4_K, in the
     int4 kernel's convention ``w = (q - 8) * scale + zero``, or ("block_int8", q int8 [N, K], scales
-    [N, K/32], None) for Q8_0. Raises ValueError for other types.
+    [N, K/32], None) for Q8_0. Raises ValueError for other types. (GPUs run GGUF files through these modules.)
     """
     from gguf import GGMLQuantizationType as Q
 
@@ -457,16 +649,16 @@ def gguf_codes(data: Tensor, qtype: Any, shape: tuple[int, int]) -> tuple[str, T
         qs = blk[:, 16:].reshape(-1, 4, 32)  # each 32 bytes: 32 low nibbles, then 32 high nibbles
         q = torch.stack((qs & 0x0F, qs >> 4), dim=2).reshape(n, k)
         return "int4", q, scales, 8.0 * scales - mins  # w = scale * q - min
-    raise ValueError(f"GGUF type {qtype.name} has no quantized runtime; supported: Q8_0, Q4_0, Q4_1, Q4_K")
+    raise ValueError(f"GGUF type {qtype.name} has no int4/int8 form; supported: Q8_0, Q4_0, Q4_1, Q4_K")
 
 
-GGUF_RUNTIME_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")
+GGUF_REPACK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")
 
 
 def gguf_linear(
     data: Tensor, qtype: Any, shape: tuple[int, int], compute_dtype: torch.dtype | None = None
 ) -> _QuantLinear:
-    """A quantized linear module holding a GGUF matrix's weights as stored (see ``gguf_codes``)."""
+    """A linear module holding a GGUF matrix's weights in torch's int4/int8 kernel layouts (see ``gguf_codes``)."""
     kind, q, scales, zeros = gguf_codes(data, qtype, shape)
     if kind == "block_int8":
         return BlockInt8Linear.from_blocks(q, scales, compute_dtype)
@@ -474,18 +666,39 @@ def gguf_linear(
     return Int4Linear.from_codes(q, scales, zeros, 32, compute_dtype)
 
 
+def gguf_model_bytes(path: str | os.PathLike, dtype: torch.dtype | None = None) -> int:
+    """Memory the weights of a GGUF file take when loaded: their blocks as stored, or (``dtype``) dequantized."""
+    from .checkpoint import gguf as gguf_format
+
+    header = gguf_format.read_header(path)
+    if dtype is None:
+        return sum(t.nbytes for t in header.tensors.values())
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(t.shape) * size for t in header.tensors.values())
+
+
+def is_quantized_gguf(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a GGUF file (or a directory holding one) with matrices in block formats."""
+    from .checkpoint import gguf as gguf_format
+
+    if not gguf_format.detect(path):
+        return False
+    header = gguf_format.read_header(path)
+    return any(t.qtype.name not in ("F32", "F16", "BF16") for t in header.tensors.values())
+
+
 @torch.no_grad()
 def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | None = None,
-                        dtype: torch.dtype = torch.float32,
-                        compute_dtype: torch.dtype | None = None) -> Transformer:  # fmt: skip
-    """Load a GGUF file keeping Q8_0/Q4_0/Q4_1/Q4_K matrices quantized (other tensors become `dtype`).
-
-    Weight matrices of other types (F16, Q6_K, ...) are dequantized into float linears. A tied output
-    head gets its own quantized copy of the embedding blocks; the embedding table itself is float.
+                        dtype: torch.dtype = torch.float32) -> Transformer:  # fmt: skip
+    """Load a GGUF file keeping its quantized matrices in their blocks, memory-mapped: every type in
+    ``GGUF_BLOCK_TYPES`` runs as stored (``GGUFLinear``; the embedding table as a ``GGUFEmbedding`` whose rows are
+    dequantized when looked up, a tied output head sharing its blocks). Norms and float matrices become `dtype`,
+    the activations' dtype. On a GPU, Q8_0/Q4_0/Q4_1/Q4_K matrices take torch's int4/int8 kernels instead.
     """
     from gguf import GGMLQuantizationType as Q
 
     from .checkpoint import gguf as gguf_format
+    from .errors import CheckpointError
 
     device = torch.device(device or "cpu")
     config = gguf_format.read_config(path)
@@ -494,26 +707,47 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
         model = Transformer(config)
     expected = dict(model.state_dict())
     linear_names = {f"{n}.weight" for n, _ in _target_linears(model)}
-    if config.tie_embeddings and "output.weight" not in raw:
-        raw = {**raw, "output.weight": raw["tok_embeddings.weight"]}
-    elif "output.weight" in raw and config.tie_embeddings:
+    tied = config.tie_embeddings and "output.weight" not in raw
+    if config.tie_embeddings and not tied:  # a tied model's file with its own output matrix: keep the file's
         config = config.replace(tie_embeddings=False)
         model.config = config
     model.output = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")  # untie on meta
     for name, t in raw.items():
         if name not in expected:
-            raise ValueError(f"{path}: unexpected tensor {name!r}")
-        if name in linear_names and t.qtype.name in GGUF_RUNTIME_TYPES:
-            mod = gguf_linear(t.data, t.qtype, tuple(t.shape), compute_dtype).to(device)
-            _set_module(model, name.rsplit(".", 1)[0], mod)
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} ({t.gguf_name})")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{path}: tensor {t.gguf_name!r} has shape {list(t.shape)}, expected "
+                                  f"{list(expected[name].shape)}")  # fmt: skip
+        owner, _, attr = name.rpartition(".")
+        blocks = t.qtype not in (Q.F32, Q.F16, Q.BF16)
+        if blocks and t.qtype.name not in GGUF_BLOCK_TYPES:
+            raise CheckpointError(f"{path}: tensor {t.gguf_name!r} is {t.qtype.name}, which llamaforge cannot run; "
+                                  f"supported block types: {', '.join(GGUF_BLOCK_TYPES)}")  # fmt: skip
+        if blocks and name == "tok_embeddings.weight":
+            emb = GGUFEmbedding(config.vocab_size, config.dim, t.qtype, t.data.to(device), dtype)
+            model.tok_embeddings = emb
+            if tied:
+                model.output = emb.table if device.type == "cpu" else gguf_linear(t.data, t.qtype, t.shape).to(device)
+        elif blocks and name in linear_names:
+            if device.type == "cpu":
+                mod: nn.Module = GGUFLinear(t.shape[1], t.shape[0], t.qtype, t.data)
+            elif t.qtype.name in GGUF_REPACK_TYPES:
+                mod = gguf_linear(t.data, t.qtype, t.shape).to(device)
+            else:
+                mod = GGUFLinear(t.shape[1], t.shape[0], t.qtype, t.data.to(device))
+            _set_module(model, owner, mod)
+        elif blocks:
+            raise CheckpointError(f"{path}: tensor {t.gguf_name!r} is {t.qtype.name}; only matrices may be quantized")
         else:
             value = t.dequantize() if t.qtype != Q.F32 else t.data.view(torch.float32).view(t.shape)
-            owner, _, attr = name.rpartition(".")
-            tensor = value.to(device=device, dtype=dtype if name not in ("rope_freqs",) else torch.float32)
-            setattr(model.get_submodule(owner), attr, nn.Parameter(tensor.clone(), requires_grad=False))
-    meta_left = [n for n, p in model.named_parameters() if p.is_meta]
+            value = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+            setattr(model.get_submodule(owner), attr, value)
+            if name == "tok_embeddings.weight" and tied:
+                model.output.weight = model.tok_embeddings.weight
+    meta_left = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
+                 if p.is_meta and n != "rope_freqs"]  # fmt: skip
     if meta_left:
-        raise ValueError(f"{path}: missing tensors {', '.join(meta_left[:5])}")
+        raise CheckpointError(f"{path}: missing tensors {', '.join(meta_left[:5])}")
     model.reset_buffers()
     model.quantization = {"scheme": "gguf"}  # type: ignore[assignment]
     return model.eval()
@@ -552,7 +786,8 @@ def save_quantized(model: Transformer, path: str | os.PathLike) -> Path:
         "config": _config_dict(model.config),
         "modules": {
             n: {"kind": m.kind, **({"group_size": m.group_size} if isinstance(m, Int4Linear) else {}),
-                **({"block": m.block} if isinstance(m, BlockInt8Linear) else {})}
+                **({"block": m.block} if isinstance(m, BlockInt8Linear) else {}),
+                **({"qtype": m.qtype.name} if isinstance(m, GGUFLinear) else {})}
             for n, m in modules.items()
         },
     }  # fmt: skip
@@ -596,7 +831,7 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
         if kind not in QUANT_MODULES:
             raise ValueError(f"{path / META_FILE}: module {name!r} has unknown kind {kind!r}")
         lin = model.get_submodule(name)
-        args = {k: spec[k] for k in ("group_size", "block") if k in spec}
+        args = {k: spec[k] for k in ("group_size", "block", "qtype") if k in spec}
         _set_module(model, name, QUANT_MODULES[kind](lin.in_features, lin.out_features, device="meta", **args))
     expected = model.state_dict()
     seen = set()
@@ -625,6 +860,7 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
     return model.eval()
 
 
-__all__ = ["GGUF_RUNTIME_TYPES", "SCHEMES", "BlockInt8Linear", "Int4Linear", "Int8Linear", "gguf_codes",
-           "gguf_linear", "is_quantized_dir", "load_gguf_quantized", "load_quantized", "parse_scheme",
-           "quantize_model", "quantized_modules", "save_quantized"]  # fmt: skip
+__all__ = ["GGUF_BLOCK_TYPES", "SCHEMES", "BlockInt8Linear", "GGUFEmbedding", "GGUFLinear", "Int4Linear", "Int8Linear",
+           "gguf_codes", "gguf_linear", "gguf_model_bytes", "is_quantized_dir", "is_quantized_gguf",
+           "load_gguf_quantized", "load_quantized", "parse_scheme", "quantize_model", "quantized_modules",
+           "save_quantized"]  # fmt: skip

@@ -20,10 +20,11 @@ COMMAND = Path(sys.executable).with_name("llamaforge")
 
 
 def llama3_tokenizer():
+    from llamaforge.tokenizer import load_tokenizer
+
     spec = pytest.importorskip("llama_models")
     path = Path(spec.__file__).parent / "llama3" / "tokenizer.model"
-    tokenizer_module = pytest.importorskip("llamaforge.tokenizer")
-    return tokenizer_module.load_tokenizer(path)
+    return load_tokenizer(path)
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
@@ -77,3 +78,42 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         main(["convert", "a", "b", "--to", "onnx"])
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "hf"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_convert_to_quantized_gguf(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from gguf import GGMLQuantizationType as Q
+
+    from llamaforge.checkpoint import gguf, load_model
+    from llamaforge.gguf_mixes import tensor_type
+
+    config = ModelConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256, vocab_size=256, max_seq_len=64)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    save_model(model, tmp_path / "hf", "hf")
+    out = tmp_path / "m.gguf"
+    assert main(["convert", str(tmp_path / "hf"), str(out), "--to", "gguf", "--quantize", "q4_k_m"]) == 0
+    assert "q4_k_m" in capsys.readouterr().err
+    raw = gguf.read_raw(out)
+    assert all(t.qtype == tensor_type(config, n, t.shape, "q4_k_m") for n, t in raw.items())
+    assert raw["layers.1.attention.wq.weight"].qtype == Q.Q4_K and raw["output.weight"].qtype == Q.Q6_K
+    assert gguf.read_metadata(out)["general.file_type"] == 15
+    loaded, _ = load_model(out, dtype=torch.float32)
+    tokens = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    with torch.inference_mode():
+        a, b = model(tokens).flatten(), loaded(tokens).flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def test_quantize_needs_gguf_and_no_dtype(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from llamaforge.cli.convert import MIXES
+    from llamaforge.gguf_mixes import MIXES as LIBRARY_MIXES
+
+    assert tuple(LIBRARY_MIXES) == MIXES  # the CLI spells out the library's mixes (no import at start-up)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    assert main(["convert", src, out, "--to", "hf", "--quantize", "q4_k_m"]) == 2
+    assert "--quantize q4_k_m writes GGUF blocks; use --to gguf" in capsys.readouterr().err
+    assert main(["convert", src, out + ".gguf", "--to", "gguf", "--quantize", "q8_0", "--dtype", "float16"]) == 2
+    assert "drop --dtype float16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", src, out, "--to", "gguf", "--quantize", "q4_k_x"])
+    assert "invalid choice: 'q4_k_x'" in capsys.readouterr().err

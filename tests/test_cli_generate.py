@@ -140,3 +140,29 @@ def test_download_errors(tmp_path, cli, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     code, _, err = cli("download", "owner/missing-repo", "--offline")
     assert code == 2 and "not in the local Hugging Face cache" in err
+
+
+def test_prompt_cache_file_is_written_then_reused(model_dir, cli, tmp_path):
+    cache = tmp_path / "prompt.cache"
+    prompt = "the quick brown fox jumps over the lazy dog, " * 4
+    args = gen_args(model_dir, "-p", prompt, "-n", "8", "-t", "0", "-v", "--prompt-cache", str(cache))
+    code, first, err = cli(*args)
+    assert code == 0 and cache.exists() and "0 prompt tokens from prompt.cache" in err and "saved" in err
+    code, second, err = cli(*args)
+    assert code == 0 and second == first
+    assert "0 prompt tokens from" not in err and "prompt tokens from prompt.cache" in err
+    cache.write_bytes(b"corrupt")
+    code, _, err = cli(*args)
+    assert code == 2 and "--prompt-cache" in err and "not a readable prompt-cache file" in err
+
+
+def test_speculative_options_keep_the_greedy_text(model_dir, cli):
+    common = gen_args(model_dir, "-p", "hello world, the quick brown fox", "-n", "24", "-t", "0")
+    code, plain, _ = cli(*common)
+    assert code == 0
+    code, ngram, err = cli(*common, "--speculative-ngram", "-v")
+    assert code == 0 and ngram == plain and "drafts accepted" in err
+    code, drafted, err = cli(*common, "--draft-model", str(model_dir), "--num-speculative", "3", "-v")
+    assert code == 0 and drafted == plain
+    code, _, err = cli(*common, "--draft-model", str(model_dir), "--speculative-ngram")
+    assert code == 2 and "choose one of --draft-model and --speculative-ngram" in err

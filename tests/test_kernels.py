@@ -9,11 +9,17 @@ import torch.nn.functional as F
 
 from llamaforge import kernels
 from llamaforge.config import ModelConfig
-from llamaforge.fast import prepare_for_inference
+from llamaforge.inference.cache import PagedKVCache
+from llamaforge.inference.step import FastForward
 from llamaforge.model import build_model
 from llamaforge.quantize import BlockInt8Linear, Int4Linear, Int8Linear
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="the native kernels could not be built")
+
+@pytest.fixture(autouse=True, scope="module")
+def _built():
+    """The kernels must build where the tests run (CI is x86-64 Linux): a broken kernels.cpp fails here."""
+    assert kernels.available(), f"the native kernels did not build: {kernels.build_error()}"
+
 
 ROWS = [1, 3, 16]
 N, K = 37, 256  # odd output width; K a multiple of every group size
@@ -96,7 +102,8 @@ def test_linear_rejects_mismatched_inputs():
 
 
 def _step_model(dtype: torch.dtype, head_dim: int, scheme: str | None = None):
-    """Two layers, GQA (6 query heads on 2 KV heads), caches of 3 rows whose first slots hold earlier tokens."""
+    """Two layers, GQA (6 query heads on 2 KV heads); three sequences in a paged cache (blocks of 4, taken in
+    an interleaved order) whose first 20 positions hold earlier tokens. Returns (model, cache, sequences)."""
     torch.manual_seed(0)
     config = ModelConfig(dim=6 * head_dim, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=64, vocab_size=128,
                          max_seq_len=64)  # fmt: skip
@@ -108,10 +115,19 @@ def _step_model(dtype: torch.dtype, head_dim: int, scheme: str | None = None):
         from llamaforge.quantize import quantize_model
 
         quantize_model(model, scheme)
-    model.setup_caches(3, 40)
+    cache = PagedKVCache.for_model(model, 3 * 40, block_size=4)
+    seqs = [cache.sequence(40) for _ in range(3)]
+    for n in range(4, 41, 4):
+        for seq in reversed(seqs):
+            cache.ensure(seq, n)
+    pos = torch.arange(20).expand(3, 20)
     with torch.inference_mode():
-        model(torch.randint(0, 128, (3, 20)), torch.arange(20))
-    return model
+        model(torch.randint(0, 128, (3, 20)), pos, cache=cache.view(seqs, pos))
+    return model, cache, seqs
+
+
+def _step(fn, cache, seqs, tokens, positions, **kw):
+    return fn(tokens, positions, cache=cache.view(seqs, positions, width=8), **kw)
 
 
 @pytest.mark.parametrize(("dtype", "head_dim", "scheme"), [
@@ -120,79 +136,104 @@ def _step_model(dtype: torch.dtype, head_dim: int, scheme: str | None = None):
 ])  # fmt: skip
 @torch.inference_mode()
 def test_decode_step_matches_model(dtype, head_dim, scheme):
-    """One token for each of two sequences (cache rows 2 and 0, different positions): decode_step's hidden
-    state and the keys/values it writes against model.py's forward (RoPE, cache update, SDPA, SwiGLU).
-    head_dim 6 takes the plain C++ attention, 16 the AVX2 one."""
-    model = _step_model(dtype, head_dim, scheme)
-    ref_model = _step_model(dtype, head_dim, scheme)
-    fast = prepare_for_inference(model)
-    assert fast._native is not None
-    tokens, rows, positions = torch.tensor([[5], [77]]), torch.tensor([2, 0]), torch.tensor([[17], [5]])
-    got = fast(tokens, positions, rows=rows, cache_len=32, return_hidden=True)
-    ref = ref_model(tokens, positions, rows=rows, cache_len=32, return_hidden=True)
+    """One token for each of two sequences (the third and the first, at different positions): decode_step's
+    hidden state and the keys/values it writes through the block tables against model.py's forward (RoPE, cache
+    update, SDPA, SwiGLU). head_dim 6 takes the plain C++ attention, 16 the AVX2 one."""
+    model, cache, seqs = _step_model(dtype, head_dim, scheme)
+    ref_model, ref_cache, ref_seqs = _step_model(dtype, head_dim, scheme)
+    fast = FastForward(model)
+    assert fast.native
+    tokens, positions = torch.tensor([[5], [77]]), torch.tensor([[17], [5]])
+    got = _step(fast, cache, [seqs[2], seqs[0]], tokens, positions, return_hidden=True)
+    ref = _step(ref_model, ref_cache, [ref_seqs[2], ref_seqs[0]], tokens, positions, return_hidden=True)
     # Reference rounding: model.py keeps 16-bit activations between ops, the kernel float32.
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype] if scheme is None else 1e-3
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
-    for layer, ref_layer in zip(model.layers, ref_model.layers, strict=True):
-        cache, ref_cache = layer.attention.kv_cache, ref_layer.attention.kv_cache
-        torch.testing.assert_close(cache.k.float(), ref_cache.k.float(), rtol=tol, atol=tol)
-        torch.testing.assert_close(cache.v.float(), ref_cache.v.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(cache.k.float(), ref_cache.k.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(cache.v.float(), ref_cache.v.float(), rtol=tol, atol=tol)
+
+
+@torch.inference_mode()
+def test_decode_step_rows_of_one_sequence_attend_causally():
+    """Three consecutive tokens of one sequence and one of another in one call (draft verification): each row
+    sees its own sequence's earlier rows, like a 3-token forward of the model."""
+    model, cache, seqs = _step_model(torch.float32, 16)
+    ref_model, ref_cache, ref_seqs = _step_model(torch.float32, 16)
+    fast = FastForward(model)
+    tokens = torch.tensor([[5, 6, 7], [77, 0, 0]])
+    positions = torch.tensor([[20, 21, 22], [20, 21, 22]])  # the second row's last two are padding
+    got = _step(fast, cache, [seqs[1], seqs[2]], tokens, positions, return_hidden=True)
+    ref = _step(ref_model, ref_cache, [ref_seqs[1], ref_seqs[2]], tokens, positions, return_hidden=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
 @torch.inference_mode()
 def test_decode_step_projection_in_parts():
     """q/k int4 and v float (as in GGUF Q4_K_M files, whose attn_v is Q6_K): qkv runs as two parts."""
-    models = []
+    built = []
     for _ in range(2):
-        model = _step_model(torch.float32, 32, "int4")
+        model, cache, seqs = _step_model(torch.float32, 32, "int4")
         for layer in model.layers:
             att = layer.attention
             att.wv = torch.nn.Linear(att.wv.in_features, att.wv.out_features, bias=False)
             att.wv.weight.data = torch.randn(att.wv.weight.shape, generator=torch.Generator().manual_seed(3)) * 0.1
-        models.append(model)
-    fast = prepare_for_inference(models[0])
+        built.append((model, cache, seqs))
+    fast = FastForward(built[0][0])
     assert fast._native is not None and fast._native[1][0] == 2  # layer 0's qkv: two parts
     tokens, positions = torch.tensor([[5]]), torch.tensor([[20]])
-    got = fast(tokens, positions, cache_len=32)
-    torch.testing.assert_close(got, models[1](tokens, positions, cache_len=32), rtol=1e-3, atol=1e-3)
+    got = _step(fast, built[0][1], built[0][2][:1], tokens, positions)
+    ref = _step(built[1][0], built[1][1], built[1][2][:1], tokens, positions)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
 
 
 def test_decode_step_sees_norm_updates_after_preparation():
     """A 16-bit model's norm weights are read each step, not copied once (training between generations)."""
-    model, ref = _step_model(torch.bfloat16, 16), _step_model(torch.bfloat16, 16)
-    fast = prepare_for_inference(model)
+    (model, cache, seqs), (ref, ref_cache, ref_seqs) = _step_model(torch.bfloat16, 16), _step_model(torch.bfloat16, 16)
+    fast = FastForward(model)
     with torch.no_grad():
         for m in (model, ref):
             m.layers[1].ffn_norm.weight.mul_(2)
     tokens, positions = torch.tensor([[5]]), torch.tensor([[20]])
     with torch.inference_mode():
-        got = fast(tokens, positions, cache_len=32, return_hidden=True)
-        torch.testing.assert_close(got, ref(tokens, positions, cache_len=32, return_hidden=True), rtol=3e-2, atol=3e-2)
+        got = _step(fast, cache, seqs[:1], tokens, positions, return_hidden=True)
+        want = _step(ref, ref_cache, ref_seqs[:1], tokens, positions, return_hidden=True)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 
 def test_decode_step_long_context_slices():
     """A context long enough to be split into several slices per KV head, merged exactly; 8 query heads on
-    one KV head (two passes of 4 over each slice)."""
+    one KV head (two passes of 4 over each slice); blocks of 16 in a shuffled order."""
     torch.manual_seed(0)
     config = ModelConfig(dim=128, n_layers=1, n_heads=8, n_kv_heads=1, hidden_dim=64, vocab_size=64,
                          max_seq_len=512)  # fmt: skip
     model, ref_model = (build_model(config).eval() for _ in range(2))
     ref_model.load_state_dict(model.state_dict())
     prompt = torch.randint(0, 64, (1, 400))
+    got_ref = []
+    for m in (model, ref_model):
+        cache = PagedKVCache.for_model(m, 1024)
+        cache._free.reverse()  # blocks handed out from the far end first
+        seq = cache.sequence(512)
+        with torch.inference_mode():
+            pos = torch.arange(400)[None]
+            m(prompt, pos, cache=cache.prepare([seq], pos))
+            fn = FastForward(m) if m is model else m
+            got_ref.append(
+                fn(torch.tensor([[3]]), torch.tensor([[400]]), cache=cache.prepare([seq], torch.tensor([[400]])))
+            )
+    torch.testing.assert_close(got_ref[0], got_ref[1], rtol=1e-4, atol=1e-4)
+
+
+def test_decode_step_rejects_bad_positions_and_blocks():
+    model, cache, seqs = _step_model(torch.float32, 16)
+    fast = FastForward(model)
     with torch.inference_mode():
-        for m in (model, ref_model):
-            m.setup_caches(1, 512)
-            m(prompt, torch.arange(400))
-        got = prepare_for_inference(model)(torch.tensor([[3]]), torch.tensor([400]), cache_len=512)
-        ref = ref_model(torch.tensor([[3]]), torch.tensor([400]), cache_len=512)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-
-
-def test_decode_step_rejects_bad_positions():
-    model = _step_model(torch.float32, 16)
-    fast = prepare_for_inference(model)
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="position 40 or cache row 0 out of range"):
-        fast(torch.tensor([[5]]), torch.tensor([[40]]), cache_len=32)
+        with pytest.raises(RuntimeError, match="position 40 is outside the block table's 8 blocks"):
+            fast(torch.tensor([[5]]), torch.tensor([[40]]), cache=cache.view(seqs[:1], torch.tensor([[20]]), width=8))
+        view = cache.view(seqs[:1], torch.tensor([[20]]))
+        view.table[0, 2] = 10_000
+        with pytest.raises(RuntimeError, match="block 10000 is outside the pool"):
+            fast(torch.tensor([[5]]), torch.tensor([[20]]), cache=view)
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llamaforge.config import RopeScaling, get_preset
+from llamaforge.inference.cache import PagedKVCache
 from llamaforge.model import MoE, apply_rope, build_model, rope_frequencies
 
 
@@ -19,29 +20,38 @@ def _model(name, **overrides):
 def test_kv_cache_matches_full_forward(name):
     model = _model(name, max_seq_len=64)
     tokens = torch.randint(0, model.config.vocab_size, (2, 40))
+    cache = PagedKVCache.for_model(model, 128, block_size=8)
+    seqs = [cache.sequence(64) for _ in range(2)]
+
+    def run(t0: int, t1: int) -> torch.Tensor:
+        pos = torch.arange(t0, t1).expand(2, t1 - t0)
+        return model(tokens[:, t0:t1], pos, cache=cache.prepare(seqs, pos))
+
     with torch.inference_mode():
         full = model(tokens)
-        model.setup_caches(2, 64)
-        pieces = [model(tokens[:, :25], torch.arange(25))]  # prefill crosses a 16-token attention chunk
-        pieces += [model(tokens[:, t : t + 1], torch.tensor([t]), cache_len=48) for t in range(25, 40)]
+        pieces = [run(0, 25)]  # prefill crosses a 16-token attention chunk and several cache blocks
+        pieces += [run(t, t + 1) for t in range(25, 40)]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert not any("cache" in name for name, _ in model.named_buffers())  # the model keeps no cache
 
 
 def test_rows_at_different_positions_match_single_sequences():
     """Right-padded prompts of different lengths, each at its own positions, equal separate runs."""
     model = _model("tiny")
     a, b = torch.randint(0, 512, (1, 9)), torch.randint(0, 512, (1, 5))
+    cache = PagedKVCache.for_model(model, 64, block_size=4)
+    seq_a, seq_b = cache.sequence(16), cache.sequence(16)
     with torch.inference_mode():
         want_a, want_b = model(a)[0, -1], model(b)[0, -1]
-        model.setup_caches(4, 32)
         batch = torch.zeros(2, 9, dtype=torch.long)
         batch[0], batch[1, :5] = a[0], b[0]
-        logits = model(batch, torch.arange(9).expand(2, 9), rows=torch.tensor([3, 1]))
+        pos = torch.arange(9).expand(2, 9)
+        logits = model(batch, pos, cache=cache.prepare([seq_a, seq_b], pos))
         torch.testing.assert_close(logits[0, 8], want_a, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(logits[1, 4], want_b, atol=1e-5, rtol=1e-5)
-        # Row 1 continues at position 5 (its pad garbage at 5..8 is overwritten or masked).
+        # b continues at position 5 (its pad garbage at 5..8 is overwritten or masked).
         nxt = torch.randint(0, 512, (1, 1))
-        step = model(nxt, torch.tensor([[5]]), rows=torch.tensor([1]))
+        step = model(nxt, torch.tensor([[5]]), cache=cache.prepare([seq_b], torch.tensor([[5]])))
         torch.testing.assert_close(step[0, 0], model.forward(torch.cat([b, nxt], 1))[0, -1], atol=1e-5, rtol=1e-5)
 
 
@@ -52,7 +62,7 @@ def test_attention_equals_explicit_softmax_with_repeated_kv_heads():
     pos = torch.arange(7)[None]
     cos, sin = (t.unsqueeze(2) for t in _angles(model, pos))
     with torch.no_grad():
-        got = att(x, cos, sin, pos, None, None, 0)
+        got = att(x, cos, sin, pos, None, None)
         q = apply_rope(att.wq(x).view(1, 7, 4, 16), cos, sin).transpose(1, 2)
         k = apply_rope(att.wk(x).view(1, 7, 2, 16), cos, sin).transpose(1, 2).repeat_interleave(2, 1)
         v = att.wv(x).view(1, 7, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
@@ -157,7 +167,10 @@ def test_meta_device_build_allocates_nothing_until_materialized():
 
 def test_cache_errors_are_clear():
     model = _model("tiny")
-    with pytest.raises(ValueError, match="exceeds the model's context"):
-        model.setup_caches(1, 10_000)
-    with pytest.raises(RuntimeError, match="setup_caches"):
+    with pytest.raises(ValueError, match="without a cache"):
         model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+    cache = PagedKVCache.for_model(model, 64)
+    with pytest.raises(ValueError, match="needs input_pos"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache.view([cache.sequence(8)], torch.tensor([[0]])))
+    with pytest.raises(ValueError, match="does not fit in a KV cache of 64 tokens"):
+        cache.sequence(100)

@@ -8,6 +8,7 @@ from gguf import GGMLQuantizationType as Q
 
 from llamaforge.config import get_preset
 from llamaforge.gguf_quants import dequantize, quantize
+from llamaforge.inference.cache import PagedKVCache
 from llamaforge.model import build_model
 from llamaforge.quantize import (
     BlockInt8Linear,
@@ -130,9 +131,10 @@ def test_save_load_round_trip(tmp_path, scheme):
     with torch.inference_mode():
         torch.testing.assert_close(back(tokens), model(tokens), rtol=0, atol=0)
     # The cache and generation path works on the loaded model too.
-    back.setup_caches(1, 32)
+    cache = PagedKVCache.for_model(back, 32)
     with torch.inference_mode():
-        step = back(tokens[:, :1], torch.tensor([0]), cache_len=16)
+        pos = torch.tensor([[0]])
+        step = back(tokens[:, :1], pos, cache=cache.prepare([cache.sequence(16)], pos))
     assert step.shape == (1, 1, 512)
 
 
@@ -153,24 +155,39 @@ def test_errors_are_clear(tmp_path):
         save_quantized(model, tmp_path / "x")
     with pytest.raises(FileNotFoundError, match=r"quantization\.json"):
         load_quantized(tmp_path)
-    with pytest.raises(ValueError, match="has no quantized runtime"):
+    with pytest.raises(ValueError, match="has no int4/int8 form"):
         gguf_linear(torch.zeros(4, 2 * 64, dtype=torch.uint8), Q.F16, (4, 64))
 
 
 def test_kv_cache_float16_for_quantized_float32_models():
-    from llamaforge.generate import Engine
+    from llamaforge.inference import Engine, SamplingParams
     from llamaforge.quantize import kv_cache_dtype
-    from llamaforge.sampling import SamplingParams
 
     model = build_model(get_preset("tiny")).eval()
     assert kv_cache_dtype(model) is None  # float models keep their own dtype
     quantize_model(model, "int4")
     assert kv_cache_dtype(model) == torch.float16
     engine = Engine(model, max_batch=2, max_seq_len=64)
-    assert model.layers[0].attention.kv_cache.k.dtype == torch.float16
+    assert engine.cache.k.dtype == torch.float16
     # Prefill (torch's attention, float32 queries on float16 keys) and decode steps run on it.
     (done,) = engine.run([engine.add([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=4, temperature=0))])
     assert len(done.token_ids) == 4
     half = build_model(get_preset("tiny"), dtype=torch.bfloat16).eval()
     quantize_model(half, "int8")
     assert kv_cache_dtype(half) is None  # a 16-bit model's cache is already 16-bit
+
+
+@pytest.mark.parametrize("rows", [1, 16, 24, 40])  # native kernels, torch's int kernels, the dequantized GEMM
+@pytest.mark.parametrize("make", [Int8Linear.from_float, lambda w: Int4Linear.from_float(w, 32)])
+def test_quantized_linears_are_correct_under_autograd(make, rows):
+    """With gradients wanted (LoRA / QLoRA training on a quantized base), every path gives the gradient of the
+    dequantized matmul with respect to the input; none silently returns an output without a gradient."""
+    torch.manual_seed(0)
+    mod = make(torch.randn(64, 128) * 0.1)
+    x = torch.randn(rows, 128, requires_grad=True)
+    y = mod(x)
+    assert y.requires_grad
+    grad_out = torch.randn_like(y)
+    (x_grad,) = torch.autograd.grad(y, x, grad_out)
+    torch.testing.assert_close(x_grad, grad_out @ mod.dequantize(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, x @ mod.dequantize().T, rtol=2e-2, atol=2e-2)

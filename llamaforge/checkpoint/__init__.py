@@ -133,8 +133,11 @@ def check_tensors(path: str | os.PathLike, config, tensors) -> dict[str, tuple[i
 
 
 def save_model(model: Transformer, path: str | os.PathLike, fmt: str, tokenizer=None,
-               dtype: torch.dtype | None = None) -> Path:  # fmt: skip
-    """Write `model` (and its tokenizer, when given) as a checkpoint of format `fmt` at `path`."""
+               dtype: torch.dtype | str | None = None) -> Path:  # fmt: skip
+    """Write `model` (and its tokenizer, when given) as a checkpoint of format `fmt` at `path`.
+
+    ``dtype``: a float dtype for the weights; for GGUF also a llama.cpp quantization mix such as ``"q4_k_m"``.
+    """
     path = Path(path)
     format_module(fmt).write(path, model.config, model_tensors(model), tokenizer=tokenizer, dtype=dtype)
     return path

@@ -20,8 +20,10 @@ Extra entry points, for other parts of llamaforge:
   are ggml blocks (layouts in ``llamaforge.gguf_quants``). ``GGUFTensor.dequantize()`` gives float32.
   This is what a runtime that keeps Q8_0/Q4_0/Q4_1/Q4_K weights quantized starts from.
 - ``write(..., dtype=...)``: ``None`` keeps each tensor's float dtype; ``torch.float32``/``float16``/
-  ``bfloat16`` or one of ``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"``, ``"q4_0"``, ``"q4_1"`` converts
-  every weight matrix; norms (and the RoPE factors) always stay F32, as llama.cpp expects.
+  ``bfloat16`` or ``"f32"``, ``"f16"``, ``"bf16"`` converts every weight matrix; a llama.cpp quantization
+  mix (``"q4_k_m"``, ``"q8_0"``, ... in ``llamaforge.gguf_mixes.MIXES``) quantizes each matrix to the type
+  llama.cpp's quantizer would choose for it, with the same blocks it would write, and records the mix as
+  ``general.file_type``. Norms (and the RoPE factors) always stay F32, as llama.cpp expects.
 
 Only the dense ``llama`` architecture is read and written; other architectures (``llama4`` included) are
 refused with an error naming them. A file written without a tokenizer has no vocabulary, and llama.cpp
@@ -54,6 +56,7 @@ from torch import Tensor
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import CheckpointError
+from ..gguf_mixes import MIXES, tensor_type
 from ..gguf_quants import BLOCK_SIZES, DEQUANTIZABLE, dequantize, quantize
 from . import check_tensors
 
@@ -80,11 +83,9 @@ _TO_GGUF_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
 _TO_GGUF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 ROPE_FREQS = "rope_freqs.weight"
 
-_WRITE_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+_FLOAT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
 _TORCH_TYPES = {torch.float32: Q.F32, torch.float16: Q.F16, torch.bfloat16: Q.BF16}
-_FILE_TYPES = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16,
-               Q.Q8_0: LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-               Q.Q4_1: LlamaFileType.MOSTLY_Q4_1}  # fmt: skip
+_FILE_TYPES = {Q.F32: LlamaFileType.ALL_F32, Q.F16: LlamaFileType.MOSTLY_F16, Q.BF16: LlamaFileType.MOSTLY_BF16}
 
 
 def gguf_name(name: str) -> str:
@@ -580,28 +581,32 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
 
 
 # Writing ----------------------------------------------------------------------------------------
-def write_type(dtype: torch.dtype | str | None) -> Q | None:
-    """The GGUF type that a ``write(dtype=...)`` argument names (None: keep each tensor's own)."""
+def write_type(dtype: torch.dtype | str | None) -> Q | str | None:
+    """What a ``write(dtype=...)`` argument names: None (keep each tensor's float type), a float GGUF type
+    (F32, F16, BF16) for every matrix, or the name of a llama.cpp quantization mix (``"q4_k_m"``, see
+    ``llamaforge.gguf_mixes``)."""
     if dtype is None:
         return None
     if isinstance(dtype, torch.dtype):
         if dtype not in _TORCH_TYPES:
-            raise ValueError(f"GGUF cannot store {dtype}; use float32, float16, bfloat16 or a quantized type")
+            raise ValueError(f"GGUF cannot store {dtype}; use float32, float16, bfloat16 or a quantization mix")
         return _TORCH_TYPES[dtype]
     key = str(dtype).lower().replace("float32", "f32").replace("float16", "f16").replace("bfloat16", "bf16")
-    if key not in _WRITE_TYPES:
-        raise ValueError(f"unknown GGUF type {dtype!r}; choose one of {', '.join(_WRITE_TYPES)}")
-    return _WRITE_TYPES[key]
+    if key in _FLOAT_TYPES:
+        return _FLOAT_TYPES[key]
+    if key in MIXES:
+        return key
+    raise ValueError(f"unknown GGUF type {dtype!r}; choose one of {', '.join([*_FLOAT_TYPES, *MIXES])}")
 
 
-def _tensor_type(tensor: Tensor, qtype: Q | None) -> Q:
-    """The GGUF type a tensor is written as: norms F32, matrices `qtype` (default: their own float type)."""
+def _tensor_type(config: ModelConfig, name: str, tensor: Tensor, kind: Q | str | None) -> Q:
+    """The GGUF type a tensor is written as: norms F32; matrices the mix's choice for them, or the float
+    type `kind` (default: their own float type)."""
     if tensor.dim() == 1:
         return Q.F32
-    kind = qtype or _TORCH_TYPES.get(tensor.dtype, Q.F32)
-    if kind in (Q.Q8_0, Q.Q4_0, Q.Q4_1) and tensor.shape[-1] % BLOCK_SIZES[kind][0]:
-        return Q.F16  # rows that do not fill whole blocks: llama.cpp's fallback
-    return kind
+    if isinstance(kind, str):
+        return tensor_type(config, name, tuple(tensor.shape), kind)
+    return kind or _TORCH_TYPES.get(tensor.dtype, Q.F32)
 
 
 def _encode(tensor: Tensor, kind: Q) -> np.ndarray:
@@ -627,13 +632,13 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, Tenso
     if config.n_experts or config.use_qk_norm or config.nope_layer_interval or config.attention_chunk_size:
         raise ValueError("GGUF writing supports dense llama models; Llama 4 features (experts, QK norm, NoPE, "
                          "chunked attention) cannot be written")  # fmt: skip
-    qtype = write_type(dtype)
+    kind = write_type(dtype)
     expected = check_tensors(path, config, tensors)
     order = [n for n in expected if n in tensors] + [n for n in tensors if n not in expected]
 
     with atomic_output(path, is_dir=False) as tmp:
         w = GGUFWriter(tmp, ARCHITECTURE)
-        _add_model_metadata(w, config, qtype)
+        _add_model_metadata(w, config, kind)
         if tokenizer is not None:
             _add_tokenizer_metadata(w, tokenizer, config.vocab_size)
         # Tensor table first, then the data one tensor at a time: never two copies of the model in memory.
@@ -644,30 +649,33 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, Tenso
             plan.append((ROPE_FREQS, freqs, Q.F32))
         for name in order:
             t = tensors[name]
-            kind = _tensor_type(t, qtype)
-            block, type_size = BLOCK_SIZES[kind]
+            qtype = _tensor_type(config, name, t, kind)
+            block, type_size = BLOCK_SIZES[qtype]
             # raw_dtype fixes the type; a non-uint8 tensor_dtype makes GGUFWriter take the shape as given.
             w.add_tensor_info(gguf_name(name), tuple(t.shape), np.dtype(np.float32), t.numel() // block * type_size,
-                              raw_dtype=kind)  # fmt: skip
-            plan.append((name, t, kind))
+                              raw_dtype=qtype)  # fmt: skip
+            plan.append((name, t, qtype))
         try:
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             total = sum(t.nbytes for _, t, _ in plan)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {path.name}", disable=None) as bar:
-                for _, t, kind in plan:
-                    w.write_tensor_data(t if isinstance(t, np.ndarray) else _encode(t, kind))
+            desc = f"quantizing {path.name} ({kind})" if isinstance(kind, str) else f"writing {path.name}"
+            with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+                for _, t, qtype in plan:
+                    w.write_tensor_data(t if isinstance(t, np.ndarray) else _encode(t, qtype))
                     bar.update(t.nbytes)
         finally:
             w.close()
 
 
-def _add_model_metadata(w: GGUFWriter, config: ModelConfig, qtype: Q | None) -> None:
+def _add_model_metadata(w: GGUFWriter, config: ModelConfig, kind: Q | str | None) -> None:
     w.add_name(config.name or "llamaforge model")
-    w.add_file_type(_FILE_TYPES.get(qtype or Q.F32, LlamaFileType.ALL_F32))
-    if qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1):
+    if isinstance(kind, str):  # as llama_model_quantize writes them
+        w.add_file_type(MIXES[kind].file_type)
         w.add_quantization_version(GGML_QUANT_VERSION)
+    else:
+        w.add_file_type(_FILE_TYPES.get(kind or Q.F32, LlamaFileType.ALL_F32))
     w.add_context_length(config.max_seq_len)
     w.add_embedding_length(config.dim)
     w.add_block_count(config.n_layers)

@@ -9,6 +9,9 @@ from pathlib import Path
 from ..errors import UserError
 
 DTYPES = ("float32", "float16", "bfloat16")
+# llama.cpp's file types, as ``llama-quantize`` names them (llamaforge.gguf_mixes.MIXES).
+MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m", "q5_0", "q5_1", "q5_k_s",
+         "q5_k_m", "q6_k", "q8_0")  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--to", dest="fmt", required=True, choices=("hf", "meta", "gguf"), help="output format")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="store floating-point weights in this dtype (default: as loaded)")  # fmt: skip
+    parser.add_argument("--quantize", choices=MIXES, default=None, metavar="MIX",
+                        help="with --to gguf: quantize the weights to this llama.cpp mix, tensor by tensor as "
+                        "llama.cpp's quantizer does (Q6_K head, more bits for some attn_v/ffn_down layers); "
+                        f"one of {', '.join(MIXES)}")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.set_defaults(handler=run)
 
@@ -33,13 +40,18 @@ def run(args: argparse.Namespace) -> int:
     import llamaforge
     from llamaforge.checkpoint import save_model
 
+    if args.quantize and args.fmt != "gguf":
+        raise UserError(f"--quantize {args.quantize} writes GGUF blocks; use --to gguf (not --to {args.fmt})")
+    if args.quantize and args.dtype:
+        raise UserError(f"--quantize {args.quantize} sets the type of every weight; drop --dtype {args.dtype}")
     dst = Path(args.dst)
     if dst.exists() and not args.force and not (dst.is_dir() and not any(dst.iterdir())):
         raise UserError(f"{dst} already exists; pass --force to replace it")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = args.quantize or (getattr(torch, args.dtype) if args.dtype else None)
     llm = llamaforge.load(args.src, device="cpu")
     save_model(llm.model, dst, args.fmt, tokenizer=llm.tokenizer, dtype=dtype)
     config = llm.config
-    print(f"wrote {dst} ({args.fmt}): {config.n_layers} layers, dim {config.dim}, vocab {config.vocab_size}"
-          f"{'' if llm.tokenizer is not None else ', no tokenizer'}", file=sys.stderr)  # fmt: skip
+    print(f"wrote {dst} ({args.fmt}{', ' + args.quantize if args.quantize else ''}): {config.n_layers} layers, "
+          f"dim {config.dim}, vocab {config.vocab_size}{'' if llm.tokenizer is not None else ', no tokenizer'}",
+          file=sys.stderr)  # fmt: skip
     return 0

@@ -7,10 +7,12 @@ import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
 from ..hub import DEFAULT_MODEL
+from .convert import MIXES as GGUF_MIXES
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}  # fmt: skip
@@ -32,8 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _sampling_args(p, temperature=0.7)
     p.add_argument("--logprobs", type=int, metavar="N", help="also print each token's logprob and the top N")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print the text only when done")
-    p.add_argument("--draft", metavar="MODEL", help="speculative decoding with this smaller model (same tokenizer)")
-    p.add_argument("--num-speculative", type=int, default=4, help="draft tokens per step (default 4)")
+    add_speculative_arguments(p)
+    p.add_argument("--prompt-cache", metavar="FILE",
+                   help="KV-cache file for the prompt: when FILE holds the cache of a prefix of this prompt "
+                        "(written by an earlier run with the same model), that part is not computed again; the "
+                        "prompt's cache is saved there for the next run")  # fmt: skip
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
     p.set_defaults(handler=_generate)
 
@@ -43,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "Ctrl-C while the model answers stops the answer.")  # fmt: skip
     add_model_arguments(p)
     _sampling_args(p, temperature=0.7, max_new_tokens=512)
+    add_speculative_arguments(p)
     p.add_argument("--system", help="system prompt")
     p.set_defaults(handler=_chat)
 
@@ -52,16 +58,47 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"path, built-in name or hub id (default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES),
+                   help="weights dtype (default: the checkpoint's; a quantized GGUF runs its own blocks unless a dtype "
+                   "is given, which dequantizes it)")  # fmt: skip
     p.add_argument(
         "--quantize",
-        choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf"],
-        help="weight-only quantization applied on load; 'gguf' runs a GGUF file's own blocks quantized",
-    )
+        choices=["int8", "int4", "int4-g32", "int4-g64", "int4-g128", "gguf", *GGUF_MIXES, "q3_k", "q4_k", "q5_k"],
+        help="weight-only quantization applied on load: int8/int4 (torch's kernels' layouts), one of llama.cpp's "
+             "mixes (q4_k_m, q8_0, ...: the GGUF blocks llamaforge runs GGUF files with, each matrix in the type "
+             "llama.cpp's quantizer gives it) or one block type for every matrix (q4_k, ...); 'gguf' keeps a GGUF "
+             "file's own blocks (the default for a quantized GGUF)",
+    )  # fmt: skip
     if compile:
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+
+
+def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
+    """KV-cache and speculative decoding options (generate, chat, serve)."""
+    p.add_argument("--cache-type", choices=["float32", "float16", "bfloat16", "q8_0"],
+                   help="KV-cache storage: q8_0 takes about half the memory of float16 (default: the model's dtype, "
+                        "float16 for float32 models with quantized weights)")  # fmt: skip
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft-model", "--draft", dest="draft_model", metavar="MODEL",
+                   help="a smaller model with the same tokenizer proposes tokens that --model verifies")  # fmt: skip
+    g.add_argument("--speculative-ngram", action="store_true",
+                   help="propose tokens by n-gram lookup in the prompt and output (no second model; pays off "
+                        "when the answer copies the input: summaries, edits, code)")  # fmt: skip
+    g.add_argument("--num-speculative", type=int, help="draft tokens per step (default 4 with a draft model, 3 "
+                   "with --speculative-ngram)")  # fmt: skip
+
+
+def speculative_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``LLM.engine`` options from the speculative arguments (the draft model loaded)."""
+    if args.draft_model and args.speculative_ngram:
+        raise UserError("choose one of --draft-model and --speculative-ngram")
+    if args.num_speculative is not None and args.num_speculative < 1:
+        raise UserError(f"--num-speculative must be >= 1, got {args.num_speculative}")
+    draft = load_for_cli(args, model=args.draft_model) if args.draft_model else None
+    return {"draft": draft, "speculative": "ngram" if args.speculative_ngram else None,
+            "num_speculative": args.num_speculative, "cache_type": args.cache_type}  # fmt: skip
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int = 256) -> None:
@@ -132,37 +169,49 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ..generate import prompt_ids, speculative_generate, stream_events
+    from ..inference import PromptCacheError, load_prompt_cache, prompt_ids, save_prompt_cache, stream_events
 
     params = _sampling_params(args, logprobs=args.logprobs)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = load_for_cli(args)
+    engine = llm.engine(compile=args.compile, **speculative_options(args))
+    ids = prompt_ids(llm.tokenizer, prompt)
+    cache_file = Path(args.prompt_cache) if args.prompt_cache else None
+    held: list[int] = []
+    if cache_file is not None and cache_file.exists():
+        try:
+            held = load_prompt_cache(engine, cache_file)
+        except PromptCacheError as exc:
+            raise UserError(f"--prompt-cache: {exc}") from None
     start = time.perf_counter()
-    if args.draft:
-        draft = load_for_cli(args, model=args.draft)
-        completion = speculative_generate(llm, draft, prompt_ids(llm, prompt), params, args.num_speculative)
-        sys.stdout.write(completion.text)
-        tokens, logprobs, finish = completion.token_ids, completion.logprobs, completion.finish_reason
-    else:
-        tokens, logprobs, parts, finish = [], [], [], None
-        for ev in stream_events(llm, prompt, params, compile=args.compile):
-            tokens += ev.token_ids
-            logprobs += ev.logprobs or []
-            finish = ev.finish_reason or finish
-            if args.stream:
-                sys.stdout.write(ev.text)
-                sys.stdout.flush()
-            else:
-                parts.append(ev.text)
-        if not args.stream:
-            sys.stdout.write("".join(parts))
+    tokens, logprobs, parts, finish = [], [], [], None
+    for ev in stream_events(engine, ids, params):
+        tokens += ev.token_ids
+        logprobs += ev.logprobs or []
+        finish = ev.finish_reason or finish
+        if args.stream:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        else:
+            parts.append(ev.text)
+    if not args.stream:
+        sys.stdout.write("".join(parts))
     sys.stdout.write("\n")
     if args.logprobs is not None:
         _print_logprobs(logprobs)
+    seconds = time.perf_counter() - start
+    saved = 0
+    whole = len(ids) // engine.cache.block_size * engine.cache.block_size  # what a prompt-cache file can hold
+    if cache_file is not None and held != ids[:whole]:
+        saved = save_prompt_cache(engine, cache_file, ids)
     if args.verbose:
-        seconds = time.perf_counter() - start
-        print(f"[{len(tokens)} tokens in {seconds:.2f} s, {len(tokens) / seconds:.1f} tok/s, finish: {finish}]",
-              file=sys.stderr)  # fmt: skip
+        stats = engine.stats
+        extra = f", {stats['accepted']}/{stats['drafted']} drafts accepted" if engine.speculator else ""
+        if cache_file is not None:
+            extra += f", {stats['cached_tokens']} prompt tokens from {cache_file.name}" + (
+                f", {saved} saved" if saved else "")  # fmt: skip
+        print(f"[{len(tokens)} tokens in {seconds:.2f} s, {len(tokens) / seconds:.1f} tok/s, finish: {finish}; "
+              f"step {engine.step_name}{extra}]", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -174,11 +223,13 @@ def _print_logprobs(entries: list) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from ..generate import chat_prompt_ids, stream_events
+    from ..inference import chat_prompt_ids, stream_events
 
     params = _sampling_params(args)
     llm = load_for_cli(args)
     tokenizer = llm.require_tokenizer()
+    # One engine for the session: each turn's prompt starts with the previous ones, whose cache it reuses.
+    engine = llm.engine(compile=args.compile, **speculative_options(args))
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):
@@ -213,7 +264,7 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            events = stream_events(llm, chat_prompt_ids(tokenizer, messages()), params, compile=args.compile)
+            events = stream_events(engine, chat_prompt_ids(tokenizer, messages()), params)
         except ValueError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             history.pop()
             print(f"error: {exc} (use /reset)", file=sys.stderr)

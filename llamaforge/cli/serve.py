@@ -12,7 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..generate import PREFILL_BUDGET
+from ..inference import PREFILL_BUDGET
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20, "g": 2**30,
+          "gb": 10**9, "gib": 2**30}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "2GiB", "512MB", "1.5g", "1048576"; a ValueError naming the text otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size: give bytes or a number with KiB, MiB, GiB (or KB, MB, GB)")
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,9 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "/detokenize, /health and /metrics (Prometheus), and a chat page for the browser at "
                               "/ (--no-webui turns it off). Binds to 127.0.0.1 unless told otherwise; --api-key (or "
                               "LLAMAFORGE_API_KEY) requires 'Authorization: Bearer KEY' on the API.")  # fmt: skip
-    from .generate import add_model_arguments
+    from .generate import add_model_arguments, add_speculative_arguments
 
     add_model_arguments(p)
+    add_speculative_arguments(p)
     p.add_argument("--served-model-name", help="the model id clients use (default: the --model value)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -39,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prompt tokens prefilled per engine step, between decode steps: lower keeps running "
                         f"streams smoother while prompts arrive, higher gives new requests their first token "
                         f"sooner (default {PREFILL_BUDGET})")  # fmt: skip
+    p.add_argument("--cache-memory", metavar="SIZE",
+                   help="KV-cache memory, e.g. 2GiB (default: --max-batch requests of --max-seq-len tokens); "
+                        "requests wait while it is full")  # fmt: skip
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not reuse the KV cache of prompt prefixes that earlier requests computed")  # fmt: skip
+    p.add_argument("--slot-save-path", metavar="DIR",
+                   help="enable POST /slots/{id}?action=save|restore|erase: prompt-cache files in DIR")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
@@ -69,6 +91,18 @@ def _serve(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, got {value}")
     if args.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.draft_model and args.speculative_ngram:
+        raise UserError("choose one of --draft-model and --speculative-ngram")
+    if args.num_speculative is not None and args.num_speculative < 1:
+        raise UserError(f"--num-speculative must be >= 1, got {args.num_speculative}")
+    cache_memory = None
+    if args.cache_memory is not None:
+        try:
+            cache_memory = parse_size(args.cache_memory)
+        except ValueError as exc:
+            raise UserError(f"--cache-memory: {exc}") from None
+    if args.slot_save_path is not None:
+        Path(args.slot_save_path).mkdir(parents=True, exist_ok=True)
     if not _is_loopback(args.host) and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)  # fmt: skip
@@ -76,10 +110,13 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_seq_len=args.max_seq_len,
                           max_body_bytes=int(args.max_body_mb * 1024 * 1024), drain_timeout=args.drain_timeout,
-                          compile=args.compile, prefill_budget=args.prefill_budget,
-                          webui=args.webui)  # fmt: skip
+                          compile=args.compile, prefill_budget=args.prefill_budget, cache_memory=cache_memory,
+                          prefix_caching=args.prefix_caching, speculative_ngram=args.speculative_ngram,
+                          num_speculative=args.num_speculative, slot_save_path=args.slot_save_path,
+                          cache_type=args.cache_type, webui=args.webui)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(config, loader=lambda: load_for_cli(args))
+    draft_loader = (lambda: load_for_cli(args, model=args.draft_model)) if args.draft_model else None
+    app = create_app(config, loader=lambda: load_for_cli(args), draft_loader=draft_loader)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=args.drain_timeout + 10, access_log=False)  # fmt: skip
     server = _make_server(uv_config, server_state(app))

@@ -2,8 +2,9 @@
 
 A multiple-choice item asks for ``log P(continuation_i | context)`` for several continuations of one
 context. ``Scorer`` groups requests by context and, with ``prefix_reuse=True`` (the default), runs each
-context once through the model's KV cache, copies its keys and values into one cache row per
-continuation, and then runs all continuations of a batch together at their own positions. Only the
+context once into a paged KV cache that the scorer owns, gives each continuation a block table that shares
+the context's blocks (its partial last block copied), and then runs all continuations of a batch together at
+their own positions. Only the
 positions that are scored go through the output matrix, so padding and context tokens never pay for
 the vocabulary projection. ``prefix_reuse=False`` scores every ``context + continuation`` as its own
 row of a causal batch (what lm-evaluation-harness does), for comparison.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..inference.cache import PagedKVCache
 from ..model import Transformer
 
 TokenPair = tuple[Sequence[int], Sequence[int]]
@@ -155,61 +157,57 @@ class Scorer:
         # Every row of a batch runs at positions up to the longest context plus the longest continuation.
         cache_size = min(max(len(ctx) for ctx, _ in parts) + max(len(c) for _, ch in parts for _, c in ch) - 1,
                          self.model.config.max_seq_len)  # fmt: skip
-        model = self.model
-        saved = [layer.attention.kv_cache for layer in model.layers]  # a generation engine may own these
-        model.setup_caches(self.batch_size, cache_size)
-        try:
-            batch: list = []
-            for part in parts:
-                rows = sum(len(c) for _, c in batch) + len(part[1])
-                span = max(len(ctx) for ctx, _ in [*batch, part]) + max(
-                    len(c) for _, ch in [*batch, part] for _, c in ch
-                )
-                if batch and (rows > self.batch_size or span - 1 > cache_size):
-                    self._run_groups(batch, results)
-                    bar.update(sum(len(c) for _, c in batch))
-                    batch = []
-                batch.append(part)
-            if batch:
-                self._run_groups(batch, results)
+        longest_cont = max(len(c) for _, ch in parts for _, c in ch)
+        cache = PagedKVCache.for_model(self.model, self.batch_size * (cache_size + longest_cont + 32),
+                                       prefix_caching=False)  # fmt: skip
+        batch: list = []
+        for part in parts:
+            rows = sum(len(c) for _, c in batch) + len(part[1])
+            span = max(len(ctx) for ctx, _ in [*batch, part]) + max(len(c) for _, ch in [*batch, part] for _, c in ch)
+            if batch and (rows > self.batch_size or span - 1 > cache_size):
+                self._run_groups(batch, results, cache)
                 bar.update(sum(len(c) for _, c in batch))
-        finally:
-            for layer, cache in zip(model.layers, saved):
-                layer.attention.kv_cache = cache
+                batch = []
+            batch.append(part)
+        if batch:
+            self._run_groups(batch, results, cache)
+            bar.update(sum(len(c) for _, c in batch))
 
-    def _run_groups(self, groups: list[tuple[tuple[int, ...], list[tuple[int, tuple[int, ...]]]]],
-                    results: list) -> None:  # fmt: skip
+    def _run_groups(self, groups: list[tuple[tuple[int, ...], list[tuple[int, tuple[int, ...]]]]], results: list,
+                    cache: PagedKVCache) -> None:  # fmt: skip
         device = self.device
         G = len(groups)
         ctx_len = [len(ctx) for ctx, _ in groups]
         width = max(ctx_len)
         tokens = torch.zeros(G, width, dtype=torch.long)
+        seqs = []
         for g, (ctx, _) in enumerate(groups):
             tokens[g, : len(ctx)] = torch.tensor(ctx)
-        pos = torch.arange(width, device=device).expand(G, width)
-        rows = torch.arange(G, device=device)
-        hidden = self.model(tokens.to(device), pos, rows=rows, cache_len=width, return_hidden=True)
+            seq = cache.admit(ctx, len(ctx), reuse=False)
+            assert seq is not None, "the scorer's cache holds a batch"
+            cache.ensure(seq, len(ctx))
+            seqs.append(seq)
+        pos = torch.arange(width).expand(G, width)
+        hidden = self.model(tokens.to(device), pos.to(device), cache=cache.view(seqs, pos), return_hidden=True)
         # First continuation token of every request, from its context's last position.
         members = [(g, i, cont) for g, (_, conts) in enumerate(groups) for i, cont in conts]
         first = self._token_scores(hidden, [(g, ctx_len[g] - 1) for g, _, _ in members], [c[0] for _, _, c in members])
         # The rest: continuations of two or more tokens, each in its own cache row holding its context.
         longer = [(r, m) for r, m in enumerate(members) if len(m[2]) > 1]
         rest: dict[int, tuple[float, bool]] = {}
+        forks = []
         if longer:
-            src = torch.tensor([g for _, (g, _, _) in longer], device=device)
             R, T = len(longer), max(len(c) for _, (_, _, c) in longer) - 1
-            for layer in self.model.layers:
-                cache = layer.attention.kv_cache
-                cache.k[:R, :, :width] = cache.k[src, :, :width]
-                cache.v[:R, :, :width] = cache.v[src, :, :width]
             tokens = torch.zeros(R, T, dtype=torch.long)
-            for r, (_, (_, _, cont)) in enumerate(longer):
+            for r, (_, (g, _, cont)) in enumerate(longer):
                 tokens[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-            start = torch.tensor([ctx_len[g] for _, (g, _, _) in longer], device=device)
-            pos = start[:, None] + torch.arange(T, device=device)
-            cache_len = int(start.max()) + T
-            hidden = self.model(tokens.to(device), pos, rows=torch.arange(R, device=device), cache_len=cache_len,
-                                return_hidden=True)  # fmt: skip
+                fork = cache.fork(seqs[g], ctx_len[g], ctx_len[g] + len(cont) - 1)
+                assert fork is not None, "the scorer's cache holds a batch"
+                cache.ensure(fork, ctx_len[g] + len(cont) - 1)
+                forks.append(fork)
+            start = torch.tensor([ctx_len[g] for _, (g, _, _) in longer])
+            pos = start[:, None] + torch.arange(T)
+            hidden = self.model(tokens.to(device), pos.to(device), cache=cache.view(forks, pos), return_hidden=True)
             select = [(r, j) for r, (_, (_, _, c)) in enumerate(longer) for j in range(len(c) - 1)]
             targets = [t for _, (_, _, c) in longer for t in c[1:]]
             scores = self._token_scores(hidden, select, targets)
@@ -218,6 +216,8 @@ class Scorer:
                 n = len(cont) - 1
                 rest[r] = (float(scores[0][at : at + n].sum()), bool(scores[1][at : at + n].all()))
                 at += n
+        for seq in seqs + forks:
+            cache.release(seq)
         for r, (_, i, cont) in enumerate(members):
             lp, greedy = float(first[0][r]), bool(first[1][r])
             if r in rest:

@@ -5,8 +5,9 @@
 //    weight once per token, so these stream the weights once per call (the few rows of x reuse each weight
 //    row from L1) and accumulate in float32. Float weights are converted to float32 in registers; integer
 //    weights meet activations rounded to int16 per 32 columns (integer multiply-adds, see below).
-// 2. decode_step: a whole decode step (one token per sequence) through all layers: RMSNorm, the fused qkv
-//    matmul, RoPE + KV-cache write + attention, output projection, RMSNorm, the fused w1/w3 matmul,
+// 2. decode_step: a whole decode step (one token per sequence, or a few per sequence when verifying draft
+//    tokens) through all layers: RMSNorm, the fused qkv matmul, RoPE + write to the paged KV cache (through
+//    each sequence's block table) + attention, output projection, RMSNorm, the fused w1/w3 matmul,
 //    SiLU-gate, w2, residual adds, and the final norm. One op call instead of ~10 per layer: at 135M
 //    parameters a token takes ~10 ms, and ~300 Python-level op calls would add 3 ms to it. The math is
 //    llamaforge/model.py's (tests compare the two).
@@ -17,6 +18,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "blocks.h"
+
+using llamaforge::gguf_matmul;
+using llamaforge::gguf_row_bytes;
 
 #include <algorithm>
 #include <atomic>
@@ -121,15 +127,17 @@ struct I8 {
 };
 
 // Weights as stored ---------------------------------------------------------------------------------------
-enum class Format { F32, F16, BF16, Int8, Int4, Q8_0 };
+enum class Format { F32, F16, BF16, Int8, Int4, Q8_0, GGUF };
 
 // A linear layer's weights, y[m, n] = sum_k x[m, k] w[n, k]. `aux` holds the scales: int8 [N] per row;
-// 4-bit [N, 2, K/group] (scale, bias) per row and group; Q8_0 [K/32, N] per block.
+// 4-bit [N, 2, K/group] (scale, bias) per row and group; Q8_0 [K/32, N] per block. GGUF blocks (blocks.cpp)
+// carry their scales inside; `qtype` is their ggml type.
 struct Weights {
   Format format;
   int64_t N, K, group;
   const void* w;
   const float* aux;
+  int64_t qtype = -1;
 };
 
 Weights weights_of(const Tensor& w, const std::optional<Tensor>& aux, const char* who) {
@@ -139,6 +147,16 @@ Weights weights_of(const Tensor& w, const std::optional<Tensor>& aux, const char
                 who, ": scales must be float32 ", layout, " (", numel, " values)");
     return aux->data_ptr<float>();
   };
+  if (aux.has_value() && aux->scalar_type() == at::kLong) {  // GGUF blocks [N, bytes per row], aux = (type, K)
+    TORCH_CHECK(aux->numel() == 2 && aux->is_cpu(), who, ": GGUF blocks need an int64 (ggml type, K) tensor");
+    const int64_t qtype = aux->data_ptr<int64_t>()[0], K = aux->data_ptr<int64_t>()[1];
+    const int64_t row_bytes = gguf_row_bytes(qtype, K);
+    TORCH_CHECK(row_bytes > 0, who, ": ggml type ", qtype, " with ", K, " columns has no native kernel");
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(1) == row_bytes, who,
+                ": GGUF blocks of ggml type ", qtype, " with ", K, " columns must be uint8 [N, ", row_bytes, "], got ",
+                w.scalar_type(), " ", w.sizes());
+    return {Format::GGUF, w.size(0), K, 0, w.data_ptr(), nullptr, qtype};
+  }
   if (!aux.has_value()) {
     TORCH_CHECK(w.dim() == 2, who, ": float weight must be [N, K]");
     const auto dtype = w.scalar_type();
@@ -462,6 +480,8 @@ void matmul(const Weights& W, const float* x, int64_t M, float* y, int64_t ldy, 
           },
           [](int64_t) { return 1.f; });
     }
+    case Format::GGUF:
+      return gguf_matmul(W.qtype, static_cast<const uint8_t*>(W.w), N, K, x, M, y, ldy, accumulate);
     case Format::Q8_0: {
       const int8_t* q = static_cast<const int8_t*>(W.w);
       const Int16Rows xr = quantize_rows(x, M, K, 32, /*pair_order=*/false);
@@ -482,6 +502,20 @@ Tensor linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& aux
   const int64_t M = xf.size(0);
   Tensor y = at::empty({M, W.N}, xf.options());
   matmul(W, xf.data_ptr<float>(), M, y.data_ptr<float>(), W.N, false);
+  auto sizes = x.sizes().vec();
+  sizes.back() = W.N;
+  return y.view(sizes).to(x.scalar_type());
+}
+
+// linear() through the portable scalar code for GGUF blocks, whatever the CPU (tests compare against it).
+Tensor gguf_linear_reference(const Tensor& x, const Tensor& w, const Tensor& info) {
+  const Weights W = weights_of(w, info, "gguf_linear_reference");
+  TORCH_CHECK(W.format == Format::GGUF, "gguf_linear_reference: takes GGUF blocks");
+  TORCH_CHECK(x.size(-1) == W.K, "gguf_linear_reference: input has ", x.size(-1), " features, the weights take ", W.K);
+  Tensor xf = x.reshape({-1, W.K}).to(at::kFloat).contiguous();
+  Tensor y = at::empty({xf.size(0), W.N}, xf.options());
+  gguf_matmul(W.qtype, static_cast<const uint8_t*>(W.w), W.N, W.K, xf.data_ptr<float>(), xf.size(0),
+              y.data_ptr<float>(), W.N, false, /*reference=*/true);
   auto sizes = x.sizes().vec();
   sizes.back() = W.N;
   return y.view(sizes).to(x.scalar_type());
@@ -518,24 +552,66 @@ void silu_mul(const float* g, int64_t R, int64_t H, float* y) {
   }
 }
 
-// Attention of NG query heads sharing a KV head, over the cached keys/values [n, D] (element format W) of one
-// slice of the context. For each query g, parts[g] receives {m, l, o[D]}: the slice's largest score m, the sum
-// l of exp(score - m), and o = the exp(score - m)-weighted sum of the values (unnormalized; slices are merged
+// KV-cache row formats: a cached key or value (D numbers) as stored. width(D): stored elements per row;
+// get(row, d, D) / load8(row, d, D): number d (8 numbers from d) as float32; store(row, x, D): write D floats.
+template <class E>  // float32 / float16 / bfloat16 rows: the numbers themselves
+struct Plain {
+  using T = typename E::T;
+  static int64_t width(int64_t D) { return D; }
+  static float get(const T* row, int64_t d, int64_t) { return E::get(row + d); }
+#ifdef __AVX2__
+  static __m256 load8(const T* row, int64_t d, int64_t) { return E::load8(row + d); }
+#endif
+  static void store(T* row, const float* x, int64_t D) {
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(x[d]);
+  }
+};
+
+// q8_0 rows (llama.cpp's --cache-type q8_0 arithmetic): D int8 numbers, then one float16 scale per 32 of them;
+// scale = max|x| / 127, q = round(x / scale) (x times the float32 reciprocal, rounded half to even).
+struct Q8Row {
+  using T = int8_t;
+  static int64_t width(int64_t D) { return D + D / 16; }
+  static float scale(const T* row, int64_t d, int64_t D) {
+    return static_cast<float>(reinterpret_cast<const at::Half*>(row + D)[d / 32]);
+  }
+  static float get(const T* row, int64_t d, int64_t D) { return static_cast<float>(row[d]) * scale(row, d, D); }
+#ifdef __AVX2__
+  static __m256 load8(const T* row, int64_t d, int64_t D) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d))));
+    return _mm256_mul_ps(q, _mm256_set1_ps(scale(row, d, D)));
+  }
+#endif
+  static void store(T* row, const float* x, int64_t D) {
+    at::Half* scales = reinterpret_cast<at::Half*>(row + D);
+    for (int64_t g = 0; g < D / 32; ++g) {
+      float amax = 0.f;
+      for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[g * 32 + i]));
+      const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+      for (int64_t i = 0; i < 32; ++i) row[g * 32 + i] = static_cast<int8_t>(std::nearbyint(x[g * 32 + i] * id));
+      scales[g] = static_cast<at::Half>(d);
+    }
+  }
+};
+
+// Attention of NG query heads sharing a KV head over n cached keys/values of one slice of the context. The
+// cache is paged: key j lies at kb[j / BS] + (j % BS) D (and value j likewise in vb), one pointer per block of
+// BS positions. For each query g, parts[g] receives {m, l, o[D]}: the slice's largest score m, the sum l of
+// exp(score - m), and o = the exp(score - m)-weighted sum of the values (unnormalized; slices are merged
 // afterwards). scores: room for NG * n floats.
 //
 // Plain loops, one query at a time (any D, any CPU).
 template <class W>
-void attend_plain(int64_t NG, const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n,
-                  int64_t D, float* scores, float* const* parts) {
+void attend_plain(int64_t NG, const float* q, const typename W::T* const* kb, const typename W::T* const* vb,
+                  int64_t BS, int64_t n, int64_t D, float* scores, float* const* parts) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   for (int64_t g = 0; g < NG; ++g) {
     const float* qg = q + g * D;
     float mx = -INFINITY, total = 0.f;
     for (int64_t j = 0; j < n; ++j) {
-      const typename W::T* kj = kc + j * D;
+      const typename W::T* kj = kb[j / BS] + (j % BS) * W::width(D);
       float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) s += qg[d] * W::get(kj + d);
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * W::get(kj, d, D);
       scores[j] = s * scale;
       mx = std::max(mx, scores[j]);
     }
@@ -543,10 +619,9 @@ void attend_plain(int64_t NG, const float* q, const typename W::T* kc, const typ
     float* o = parts[g] + 2;
     std::fill(o, o + D, 0.f);
     for (int64_t j = 0; j < n; ++j) {
-      const typename W::T* vj = vc + j * D;
+      const typename W::T* vj = vb[j / BS] + (j % BS) * W::width(D);
       const float p = scores[j];
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) o[d] += p * W::get(vj + d);
+      for (int64_t d = 0; d < D; ++d) o[d] += p * W::get(vj, d, D);
     }
     parts[g][0] = mx, parts[g][1] = total;
   }
@@ -555,17 +630,21 @@ void attend_plain(int64_t NG, const float* q, const typename W::T* kc, const typ
 #ifdef __AVX2__
 // o[g][d0 .. d0 + 8 NV) for the NG queries: each value vector is loaded (and converted) once for all of them.
 template <class W, int NG, int NV>
-inline void weigh_values(const float* p, const typename W::T* vc, int64_t n, int64_t D, int64_t d0,
+inline void weigh_values(const float* p, const typename W::T* const* vb, int64_t BS, int64_t n, int64_t D, int64_t d0,
                          float* const* parts) {
   __m256 acc[NG][NV];
   for (int g = 0; g < NG; ++g)
     for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    __m256 vv[NV];
-    for (int v = 0; v < NV; ++v) vv[v] = W::load8(vc + j * D + d0 + 8 * v);
-    for (int g = 0; g < NG; ++g) {
-      const __m256 pb = _mm256_broadcast_ss(p + g * n + j);
-      for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_fmadd_ps(pb, vv[v], acc[g][v]);
+  for (int64_t b0 = 0; b0 < n; b0 += BS) {
+    const typename W::T* block = vb[b0 / BS];
+    const int64_t m = std::min(BS, n - b0), width = W::width(D);
+    for (int64_t jj = 0; jj < m; ++jj) {
+      __m256 vv[NV];
+      for (int v = 0; v < NV; ++v) vv[v] = W::load8(block + jj * width, d0 + 8 * v, D);
+      for (int g = 0; g < NG; ++g) {
+        const __m256 pb = _mm256_broadcast_ss(p + g * n + b0 + jj);
+        for (int v = 0; v < NV; ++v) acc[g][v] = _mm256_fmadd_ps(pb, vv[v], acc[g][v]);
+      }
     }
   }
   for (int g = 0; g < NG; ++g)
@@ -573,31 +652,38 @@ inline void weigh_values(const float* p, const typename W::T* vc, int64_t n, int
 }
 
 // AVX2, D a multiple of 8: each key and value row is loaded and converted once for the NG queries, and the
-// dot products run as 2 NG independent FMA chains (two keys at a time).
+// dot products run as 2 NG independent FMA chains (two keys at a time within a block).
 template <class W, int NG>
-void attend_group(const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n, int64_t D,
-                  float* scores, float* const* parts) {
+void attend_group(const float* q, const typename W::T* const* kb, const typename W::T* const* vb, int64_t BS,
+                  int64_t n, int64_t D, float* scores, float* const* parts) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    __m256 acc[NG][2];
-    for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 k0 = W::load8(kc + j * D + d), k1 = W::load8(kc + (j + 1) * D + d);
-      for (int g = 0; g < NG; ++g) {
-        const __m256 qv = _mm256_loadu_ps(q + g * D + d);
-        acc[g][0] = _mm256_fmadd_ps(qv, k0, acc[g][0]);
-        acc[g][1] = _mm256_fmadd_ps(qv, k1, acc[g][1]);
+  const int64_t width = W::width(D);
+  for (int64_t b0 = 0; b0 < n; b0 += BS) {
+    const typename W::T* kc = kb[b0 / BS];
+    const int64_t m = std::min(BS, n - b0);
+    int64_t jj = 0;
+    for (; jj + 2 <= m; jj += 2) {
+      __m256 acc[NG][2];
+      for (int g = 0; g < NG; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 k0 = W::load8(kc + jj * width, d, D), k1 = W::load8(kc + (jj + 1) * width, d, D);
+        for (int g = 0; g < NG; ++g) {
+          const __m256 qv = _mm256_loadu_ps(q + g * D + d);
+          acc[g][0] = _mm256_fmadd_ps(qv, k0, acc[g][0]);
+          acc[g][1] = _mm256_fmadd_ps(qv, k1, acc[g][1]);
+        }
       }
+      for (int g = 0; g < NG; ++g)
+        scores[g * n + b0 + jj] = hsum(acc[g][0]) * scale, scores[g * n + b0 + jj + 1] = hsum(acc[g][1]) * scale;
     }
-    for (int g = 0; g < NG; ++g) scores[g * n + j] = hsum(acc[g][0]) * scale, scores[g * n + j + 1] = hsum(acc[g][1]) * scale;
+    for (; jj < m; ++jj)
+      for (int g = 0; g < NG; ++g) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), W::load8(kc + jj * width, d, D), acc);
+        scores[g * n + b0 + jj] = hsum(acc) * scale;
+      }
   }
-  for (; j < n; ++j)
-    for (int g = 0; g < NG; ++g) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), W::load8(kc + j * D + d), acc);
-      scores[g * n + j] = hsum(acc) * scale;
-    }
   for (int g = 0; g < NG; ++g) {  // softmax numerators in place
     float* s = scores + g * n;
     float mx = -INFINITY;
@@ -615,98 +701,106 @@ void attend_group(const float* q, const typename W::T* kc, const typename W::T* 
   }
   constexpr int NV = NG == 1 ? 8 : (NG == 2 ? 4 : 2);  // column vectors per pass: at most 8 accumulators
   int64_t d0 = 0;
-  for (; d0 + 8 * NV <= D; d0 += 8 * NV) weigh_values<W, NG, NV>(scores, vc, n, D, d0, parts);
-  for (; d0 < D; d0 += 8) weigh_values<W, NG, 1>(scores, vc, n, D, d0, parts);
+  for (; d0 + 8 * NV <= D; d0 += 8 * NV) weigh_values<W, NG, NV>(scores, vb, BS, n, D, d0, parts);
+  for (; d0 < D; d0 += 8) weigh_values<W, NG, 1>(scores, vb, BS, n, D, d0, parts);
 }
 #endif
 
 // The G query heads of one KV head over one slice, up to 4 heads per pass over the keys and values.
 template <class W>
-void attend_heads(int64_t G, const float* q, const typename W::T* kc, const typename W::T* vc, int64_t n, int64_t D,
-                  float* scores, float* const* parts) {
+void attend_heads(int64_t G, const float* q, const typename W::T* const* kb, const typename W::T* const* vb,
+                  int64_t BS, int64_t n, int64_t D, float* scores, float* const* parts) {
 #ifdef __AVX2__
   if (D % 8 == 0 && D <= 256) {
     for (int64_t g = 0; g < G; g += 4) {
       const float* qg = q + g * D;
       float* const* pg = parts + g;
       switch (std::min<int64_t>(G - g, 4)) {
-        case 1: attend_group<W, 1>(qg, kc, vc, n, D, scores, pg); break;
-        case 2: attend_group<W, 2>(qg, kc, vc, n, D, scores, pg); break;
-        case 3: attend_group<W, 3>(qg, kc, vc, n, D, scores, pg); break;
-        default: attend_group<W, 4>(qg, kc, vc, n, D, scores, pg); break;
+        case 1: attend_group<W, 1>(qg, kb, vb, BS, n, D, scores, pg); break;
+        case 2: attend_group<W, 2>(qg, kb, vb, BS, n, D, scores, pg); break;
+        case 3: attend_group<W, 3>(qg, kb, vb, BS, n, D, scores, pg); break;
+        default: attend_group<W, 4>(qg, kb, vb, BS, n, D, scores, pg); break;
       }
     }
     return;
   }
 #endif
-  attend_plain<W>(G, q, kc, vc, n, D, scores, parts);
+  attend_plain<W>(G, q, kb, vb, BS, n, D, scores, parts);
 }
 
-// Where the decode step's attention reads and writes: caches [max_batch, Hkv, S, D], and per sequence b its
-// position pos[b] and cache row rows[b].
+// Where the step's attention reads and writes. The caches are block pools [n_blocks, Hkv, BS, D]; each query
+// row r (a token: one per sequence when decoding, several when verifying drafts or prefilling a short chunk)
+// has its position pos[r] and its sequence's block table table[r, 0..NB): position p is slot p % BS of block
+// table[r, p / BS].
 struct Batch {
-  int64_t B, H, Hkv, D, S, cache_len;
-  const int64_t *pos, *rows;
-  const float *cos, *sin;  // [B, D/2] at each sequence's position
+  int64_t R, H, Hkv, D, BS, NB;
+  const int64_t *pos, *table;
+  const float *cos, *sin;  // [R, D/2] at each row's position
 };
 
-// One query per sequence: qkv [B, (H + 2 Hkv) D] (q, k, v heads). RoPE (model.apply_rope: adjacent pairs)
-// on q and k, k/v written to cache[rows[b], :, pos[b]], then softmax attention over cache slots 0..pos[b]
-// (the causal mask within the first cache_len slots) into y [B, H D].
+// One query per row: qkv [R, (H + 2 Hkv) D] (q, k, v heads). RoPE (model.apply_rope: adjacent pairs) on q
+// and k; every row's k/v are written to its cache slot first, then each row attends (softmax) over the
+// positions 0..pos[r] of its sequence, so rows of one sequence at consecutive positions see each other
+// causally. Result y [R, H D].
 //
-// Work is split by sequence, KV head and slice of the context (flash-decoding): a task attends the G = H/Hkv
-// query heads sharing a KV head over one slice, so each key and value is read from memory once per KV head
-// and stays in cache for the other G - 1 queries; the slices' partial softmaxes are merged exactly.
+// Work is split by row, KV head and slice of the context (flash-decoding): a task attends the G = H/Hkv query
+// heads sharing a KV head over one slice (whole blocks), so each key and value is read from memory once per
+// KV head and stays in cache for the other G - 1 queries; the slices' partial softmaxes are merged exactly.
 template <class W>
 void attention(const float* qkv, typename W::T* kc, typename W::T* vc, const Batch& a, float* q_rot, float* y) {
   using T = typename W::T;
-  const int64_t B = a.B, H = a.H, Hkv = a.Hkv, D = a.D, S = a.S, half = D / 2, G = H / Hkv;
+  const int64_t R = a.R, H = a.H, Hkv = a.Hkv, D = a.D, BS = a.BS, NB = a.NB, half = D / 2, G = H / Hkv;
   const int64_t width = (H + 2 * Hkv) * D;
+  const int64_t rw = W::width(D);  // stored elements per cached row
+  auto slot = [&](T* cache, int64_t r, int64_t h, int64_t p) {
+    return cache + ((a.table[r * NB + p / BS] * Hkv + h) * BS + p % BS) * rw;
+  };
+  std::vector<float> k_rot(static_cast<size_t>(D));
   int64_t longest = 1;
-  for (int64_t b = 0; b < B; ++b) {
-    const float *src = qkv + b * width, *c = a.cos + b * half, *s = a.sin + b * half;
-    const int64_t p = a.pos[b], r = a.rows[b];
-    longest = std::max(longest, std::min(p + 1, a.cache_len));
+  for (int64_t r = 0; r < R; ++r) {
+    const float *src = qkv + r * width, *c = a.cos + r * half, *s = a.sin + r * half;
+    const int64_t p = a.pos[r];
+    longest = std::max(longest, p + 1);
     for (int64_t h = 0; h < H + Hkv; ++h) {
-      float* dst = h < H ? q_rot + (b * H + h) * D : nullptr;
-      T* kdst = h < H ? nullptr : kc + ((r * Hkv + (h - H)) * S + p) * D;
+      float* dst = h < H ? q_rot + (r * H + h) * D : k_rot.data();
       for (int64_t i = 0; i < half; ++i) {
         const float x0 = src[h * D + 2 * i], x1 = src[h * D + 2 * i + 1];
-        const float o0 = x0 * c[i] - x1 * s[i], o1 = x0 * s[i] + x1 * c[i];
-        if (dst) {
-          dst[2 * i] = o0, dst[2 * i + 1] = o1;
-        } else {
-          kdst[2 * i] = static_cast<T>(o0), kdst[2 * i + 1] = static_cast<T>(o1);
-        }
+        dst[2 * i] = x0 * c[i] - x1 * s[i], dst[2 * i + 1] = x0 * s[i] + x1 * c[i];
       }
+      if (h >= H) W::store(slot(kc, r, h - H, p), k_rot.data(), D);
     }
-    for (int64_t h = 0; h < Hkv; ++h) {
-      T* vdst = vc + ((r * Hkv + h) * S + p) * D;
-      for (int64_t d = 0; d < D; ++d) vdst[d] = static_cast<T>(src[(H + Hkv + h) * D + d]);
-    }
+    for (int64_t h = 0; h < Hkv; ++h) W::store(slot(vc, r, h, p), src + (H + Hkv + h) * D, D);
   }
-  // Enough slices for ~8 tasks per thread (even shares), none shorter than 32 keys.
-  const int64_t want = (8 * at::get_num_threads() + B * Hkv - 1) / (B * Hkv);
-  const int64_t n_slices = std::max<int64_t>(1, std::min(want, longest / 32));
-  const int64_t slice = (longest + n_slices - 1) / n_slices;
-  std::vector<float> parts(static_cast<size_t>(B * H * n_slices * (D + 2)));  // per (b, h, slice): m, l, o[D]
-  at::parallel_for(0, B * Hkv * n_slices, 1, [&](int64_t t0, int64_t t1) {
+  // Slices of whole blocks: enough for ~8 tasks per thread (even shares), none shorter than 32 keys.
+  const int64_t blocks = (longest + BS - 1) / BS;
+  const int64_t want = (8 * at::get_num_threads() + R * Hkv - 1) / (R * Hkv);
+  const int64_t n_slices = std::max<int64_t>(1, std::min({want, longest / 32, blocks}));
+  const int64_t slice_blocks = (blocks + n_slices - 1) / n_slices;
+  const int64_t slice = slice_blocks * BS;
+  std::vector<float> parts(static_cast<size_t>(R * H * n_slices * (D + 2)));  // per (r, h, slice): m, l, o[D]
+  at::parallel_for(0, R * Hkv * n_slices, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores(static_cast<size_t>(std::min<int64_t>(G, 4) * slice));
     std::vector<float*> part(static_cast<size_t>(G));
+    std::vector<const T*> kb(static_cast<size_t>(slice_blocks)), vb(static_cast<size_t>(slice_blocks));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (Hkv * n_slices), kvh = (t / n_slices) % Hkv, sl = t % n_slices;
-      const int64_t len = std::min(a.pos[b] + 1, a.cache_len);
+      const int64_t r = t / (Hkv * n_slices), kvh = (t / n_slices) % Hkv, sl = t % n_slices;
+      const int64_t len = a.pos[r] + 1;
       const int64_t j0 = std::min(len, sl * slice), j1 = std::min(len, j0 + slice);
-      const int64_t off = ((a.rows[b] * Hkv + kvh) * S + j0) * D;
-      for (int64_t g = 0; g < G; ++g) part[g] = parts.data() + ((b * H + kvh * G + g) * n_slices + sl) * (D + 2);
+      for (int64_t g = 0; g < G; ++g) part[g] = parts.data() + ((r * H + kvh * G + g) * n_slices + sl) * (D + 2);
       if (j1 > j0) {
-        attend_heads<W>(G, q_rot + (b * H + kvh * G) * D, kc + off, vc + off, j1 - j0, D, scores.data(), part.data());
+        for (int64_t b = 0; b * BS < j1 - j0; ++b) {
+          const int64_t block = a.table[r * NB + j0 / BS + b];
+          kb[b] = kc + (block * Hkv + kvh) * BS * rw;
+          vb[b] = vc + (block * Hkv + kvh) * BS * rw;
+        }
+        attend_heads<W>(G, q_rot + (r * H + kvh * G) * D, kb.data(), vb.data(), BS, j1 - j0, D, scores.data(),
+                        part.data());
       } else {  // an empty slice (a sequence shorter than the longest): no weight in the merge
         for (float* pg : part) pg[0] = -INFINITY, pg[1] = 0.f, std::fill(pg + 2, pg + 2 + D, 0.f);
       }
     }
   });
-  for (int64_t i = 0; i < B * H; ++i) {  // merge: rescale each slice to the common maximum
+  for (int64_t i = 0; i < R * H; ++i) {  // merge: rescale each slice to the common maximum
     const float* p = parts.data() + i * n_slices * (D + 2);
     float mx = -INFINITY, total = 0.f;
     for (int64_t sl = 0; sl < n_slices; ++sl) mx = std::max(mx, p[sl * (D + 2)]);
@@ -792,35 +886,45 @@ std::vector<Layer> layers_of(const c10::List<std::optional<Tensor>>& params, at:
   return layers;
 }
 
-// x [B, dim] token embeddings; returns the final normalized hidden state [B, dim].
-Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& positions, const Tensor& rows,
-                   int64_t cache_len, const c10::List<std::optional<Tensor>>& params, at::IntArrayRef parts,
+// x [R, dim] token embeddings of R query rows; returns the final normalized hidden state [R, dim].
+Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const Tensor& positions,
+                   const Tensor& block_table, const c10::List<std::optional<Tensor>>& params, at::IntArrayRef parts,
                    at::TensorList k_caches, at::TensorList v_caches, int64_t n_heads, int64_t n_kv_heads, double eps) {
   const int64_t L = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(L >= 1 && static_cast<int64_t>(v_caches.size()) == L, "decode_step: one k and one v cache per layer");
   const at::Tensor& k0 = k_caches[0];
-  TORCH_CHECK(k0.dim() == 4, "decode_step: KV caches must be [max_batch, Hkv, S, D]");
+  TORCH_CHECK(k0.dim() == 4, "decode_step: KV caches must be block pools [n_blocks, Hkv, block_size, D]");
   for (int64_t l = 0; l < L; ++l)
     TORCH_CHECK(k_caches[l].is_contiguous() && v_caches[l].is_contiguous() && k_caches[l].sizes() == k0.sizes() &&
                     v_caches[l].sizes() == k0.sizes() && k_caches[l].scalar_type() == k0.scalar_type() &&
                     v_caches[l].scalar_type() == k0.scalar_type(),
                 "decode_step: every layer's k/v cache must be contiguous, of one shape and dtype");
-  const int64_t H = n_heads, Hkv = n_kv_heads, D = k0.size(3), S = k0.size(2);
+  // q8_0 caches (int8) store D numbers and D/32 float16 scales per row: D + D/16 bytes.
+  const bool q8 = k0.scalar_type() == at::kChar;
+  const int64_t H = n_heads, Hkv = n_kv_heads, N = k0.size(0), BS = k0.size(2);
+  const int64_t D = q8 ? k0.size(3) * 16 / 17 : k0.size(3);
+  TORCH_CHECK(!q8 || (D % 32 == 0 && Q8Row::width(D) == k0.size(3)), "decode_step: a q8_0 cache row must hold D + D/16 ",
+              "bytes with D a multiple of 32, got ", k0.size(3));
   TORCH_CHECK(k0.size(1) == Hkv && H % Hkv == 0 && D % 2 == 0, "decode_step: head counts do not fit the caches");
-  TORCH_CHECK(cache_len >= 1 && cache_len <= S, "decode_step: cache_len ", cache_len, " out of range 1..", S);
 
   Tensor h = x.to(at::kFloat).contiguous().clone();  // the residual stream, updated in place
-  TORCH_CHECK(h.dim() == 2, "decode_step: x must be [B, dim]");
-  const int64_t B = h.size(0), dim = h.size(1);
+  TORCH_CHECK(h.dim() == 2, "decode_step: x must be [R, dim]");
+  const int64_t R = h.size(0), dim = h.size(1);
   Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
-  Tensor p = positions.to(at::kLong).contiguous(), r = rows.to(at::kLong).contiguous();
-  TORCH_CHECK(c.numel() == B * D / 2 && s.numel() == B * D / 2 && p.numel() == B && r.numel() == B,
-              "decode_step: one position, cache row and cos/sin per sequence");
-  const Batch batch{B, H, Hkv, D, S, cache_len, p.data_ptr<int64_t>(), r.data_ptr<int64_t>(), c.data_ptr<float>(),
+  Tensor p = positions.to(at::kLong).contiguous(), t = block_table.to(at::kLong).contiguous();
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == R && t.size(1) >= 1, "decode_step: block_table must be [R, blocks]");
+  TORCH_CHECK(c.numel() == R * D / 2 && s.numel() == R * D / 2 && p.numel() == R,
+              "decode_step: one position, block-table row and cos/sin per row");
+  const int64_t NB = t.size(1);
+  const Batch batch{R, H, Hkv, D, BS, NB, p.data_ptr<int64_t>(), t.data_ptr<int64_t>(), c.data_ptr<float>(),
                     s.data_ptr<float>()};
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(batch.pos[b] >= 0 && batch.pos[b] < S && batch.rows[b] >= 0 && batch.rows[b] < k0.size(0),
-                "decode_step: position ", batch.pos[b], " or cache row ", batch.rows[b], " out of range");
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(batch.pos[r] >= 0 && batch.pos[r] / BS < NB, "decode_step: position ", batch.pos[r],
+                " is outside the block table's ", NB, " blocks of ", BS);
+    for (int64_t b = 0; b <= batch.pos[r] / BS; ++b)
+      TORCH_CHECK(batch.table[r * NB + b] >= 0 && batch.table[r * NB + b] < N, "decode_step: block ",
+                  batch.table[r * NB + b], " is outside the pool of ", N, " blocks");
+  }
   const int64_t width = (H + 2 * Hkv) * D;
   const float* final_norm = nullptr;
   std::vector<Tensor> norms;  // norm weights in float32 (16-bit models' converted here, each step)
@@ -828,38 +932,42 @@ Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const 
 
   int64_t hidden = 0;
   for (const Layer& layer : layers) hidden = std::max(hidden, layer.w13.N / 2);
-  std::vector<float> xn(B * dim), qkv(B * width), q_rot(B * H * D), att(B * H * D), g(B * 2 * hidden),
-      act(B * hidden);
+  std::vector<float> xn(R * dim), qkv(R * width), q_rot(R * H * D), att(R * H * D), g(R * 2 * hidden),
+      act(R * hidden);
   float* hp = h.data_ptr<float>();
   const float e = static_cast<float>(eps);
   for (int64_t l = 0; l < L; ++l) {
     const Layer& layer = layers[l];
-    rms_norm(hp, layer.attention_norm, B, dim, e, xn.data());
-    layer.qkv.apply(xn.data(), B, qkv.data(), false);
+    rms_norm(hp, layer.attention_norm, R, dim, e, xn.data());
+    layer.qkv.apply(xn.data(), R, qkv.data(), false);
     switch (k0.scalar_type()) {
       case at::kFloat:
-        attention<F32>(qkv.data(), k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), batch, q_rot.data(),
-                       att.data());
+        attention<Plain<F32>>(qkv.data(), k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), batch,
+                              q_rot.data(), att.data());
         break;
       case at::kHalf:
-        attention<F16>(qkv.data(), k_caches[l].data_ptr<at::Half>(), v_caches[l].data_ptr<at::Half>(), batch,
-                       q_rot.data(), att.data());
+        attention<Plain<F16>>(qkv.data(), k_caches[l].data_ptr<at::Half>(), v_caches[l].data_ptr<at::Half>(), batch,
+                              q_rot.data(), att.data());
         break;
       case at::kBFloat16:
-        attention<BF16>(qkv.data(), k_caches[l].data_ptr<at::BFloat16>(), v_caches[l].data_ptr<at::BFloat16>(), batch,
-                        q_rot.data(), att.data());
+        attention<Plain<BF16>>(qkv.data(), k_caches[l].data_ptr<at::BFloat16>(), v_caches[l].data_ptr<at::BFloat16>(),
+                               batch, q_rot.data(), att.data());
+        break;
+      case at::kChar:
+        attention<Q8Row>(qkv.data(), k_caches[l].data_ptr<int8_t>(), v_caches[l].data_ptr<int8_t>(), batch,
+                         q_rot.data(), att.data());
         break;
       default: TORCH_CHECK(false, "decode_step: unsupported cache dtype ", k0.scalar_type());
     }
-    layer.wo.apply(att.data(), B, hp, true);
-    rms_norm(hp, layer.ffn_norm, B, dim, e, xn.data());
+    layer.wo.apply(att.data(), R, hp, true);
+    rms_norm(hp, layer.ffn_norm, R, dim, e, xn.data());
     const int64_t hl = layer.w13.N / 2;
-    layer.w13.apply(xn.data(), B, g.data(), false);
-    silu_mul(g.data(), B, hl, act.data());
-    layer.w2.apply(act.data(), B, hp, true);
+    layer.w13.apply(xn.data(), R, g.data(), false);
+    silu_mul(g.data(), R, hl, act.data());
+    layer.w2.apply(act.data(), R, hp, true);
   }
   Tensor out = at::empty_like(h);
-  rms_norm(hp, final_norm, B, dim, e, out.data_ptr<float>());
+  rms_norm(hp, final_norm, R, dim, e, out.data_ptr<float>());
   return out;
 }
 
@@ -867,12 +975,14 @@ Tensor decode_step(const Tensor& x, const Tensor& cos, const Tensor& sin, const 
 
 TORCH_LIBRARY(llamaforge, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? scales=None) -> Tensor");
+  m.def("gguf_linear_reference(Tensor x, Tensor w, Tensor info) -> Tensor");
   m.def(
-      "decode_step(Tensor x, Tensor cos, Tensor sin, Tensor positions, Tensor rows, int cache_len, Tensor?[] params, "
+      "decode_step(Tensor x, Tensor cos, Tensor sin, Tensor positions, Tensor block_table, Tensor?[] params, "
       "int[] parts, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamaforge, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("gguf_linear_reference", &gguf_linear_reference);
   m.impl("decode_step", &decode_step);
 }

@@ -1,11 +1,16 @@
-"""The OpenAI-compatible HTTP API: ``create_app()`` builds the FastAPI application.
+"""The OpenAI-compatible HTTP API's routes: ``create_app()`` builds the FastAPI application.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, and the browser chat page at ``GET /`` (``webui.py``).
-Every error has OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; validation errors become 400
-naming the field, and errors found before generation (too-long prompt, bad values, full queue) are returned before
-any streaming starts. An outer ASGI guard checks the API key and the body size before anything else runs,
-and counts requests by route and status for /metrics.
+``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, the browser chat page at ``GET /`` (``webui.py``), and
+with ``slot_save_path`` the prompt-cache actions ``GET /slots``, ``POST /slots/{id}?action=save|restore|erase``
+(llama-server's). Requests are
+translated into engine work by ``openai.py``; every error has OpenAI's shape, validation errors become 400
+naming the field, and errors found before generation (too-long prompt, bad values, full queue) are
+returned before any streaming starts. An outer ASGI guard checks the API key and the body size before
+anything else runs, and counts requests by route and status for /metrics.
+
+The engine (its KV cache allocated, its step chosen, the native kernels built, one short request run) is
+made in the loading thread: ``/health`` answers 503 until the first request would run at full speed.
 """
 
 from __future__ import annotations
@@ -14,28 +19,55 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate import PREFILL_BUDGET, Engine, TokenLogprob, chat_prompt_ids, encode_prompt
-from ..sampling import SamplingParams
+from ..inference import (
+    PREFILL_BUDGET,
+    Engine,
+    PromptCacheError,
+    SamplingParams,
+    TokenLogprob,
+    chat_prompt_ids,
+    encode_prompt,
+    load_prompt_cache,
+    make_speculator,
+    save_prompt_cache,
+)
 from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
-from .json_mode import JsonObjectProcessor, JsonVocab
+from .json_mode import JsonVocab
 from .metrics import CONTENT_TYPE, Metrics
+from .openai import (
+    APIError,
+    bad,
+    chat_logprobs,
+    chat_messages,
+    check_fits,
+    check_ids,
+    completion_logprobs,
+    echo_logprobs,
+    sampling_params,
+    validation_error,
+)
 from .webui import add_webui, is_page_path
 
 log = logging.getLogger("llamaforge.serve")
-ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics")
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics",
+          "/slots")  # fmt: skip
+SLOT_ACTIONS = ("save", "restore", "erase")
+_FILENAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}")  # a plain file name inside --slot-save-path
 
 
 @dataclass
@@ -49,46 +81,13 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     compile: bool = False
     prefill_budget: int = PREFILL_BUDGET  # prompt tokens prefilled per engine step (between decode steps)
+    cache_memory: int | None = None  # KV-cache bytes (None: max_batch requests of max_seq_len tokens)
+    prefix_caching: bool = True  # reuse the cache of prompt prefixes that earlier requests computed
+    speculative_ngram: bool = False  # prompt-lookup speculative decoding (a draft model: create_app(draft=...))
+    num_speculative: int | None = None  # draft tokens per step (default 4 with a draft model, 3 with lookup)
+    slot_save_path: str | None = None  # a directory: enables /slots save/restore of prompt caches
+    cache_type: str | None = None  # KV-cache storage: float32 / float16 / bfloat16 / q8_0 (None: the model's)
     webui: bool = True  # the chat page at /
-
-
-# Errors -------------------------------------------------------------------------------------------------
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    errors = exc.errors()
-    if not errors:
-        return _bad("invalid request body")
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return _bad("the request body is not valid JSON")
-    if tuple(first.get("loc", ())) == ("body",):
-        return _bad("the request body must be a JSON object (send it with Content-Type: application/json)")
-    # Drop "body" and pydantic's union-branch labels ("str", "list[int]", ...) from the location.
-    loc = [p for p in first.get("loc", ())[1:] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS)]
-    param = ".".join(str(p) for p in loc) or None
-    if first.get("type") == "missing":
-        return _bad(f"missing required parameter: '{param}'", param=param, code="missing_required_parameter")
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return _bad(f"invalid value for '{param}': {message}" if param else message, param=param)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-str", "function-after"}
 
 
 # The guard: auth, body size, request metrics ------------------------------------------------------------
@@ -193,14 +192,43 @@ class ServerState:
                     lambda: self.engine.tracked if self.engine else 0)  # fmt: skip
         m.add_gauge("llamaforge_ready", "1 once the model is loaded and serving.", lambda: float(self.ready))
 
+        def stat(fn: Callable[[Engine], float]) -> Callable[[], float]:
+            return lambda: fn(self.engine.engine) if self.engine else 0
+
+        m.add_gauge("llamaforge_kv_cache_blocks_total", "KV-cache blocks (scratch block excluded).",
+                    stat(lambda e: e.cache.num_blocks - 1))  # fmt: skip
+        m.add_gauge("llamaforge_kv_cache_blocks_used", "KV-cache blocks held by running requests.",
+                    stat(lambda e: e.cache.num_used))  # fmt: skip
+        m.add_gauge("llamaforge_kv_cache_blocks_cached", "Unused KV-cache blocks kept for prefix reuse.",
+                    stat(lambda e: e.cache.num_cached))  # fmt: skip
+        m.add_gauge("llamaforge_prefix_cache_query_tokens", "Prompt tokens admitted (counter).",
+                    stat(lambda e: e.stats["prompt_tokens"]))  # fmt: skip
+        m.add_gauge("llamaforge_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache (counter).",
+                    stat(lambda e: e.stats["cached_tokens"]))  # fmt: skip
+        m.add_gauge("llamaforge_spec_draft_tokens", "Speculative tokens proposed (counter).",
+                    stat(lambda e: e.stats["drafted"]))  # fmt: skip
+        m.add_gauge("llamaforge_spec_accepted_tokens", "Speculative tokens accepted (counter).",
+                    stat(lambda e: e.stats["accepted"]))  # fmt: skip
+
     @property
     def ready(self) -> bool:
         return self.engine is not None and not self.shutting_down
 
-    def attach(self, llm: Any) -> None:
-        """Build the engine for a loaded model and start its thread (on the event loop)."""
-        engine = Engine(llm, max_batch=self.config.max_batch, max_seq_len=self.config.max_seq_len,
-                        compile=self.config.compile, prefill_budget=self.config.prefill_budget)  # fmt: skip
+    def build_engine(self, llm: Any, draft: Any = None) -> Engine:
+        """The engine for a loaded model, warmed up (kernels built, one short request run): slow, so it runs in
+        the loading thread."""
+        c = self.config
+        speculator = make_speculator(llm, draft, c.speculative_ngram, c.num_speculative)
+        engine = Engine(llm, max_batch=c.max_batch, max_seq_len=c.max_seq_len, compile=c.compile,
+                        prefill_budget=c.prefill_budget, cache_memory=c.cache_memory, prefix_caching=c.prefix_caching,
+                        speculator=speculator, cache_dtype=c.cache_type)  # fmt: skip
+        engine.warm_up()
+        log.info("engine ready: step %s, %s KV cache of %d tokens in blocks of %d", engine.step_fn,
+                 engine.cache.cache_type, engine.cache.capacity, engine.cache.block_size)  # fmt: skip
+        return engine
+
+    def attach(self, llm: Any, engine: Engine) -> None:
+        """Serve `llm` on its built engine: start the engine's thread (on the event loop)."""
         self.llm = llm
         self.engine = AsyncEngine(engine, max_queue=self.config.max_queue, metrics=self.metrics)
         self.engine.start()
@@ -220,7 +248,7 @@ class ServerState:
         self.require_engine()
         tokenizer = self.llm.tokenizer
         if tokenizer is None:
-            raise _bad("this model has no tokenizer; send token ids as the prompt")
+            raise bad("this model has no tokenizer; send token ids as the prompt")
         return tokenizer
 
     def check_model(self, name: str | None) -> None:
@@ -245,54 +273,6 @@ def _context_limit(state: ServerState) -> int:
     return state.require_engine().engine.max_seq_len
 
 
-def _check_ids(ids: list[int], vocab: int, param: str) -> list[int]:
-    if not ids:
-        raise _bad(f"'{param}' is empty: give at least one token", param=param)
-    bad = next((t for t in ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise _bad(f"token id {bad} in '{param}' is outside the vocabulary (0..{vocab - 1})", param=param)
-    return ids
-
-
-def _check_fits(n: int, limit: int, param: str) -> None:
-    if n >= limit:
-        raise _bad(f"This model's maximum context length is {limit} tokens, but the prompt has {n} tokens, "
-                   "which leaves no room to generate. Shorten the prompt.", param=param,
-                   code="context_length_exceeded")  # fmt: skip
-
-
-def _stop_list(stop: str | list[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > S.MAX_STOP:
-        raise _bad(f"at most {S.MAX_STOP} stop sequences are supported, got {len(stops)}", param="stop")
-    if any(not s for s in stops):
-        raise _bad("stop sequences must be non-empty strings", param="stop")
-    return stops
-
-
-class LogitBias:
-    """OpenAI's ``logit_bias``: added to the logits of the given token ids before sampling."""
-
-    def __init__(self, bias: dict[str, float], vocab: int) -> None:
-        ids, values = [], []
-        for key, value in bias.items():
-            try:
-                token = int(key)
-            except ValueError:
-                raise _bad(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-            if not 0 <= token < vocab:
-                raise _bad(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
-            if not -100 <= value <= 100:
-                raise _bad(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
-            ids.append(token)
-            values.append(float(value))
-        self.ids, self.values = torch.tensor(ids, dtype=torch.long), torch.tensor(values)
-
-    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        ids, values = self.ids.to(logits.device), self.values.to(logits.device, logits.dtype)
-        return logits.index_add(0, ids, values)
-
-
 async def _prepare(state: ServerState, req: S._Sampling) -> None:
     """Build, off the event loop, what the first JSON-mode request needs (a pass over the vocabulary)."""
     if req.response_format is not None and req.response_format.type == "json_object":
@@ -300,62 +280,16 @@ async def _prepare(state: ServerState, req: S._Sampling) -> None:
 
 
 def _params(state: ServerState, req: S._Sampling, max_new: int, logprobs: int | None, choice: int) -> SamplingParams:
-    processors: list[Any] = []
-    if req.logit_bias:
-        processors.append(LogitBias(req.logit_bias, state.llm.config.vocab_size))
-    fmt = req.response_format.type if req.response_format else "text"
-    if fmt == "json_schema":
-        raise _bad("response_format 'json_schema' is not supported; use {'type': 'json_object'}",
-                   param="response_format")  # fmt: skip
-    if fmt == "json_object":
-        processors.append(JsonObjectProcessor(state.json_vocab(), max_new))
-    seed = None if req.seed is None else (req.seed + choice) % 2**63
-    try:
-        return SamplingParams(
-            max_new_tokens=max_new,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_k=0 if req.top_k in (None, -1) else req.top_k,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            min_p=req.min_p or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            seed=seed,
-            stop=_stop_list(req.stop),
-            ignore_eos=req.ignore_eos,
-            logprobs=logprobs,
-            logits_processors=processors,
-        )
-    except ValueError as exc:
-        raise _bad(str(exc)) from None
-
-
-def _chat_messages(messages: list[S.ChatMessage]) -> list[dict[str, Any]]:
-    out = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise _bad("only text content parts ({'type': 'text', 'text': ...}) are supported",
-                               param=f"messages.{i}.content")  # fmt: skip
-                texts.append(part["text"])
-            content = "".join(texts)
-        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
-        if m.name:
-            message["name"] = m.name
-        out.append(message)
-    return out
+    return sampling_params(req, max_new, logprobs, choice, state.llm.config.vocab_size, state.json_vocab)
 
 
 def _chat_ids(state: ServerState, messages: list[S.ChatMessage]) -> list[int]:
     try:
-        return chat_prompt_ids(state.tokenizer(), _chat_messages(messages))
+        return chat_prompt_ids(state.tokenizer(), chat_messages(messages))
     except APIError:
         raise
     except ValueError as exc:
-        raise _bad(f"cannot format the conversation with the model's chat template: {exc}",
+        raise bad(f"cannot format the conversation with the model's chat template: {exc}",
                    param="messages") from None  # fmt: skip
 
 
@@ -404,7 +338,7 @@ async def _collect(engine: AsyncEngine, subs: list[Submission], sink: asyncio.Qu
 
 def _engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, ValueError):
-        return _bad(str(exc))
+        return bad(str(exc))
     return APIError(500, str(exc), type="server_error")
 
 
@@ -416,40 +350,6 @@ def _submit(engine: AsyncEngine, items: list[tuple[list[int], SamplingParams]],
         raise APIError(429, str(exc), type="rate_limit_error", code="queue_full") from None
     except ShuttingDownError as exc:
         raise APIError(503, str(exc), type="service_unavailable", code="shutting_down") from None
-
-
-def _completion_logprobs(entries: Sequence[TokenLogprob | None], offset: int = 0) -> S.CompletionLogprobs:
-    out = S.CompletionLogprobs()
-    for e in entries:
-        if e is None:  # the first prompt token has no logprob
-            continue
-        out.tokens.append(e.token)
-        out.token_logprobs.append(e.logprob)
-        out.top_logprobs.append({t.token: t.logprob for t in e.top})
-        out.text_offset.append(offset)
-        offset += len(e.token)
-    return out
-
-
-def _echo_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None], tokenizer: Any) -> S.CompletionLogprobs:
-    out = _completion_logprobs(scored)
-    first = tokenizer.decode([prompt_ids[0]]) if tokenizer is not None else str(prompt_ids[0])
-    out.tokens.insert(0, first)
-    out.token_logprobs.insert(0, None)
-    out.top_logprobs.insert(0, None)
-    out.text_offset = [0] + [o + len(first) for o in out.text_offset]
-    return out
-
-
-def _chat_logprobs(entries: Sequence[TokenLogprob]) -> S.ChoiceLogprobs:
-    def top(e: Any) -> S.TopLogprob:
-        return S.TopLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")))
-
-    return S.ChoiceLogprobs(content=[
-        S.TokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
-                       top_logprobs=[top(t) for t in e.top])
-        for e in entries
-    ])  # fmt: skip
 
 
 def _sse(payload: Any) -> str:
@@ -486,9 +386,11 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # The application ---------------------------------------------------------------------------------------------
-def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Callable[[], Any] | None = None) -> FastAPI:
+def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Callable[[], Any] | None = None,
+               draft: Any = None, draft_loader: Callable[[], Any] | None = None) -> FastAPI:  # fmt: skip
     """The API for `llm` (already loaded), or for the model `loader()` returns: it runs in a thread at startup,
-    and /health answers 503 until it is done."""
+    and /health answers 503 until it and the engine are ready. `draft` / `draft_loader()`: a smaller model with
+    the same tokenizer for speculative decoding."""
     if (llm is None) == (loader is None):
         raise ValueError("give exactly one of llm= and loader=")
     config = config or ServerConfig()
@@ -498,21 +400,22 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         if llm is not None:
-            state.attach(llm)
+            state.attach(llm, state.build_engine(llm, draft))
         else:
 
             def load() -> None:
                 try:
                     loaded = loader()
+                    engine = state.build_engine(loaded, draft_loader() if draft_loader is not None else draft)
                 except Exception as exc:  # reported by /health and every request
                     log.exception("loading the model failed")
                     state.load_error = f"{type(exc).__name__}: {exc}"
                     return
-                loop.call_soon_threadsafe(_attach_or_fail, loaded)
+                loop.call_soon_threadsafe(_attach_or_fail, loaded, engine)
 
-            def _attach_or_fail(loaded: Any) -> None:
+            def _attach_or_fail(loaded: Any, engine: Engine) -> None:
                 try:
-                    state.attach(loaded)
+                    state.attach(loaded, engine)
                 except Exception as exc:
                     log.exception("starting the engine failed")
                     state.load_error = f"{type(exc).__name__}: {exc}"
@@ -532,7 +435,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -560,12 +463,75 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         limit = state.engine.engine.max_seq_len if state.engine else None
         return S.ModelList(data=[S.ModelCard(id=config.model_name, created=S.now(), max_model_len=limit)])
 
+    @app.get("/slots")
+    async def slots() -> JSONResponse:
+        engine = _slots_engine(state)
+
+        def describe(e: Engine) -> list[dict[str, Any]]:
+            return [{"id": i, "is_processing": e.slots[i] is not None, "n_ctx": e.max_seq_len,
+                     "n_tokens": len(e.slots[i].all_ids if e.slots[i] is not None else e.slot_tokens[i])}
+                    for i in range(e.max_batch)]  # fmt: skip
+
+        return JSONResponse(await engine.call(describe))
+
+    @app.post("/slots/{slot_id}")
+    async def slot_action(slot_id: int, action: str | None = None, body: S.SlotRequest | None = None) -> JSONResponse:
+        engine = _slots_engine(state)
+        if action not in SLOT_ACTIONS:
+            raise bad(f"action must be one of {', '.join(SLOT_ACTIONS)} (?action=...), got {action!r}", param="action")
+        if not 0 <= slot_id < config.max_batch:
+            raise bad(f"slot {slot_id} does not exist: slots are 0..{config.max_batch - 1}", param="id_slot")
+        if action == "erase":
+
+            def erase(e: Engine) -> int:
+                tokens, e.slot_tokens[slot_id] = e.slot_tokens[slot_id], []
+                e.cache.forget_prefix(tokens)
+                return len(tokens)
+
+            return JSONResponse({"id_slot": slot_id, "n_erased": await engine.call(erase)})
+        name = body.filename if body is not None else None
+        if not name or not _FILENAME.fullmatch(name):
+            raise bad(f"filename must be a plain file name (letters, digits, '.', '_', '-'), got {name!r}",
+                      param="filename")  # fmt: skip
+        path = Path(config.slot_save_path or ".") / name
+        start = time.perf_counter()
+        if action == "save":
+
+            def save(e: Engine) -> int:
+                running = e.slots[slot_id]
+                tokens = running.all_ids if running is not None else e.slot_tokens[slot_id]
+                return save_prompt_cache(e, path, tokens) if tokens else 0
+
+            saved = await engine.call(save)
+            if not saved:
+                raise bad(f"slot {slot_id} holds no cached prompt to save (none yet, shorter than a cache block, "
+                          "or evicted)", param="id_slot")  # fmt: skip
+            return JSONResponse({"id_slot": slot_id, "filename": name, "n_saved": saved,
+                                 "n_written": path.stat().st_size,
+                                 "timings": {"save_ms": (time.perf_counter() - start) * 1e3}})  # fmt: skip
+        if not path.is_file():
+            raise APIError(404, f"no prompt-cache file {name!r} in the slot save path", param="filename",
+                           code="file_not_found")  # fmt: skip
+
+        def restore(e: Engine) -> int:
+            tokens = load_prompt_cache(e, path)
+            e.slot_tokens[slot_id] = tokens
+            return len(tokens)
+
+        try:
+            restored = await engine.call(restore)
+        except PromptCacheError as exc:
+            raise bad(str(exc), param="filename") from None
+        return JSONResponse({"id_slot": slot_id, "filename": name, "n_restored": restored,
+                             "n_read": path.stat().st_size,
+                             "timings": {"restore_ms": (time.perf_counter() - start) * 1e3}})  # fmt: skip
+
     @app.post("/tokenize")
     async def tokenize(body: S.TokenizeRequest) -> JSONResponse:
         state.check_model(body.model)
         tokenizer = state.tokenizer()
         if (body.prompt is None) == (body.messages is None):
-            raise _bad("give exactly one of 'prompt' and 'messages'", param="prompt")
+            raise bad("give exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
             ids = _chat_ids(state, body.messages)
         elif body.add_special_tokens:
@@ -578,7 +544,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
     async def detokenize(body: S.DetokenizeRequest) -> JSONResponse:
         state.check_model(body.model)
         tokenizer = state.tokenizer()
-        ids = _check_ids(body.tokens, state.llm.config.vocab_size, "tokens") if body.tokens else []
+        ids = check_ids(body.tokens, state.llm.config.vocab_size, "tokens") if body.tokens else []
         return JSONResponse({"prompt": tokenizer.decode(ids)})
 
     @app.post("/v1/completions")
@@ -586,9 +552,9 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         state.check_model(body.model)
         engine = state.require_engine()
         if body.best_of is not None and body.best_of != body.n:
-            raise _bad("best_of is not supported (only best_of = n)", param="best_of")
+            raise bad("best_of is not supported (only best_of = n)", param="best_of")
         if body.suffix:
-            raise _bad("suffix is not supported", param="suffix")
+            raise bad("suffix is not supported", param="suffix")
         vocab = state.llm.config.vocab_size
         prompts: list[Any] = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(
             body.prompt[0], int) else [body.prompt]  # fmt: skip
@@ -596,16 +562,16 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         encoded: list[tuple[list[int], str | None]] = []
         for p in prompts:
             if isinstance(p, str):
-                encoded.append((_check_ids(encode_prompt(state.tokenizer(), p), vocab, "prompt"), p))
+                encoded.append((check_ids(encode_prompt(state.tokenizer(), p), vocab, "prompt"), p))
             else:
-                encoded.append((_check_ids(list(p), vocab, "prompt"), None))
-            _check_fits(len(encoded[-1][0]), limit, "prompt")
+                encoded.append((check_ids(list(p), vocab, "prompt"), None))
+            check_fits(encoded[-1][0], limit, "prompt")
         await _prepare(state, body)
         requested = 16 if body.max_tokens is None else body.max_tokens
         if requested == 0 and not body.echo:
-            raise _bad("max_tokens must be at least 1 (0 is allowed only with echo=true)", param="max_tokens")
+            raise bad("max_tokens must be at least 1 (0 is allowed only with echo=true)", param="max_tokens")
         if len(encoded) * body.n > engine.capacity:
-            raise _bad(f"{len(encoded)} prompts x n={body.n} is more than this server can hold at once "
+            raise bad(f"{len(encoded)} prompts x n={body.n} is more than this server can hold at once "
                        f"({engine.capacity})", param="n")  # fmt: skip
         items: list[tuple[list[int], SamplingParams]] = []
         if requested:
@@ -630,7 +596,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             p = prompt_index(choice)
             lp = None
             if body.logprobs is not None:
-                lp = _echo_logprobs(encoded[p][0], scored[p], state.llm.tokenizer)
+                lp = echo_logprobs(encoded[p][0], scored[p], state.llm.tokenizer)
             return echoes[p], lp
 
         if not requested:  # echo only: score the prompts, generate nothing
@@ -656,7 +622,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                 counts[tag] += len(ev.token_ids)
                 if not ev.text and not ev.finished and not ev.logprobs:
                     return []
-                lp = _completion_logprobs(ev.logprobs or [], offsets[tag]) if body.logprobs is not None else None
+                lp = completion_logprobs(ev.logprobs or [], offsets[tag]) if body.logprobs is not None else None
                 offsets[tag] += len(ev.text)
                 return [chunk(tag, ev.text, lp, ev.finish_reason)]
 
@@ -682,7 +648,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             prefix, lp = echo_part(c)
             text = "".join(r.text)
             if body.logprobs is not None:
-                gen_lp = _completion_logprobs(r.logprobs, len(prefix))
+                gen_lp = completion_logprobs(r.logprobs, len(prefix))
                 if lp is None:
                     lp = gen_lp
                 else:
@@ -700,16 +666,16 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         state.check_model(body.model)
         engine = state.require_engine()
         if body.tools:
-            raise _bad("tools are not supported by this server", param="tools")
+            raise bad("tools are not supported by this server", param="tools")
         if body.top_logprobs is not None and not body.logprobs:
-            raise _bad("top_logprobs requires logprobs=true", param="top_logprobs")
+            raise bad("top_logprobs requires logprobs=true", param="top_logprobs")
         ids = _chat_ids(state, body.messages)
         limit = _context_limit(state)
-        _check_fits(len(ids), limit, "messages")
+        check_fits(ids, limit, "messages")
         requested = body.max_completion_tokens or body.max_tokens or limit
         max_new = min(requested, limit - len(ids))
         if body.n > engine.capacity:
-            raise _bad(f"n={body.n} is more than this server can hold at once ({engine.capacity})", param="n")
+            raise bad(f"n={body.n} is more than this server can hold at once ({engine.capacity})", param="n")
         await _prepare(state, body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         items = [(ids, _params(state, body, max_new, logprobs, j)) for j in range(body.n)]
@@ -729,7 +695,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                 counts[tag] += len(ev.token_ids)
                 if not ev.text and not ev.finished and not ev.logprobs:
                     return []
-                lp = _chat_logprobs(ev.logprobs or []) if body.logprobs else None
+                lp = chat_logprobs(ev.logprobs or []) if body.logprobs else None
                 delta = S.Delta(content=ev.text) if ev.text or not ev.finished else S.Delta()
                 return [chunk(S.ChatChunkChoice(index=tag, delta=delta, logprobs=lp, finish_reason=ev.finish_reason))]
 
@@ -745,7 +711,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         results = await _collect(engine, subs, sink, request)
         choices = [
             S.ChatChoice(index=j, message=S.AssistantMessage(content="".join(r.text)),
-                         logprobs=_chat_logprobs(r.logprobs) if body.logprobs else None,
+                         logprobs=chat_logprobs(r.logprobs) if body.logprobs else None,
                          finish_reason=r.finish_reason)
             for j, r in enumerate(results)
         ]  # fmt: skip
@@ -755,6 +721,13 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
     if config.webui:
         add_webui(app)
     return _Guard(app, state)  # type: ignore[return-value]
+
+
+def _slots_engine(state: ServerState) -> AsyncEngine:
+    if not state.config.slot_save_path:
+        raise APIError(501, "slot actions are disabled on this server; start it with --slot-save-path DIR",
+                       type="not_supported_error", code="slots_disabled")  # fmt: skip
+    return state.require_engine()
 
 
 def _decode(state: ServerState, ids: list[int]) -> str:

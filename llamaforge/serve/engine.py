@@ -23,8 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generate import Engine, Event, TokenLogprob
-from ..sampling import SamplingParams
+from ..inference import Engine, Event, SamplingParams, TokenLogprob
 from .metrics import Metrics
 
 log = logging.getLogger("llamaforge.serve")
@@ -133,6 +132,14 @@ class AsyncEngine:
             return scored  # type: ignore[return-value]
         finally:
             self.cancel(subs)
+
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between two steps (the engine is not thread-safe) and return
+        its result (or raise its exception)."""
+        assert self._loop is not None
+        future: asyncio.Future = self._loop.create_future()
+        self._send(("call", fn, future))
+        return await future
 
     def begin_shutdown(self, drain_timeout: float) -> None:
         """Take no new requests; cancel whatever is still running after `drain_timeout` seconds."""
@@ -245,6 +252,13 @@ class AsyncEngine:
             sub = command[1]
             if sub.handle is not None and sub.handle in self._by_handle:
                 self.engine.cancel(sub.handle)
+        elif kind == "call":
+            _, fn, future = command
+            try:
+                result, error = fn(self.engine), None
+            except Exception as exc:  # handed to the awaiting request
+                result, error = None, exc
+            self._call_soon(_settle, future, result, error)
 
     def _forget(self, handle: int) -> None:
         self._by_handle.pop(handle, None)
@@ -255,3 +269,12 @@ class AsyncEngine:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the request went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -84,6 +84,12 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool = True
 
 
+class SlotRequest(_Request):
+    """llama-server's slot actions: ``POST /slots/{id}?action=save|restore`` with a file name in the save path."""
+
+    filename: str | None = None
+
+
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]

@@ -26,8 +26,8 @@ from torch import nn
 
 from ..errors import UserError
 
-# The block's forward arguments after x: cos, sin, positions, mask, rows, cache_len (left as they are).
-_BLOCK_EXTRA_ARGS = (None,) * 6
+# The block's (and the attention's) forward arguments after x: cos, sin, positions, mask, cache (left as they are).
+_BLOCK_EXTRA_ARGS = (None,) * 5
 
 
 def _require(module: nn.Module, name: str, kind: type) -> None:

@@ -64,7 +64,7 @@ def test_dequantize_quantized_weights_matches_gguf(qtype: Q) -> None:
     assert torch.allclose(ours, torch.from_numpy(x), atol=0.6)  # and it really is an approximation of x
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=lambda q: q.name)
 def test_quantize_matches_gguf(qtype: Q) -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((32, 128)).astype(np.float32)
@@ -81,14 +81,18 @@ def test_dequantize_rejects_bad_input() -> None:
         gguf_quants.dequantize(torch.zeros(33, dtype=torch.uint8), Q.Q8_0)
     with pytest.raises(NotImplementedError, match="IQ2_XXS"):
         gguf_quants.dequantize(torch.zeros(66, dtype=torch.uint8), Q.IQ2_XXS)
-    with pytest.raises(NotImplementedError, match="Q6_K"):
-        gguf_quants.quantize(torch.zeros(256), Q.Q6_K)
+    with pytest.raises(NotImplementedError, match="IQ4_NL"):
+        gguf_quants.quantize(torch.zeros(256), Q.IQ4_NL)
+    with pytest.raises(ValueError, match="Q6_K: row length 96 is not a multiple of 256"):
+        gguf_quants.quantize(torch.zeros(2, 96), Q.Q6_K)
+    with pytest.raises(TypeError, match="float weights"):
+        gguf_quants.quantize(torch.zeros(2, 256, dtype=torch.int8), Q.Q6_K)
 
 
 # The built-in SmolLM2 file ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    return llamaforge.load(smollm2_gguf)
+    return llamaforge.load(smollm2_gguf, dtype=torch.float32)  # the dequantized path; blocks: test_gguf_blocks.py
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +221,13 @@ def test_half_round_trip_is_exact_to_the_dtype(tmp_path, dtype) -> None:
     assert {t.name: t.tensor_type for t in GGUFReader(path).tensors} == stored
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_quantized_write(tmp_path, kind) -> None:
+    """Each matrix in the mix's type (the 64-wide head falls back from Q6_K to Q8_0, as in llama.cpp), with the
+    blocks the gguf package's independent quantizer gives."""
     model = tiny()
     path = tmp_path / "tiny.gguf"
     G.write(path, model.config, model_tensors(model), dtype=kind)
-    qtype = Q[kind.upper()]
     raw = G.read_raw(path)
     weights = model.state_dict()
     for name, r in raw.items():
@@ -230,13 +235,15 @@ def test_quantized_write(tmp_path, kind) -> None:
         if w.ndim == 1:
             assert r.qtype == Q.F32
             continue
-        assert r.qtype == qtype
-        assert np.array_equal(r.data.numpy(), quants.quantize(w, qtype)), name
+        assert r.qtype == (Q.Q8_0 if name == "output.weight" else Q[kind.upper()]), name
+        assert np.array_equal(r.data.numpy(), quants.quantize(w, r.qtype)), name
     loaded, _ = load_model(path)
     with torch.inference_mode():
         a, b = model(TOKENS), loaded(TOKENS)
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
-    assert G.read_metadata(path)["general.file_type"] == {"q8_0": 7, "q4_0": 2, "q4_1": 3}[kind]
+    metadata = G.read_metadata(path)
+    assert metadata["general.file_type"] == {"q8_0": 7, "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9}[kind]
+    assert metadata["general.quantization_version"] == 2
 
 
 def test_tied_embeddings_round_trip(tmp_path) -> None:

@@ -203,9 +203,9 @@ def test_split_file(tmp_path) -> None:
 def test_unsupported_quant_type_is_named(tmp_path) -> None:
     path = tmp_path / "iq.gguf"
     w = llama_writer(path)
-    w.add_tensor("blk.0.attn_q.weight", np.zeros((64, 2 * 18), dtype=np.uint8), raw_dtype=Q.IQ4_NL)
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((64, 66), dtype=np.uint8), raw_dtype=Q.IQ2_XXS)  # 256 per row
     _write(w)
-    expect_error(path, r"'blk.0.attn_q.weight' has type IQ4_NL, which llamaforge cannot read", tensors=True)
+    expect_error(path, r"'blk.0.attn_q.weight' has type IQ2_XXS, which llamaforge cannot read", tensors=True)
 
 
 def test_unknown_tensor_name(tmp_path) -> None:

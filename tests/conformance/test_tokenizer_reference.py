@@ -144,7 +144,7 @@ def test_llama3_tokenizer_json_from_transformers(tmp_path: Path) -> None:
     from llama_models.llama3.tokenizer import Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from llamaforge.tokenizers.formats import LLAMA3_PATTERN, llama3_special_tokens
+    from llamaforge.tokenizer.formats import LLAMA3_PATTERN, llama3_special_tokens
 
     ref = Tokenizer.get_instance()
     path = Path(sys.modules[Tokenizer.__module__].__file__).parent / "tokenizer.model"

@@ -117,7 +117,6 @@ def test_rolling_loglikelihood_matches_hf_backend(hf_lm, tiny_llm) -> None:
 
 
 def test_generate_until_matches_hf_backend(hf_lm, tiny_llm) -> None:
-    pytest.importorskip("llamaforge.generate")
     from lm_eval.api.instance import Instance
 
     from llamaforge.evaluate.lm_eval_plugin import LlamaforgeLM

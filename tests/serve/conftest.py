@@ -112,6 +112,7 @@ def run_server(
     loader: Any = None,
     wait_ready: bool = True,
     port: int | None = None,
+    draft: Any = None,
     **config: Any,
 ) -> Iterator[Running]:
     """Serve on 127.0.0.1 (on `port`, or a free one) from a thread; stop on exit."""
@@ -124,7 +125,7 @@ def run_server(
         llm = llamaforge.load(model_dir)
     config.setdefault("model_name", MODEL)
     config.setdefault("max_seq_len", 256)
-    app = create_app(ServerConfig(**config), llm=llm, loader=loader)
+    app = create_app(ServerConfig(**config), llm=llm, loader=loader, draft=draft)
     port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)

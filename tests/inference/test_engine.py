@@ -7,32 +7,45 @@ import pytest
 import torch
 
 from llamaforge.config import get_preset
-from llamaforge.generate import Engine, IncrementalDetokenizer, StopStringMatcher, generate, speculative_generate
+from llamaforge.inference import Engine, SamplingParams, StopStringMatcher
 from llamaforge.llm import LLM
 from llamaforge.model import build_model
-from llamaforge.sampling import SamplingParams
+from llamaforge.tokenizer import BaseTokenizer, Tokenizer
 
 BOS, EOS, USER, ASSISTANT, END = 256, 257, 258, 259, 260
 
 
-class ByteTokenizer:
+class ByteTokenizer(BaseTokenizer):
     """Byte-level test tokenizer: ids 0..255 are bytes (so characters span tokens), then specials."""
 
-    bos_id, eos_id = BOS, EOS
-    stop_ids = frozenset({EOS, END})
-    add_bos_default = True
+    def __init__(self) -> None:
+        special = {"<s>": BOS, "</s>": EOS, "<user>": USER, "<assistant>": ASSISTANT, "<end>": END}
+        super().__init__(special=special, bos_id=BOS, eos_id=EOS, vocab_size=512, extra_stop_ids=[END])
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return ([BOS] if bos else []) + list(text.encode()) + ([EOS] if eos else [])
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode())
 
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    def _ids_to_bytes(self, ids: list[int], skip_special: bool, state: dict) -> bytes:
+        return b"".join(bytes([i]) if i < 256 else (b"" if skip_special else b"?") for i in ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return chr(token_id) if token_id < 256 else "?"
 
     def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         ids = [BOS]
         for m in messages:
             ids += [USER if m["role"] == "user" else ASSISTANT, *m["content"].encode(), END]
         return ids + ([ASSISTANT] if add_generation_prompt else [])
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kw) -> list[int]:
+        return self.format_chat(messages, add_generation_prompt)
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return super().decode(ids, skip_special=skip_special)
+
+
+def test_the_test_tokenizer_is_a_tokenizer():
+    assert isinstance(ByteTokenizer(), Tokenizer)
 
 
 def tiny_llm(preset: str = "tiny", seed: int = 0, **overrides) -> LLM:
@@ -59,7 +72,7 @@ def reference_greedy(llm: LLM, ids: list[int], n: int) -> list[int]:
 def test_greedy_matches_the_reference_loop(preset):
     llm = tiny_llm(preset)
     ids = ByteTokenizer().encode("hello, world: the prompt crosses a chunk", bos=True)
-    out = generate(llm, ids, max_new_tokens=24, temperature=0, ignore_eos=True)
+    out = llm.generate(ids, max_new_tokens=24, temperature=0, ignore_eos=True)
     assert out.token_ids == reference_greedy(llm, ids, 24)
     assert out.finish_reason == "length" and out.prompt_tokens == len(ids)
 
@@ -181,11 +194,13 @@ def test_stop_string_matcher_holds_back_possible_starts():
 def test_incremental_detokenizer_emits_complete_characters_only():
     tok = ByteTokenizer()
     ids = list("aé€😀".encode())
-    detok = IncrementalDetokenizer(tok.decode)
+    detok = tok.decoder()
     pieces = [detok.add(i) for i in ids]
     assert "".join(pieces) + detok.flush() == "aé€😀"
     assert all("\ufffd" not in p for p in pieces)
     assert [p for p in pieces if p] == ["a", "é", "€", "😀"]
+    primed = tok.decoder(context=list(b"ab"))  # the context's text is not emitted
+    assert primed.add(ord("c")) == "c" and primed.flush() == ""
 
 
 def test_logprobs(llm):
@@ -235,11 +250,15 @@ def test_speculative_sampling_is_seeded_and_respects_stops(llm):
     other = tiny_llm("tiny", seed=5, n_layers=1)
     params = SamplingParams(max_new_tokens=25, temperature=0.8, top_k=50, seed=9, ignore_eos=True)
     ids = ByteTokenizer().encode("x", bos=True)
-    first = speculative_generate(llm, other, ids, params, 4)
-    assert speculative_generate(llm, other, ids, params, 4).token_ids == first.token_ids
+
+    def run(p: SamplingParams):
+        return llm.generate(ids, draft=other, num_speculative=4, **vars(p))
+
+    first = run(params)
+    assert run(params).token_ids == first.token_ids
     assert len(first.token_ids) == 25
     stop_tok = first.token_ids[5]
-    stopped = speculative_generate(llm, other, ids, params.replace(stop_token_ids=[stop_tok]), 4)
+    stopped = run(params.replace(stop_token_ids=[stop_tok]))
     assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == stop_tok
     assert stop_tok not in stopped.token_ids[:-1]
 
@@ -253,7 +272,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
     n = 300
     counts = torch.zeros(8)
     for seed in range(n):  # second token is produced by the verification step
-        out = speculative_generate(target, draft, ids, SamplingParams(max_new_tokens=2, seed=seed), 1)
+        out = target.generate(ids, max_new_tokens=2, seed=seed, draft=draft, num_speculative=1)
         if out.token_ids[0] == 0:
             counts[out.token_ids[1]] += 1
     p = logits[-1].softmax(-1)
@@ -298,9 +317,16 @@ def test_compiled_decode_matches_eager(llm):
 
 
 # Batched prefill, the prefill budget and prompt logprobs -------------------------------------------------------
-def _forward_counter(model: torch.nn.Module) -> list[int]:
+def _forward_counter(engine: Engine) -> list[int]:
+    """Counts the forwards of the engine's step (whichever it is)."""
     calls = [0]
-    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    forward = engine.step_fn.forward
+
+    def counted(*args, **kw):
+        calls[0] += 1
+        return forward(*args, **kw)
+
+    engine.step_fn.forward = counted
     return calls
 
 
@@ -322,7 +348,7 @@ def test_arrivals_are_prefilled_together_in_one_forward(preset):
     llm = tiny_llm(preset)
     prompts = [[BOS, *text.encode()] for text in ("a", "a much longer prompt than the others", "xyz", "héllo")]
     engine = Engine(llm, max_batch=4, max_seq_len=256)
-    calls = _forward_counter(llm.model)
+    calls = _forward_counter(engine)
     params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     handles = [engine.add(p, params) for p in prompts]
     first = engine.step()
@@ -428,5 +454,24 @@ def test_prompt_logprobs_through_generate(llm):
     assert llm.generate([BOS, 5], max_new_tokens=2).prompt_logprobs is None
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        llm.generate([BOS, 5], max_new_tokens=2, prompt_logprobs=1, draft=llm)
+    spec = llm.generate([BOS, 5, 6, 7], max_new_tokens=2, prompt_logprobs=0, draft=llm)
+    assert spec.prompt_logprobs == out.prompt_logprobs
+
+
+def test_the_llm_keeps_its_engine_and_a_busy_one_is_left_alone(llm):
+    """generate/stream/chat share one engine (its prefix cache outlives a call); a call while a stream is still
+    open gets an engine of its own (sharing the step, so the weights are fused once), and both are right."""
+    ids = [BOS, *b"a shared prefix of thirty-two tokens or so"]
+    first = llm.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True)
+    engine = llm.engine()
+    again = llm.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True)
+    assert llm.engine() is engine and again.cached_tokens == 32 and again.token_ids == first.token_ids
+    stream = llm.stream_events(ids, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    got = list(next(stream).token_ids)
+    other = llm.generate([BOS, *b"meanwhile"], max_new_tokens=5, temperature=0, ignore_eos=True)
+    assert other.token_ids == reference_greedy(llm, [BOS, *b"meanwhile"], 5)
+    got += [t for ev in stream for t in ev.token_ids]
+    assert got == reference_greedy(llm, ids, 6)
+    assert llm.engine() is engine and engine.idle
+    llm.clear_cache()
+    assert llm.engine() is not engine

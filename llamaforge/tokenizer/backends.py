@@ -1,93 +1,28 @@
-"""Tokenizers for every LLaMA-family format behind one interface.
-
-``load_tokenizer(source)`` reads a SentencePiece ``tokenizer.model`` (LLaMA 1/2, Code Llama), a tiktoken
-``tokenizer.model`` (Llama 3 and 4, with Meta's pre-tokenizer pattern and special tokens), a Hugging Face
-``tokenizer.json``, or the vocabulary inside a GGUF file. Each backend is the field's own library, so the
-ids are those of the model's reference tokenizer:
+"""The tokenizer backends: SentencePiece, tiktoken and Hugging Face ``tokenizers`` (each the field's own library),
+and ``load_tokenizer`` that picks one for a file or directory.
 
 - SentencePiece files use ``sentencepiece``; a GGUF ``llama`` vocabulary is rebuilt into a SentencePiece
   model (pieces, scores and types map one to one), so it tokenizes exactly as llama.cpp's SPM does;
 - tiktoken files use ``tiktoken`` with the pattern and special tokens that Meta's reference defines;
 - ``tokenizer.json`` uses ``tokenizers``; a GGUF ``gpt2`` vocabulary is rebuilt into a ``tokenizers``
   byte-level BPE whose pre-tokenizer is the one llama.cpp applies for ``tokenizer.ggml.pre``.
-
-Text is ordinary text unless ``allow_special=True``: a user typing ``<|eot_id|>`` gets the tokens of
-those characters. Bytes are accepted too; invalid UTF-8 becomes U+FFFD (one per bad byte, like llama.cpp)
-and lone surrogates become U+FFFD, so encoding never fails on odd input.
 """
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .tokenizers import formats as fmt
-
-_STOP_NAMES = (
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end_of_text|>",
-    "<|eot|>",
-    "<|eom|>",
-    "<|im_end|>",
-    "<|endoftext|>",
-    "</s>",
-    "▁<EOT>",
-    "<|end|>",
-)
+from . import formats as fmt
+from .base import BaseTokenizer, TextDecoder, clean_text
 
 
-def _replace_each_byte(exc: UnicodeError) -> tuple[str, int]:
-    # One U+FFFD per invalid byte, as llama.cpp and sentencepiece do (Python's "replace" merges a run).
-    return "\ufffd" * (exc.end - exc.start), exc.end  # type: ignore[attr-defined]
-
-
-codecs.register_error("llamaforge.replace_each_byte", _replace_each_byte)
-
-
-def clean_text(text: str | bytes) -> str:
-    """`text` as a str that every backend accepts: bad UTF-8 bytes and lone surrogates become U+FFFD."""
-    if isinstance(text, (bytes, bytearray, memoryview)):
-        return bytes(text).decode("utf-8", "llamaforge.replace_each_byte")
-    if not isinstance(text, str):
-        raise TypeError(f"text must be str or bytes, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # surrogates: pair the valid ones, replace the lone ones
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
-
-
-class IncrementalDecoder:
-    """Turns a stream of token ids into text, returning only complete characters.
-
-    ``add(id)`` returns the new text (possibly ""); ``flush()`` returns what is left at the end of the
-    stream. The concatenation equals ``tokenizer.decode(all_ids)``.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
-        self._tokenizer = tokenizer
-        self._skip_special = skip_special
-        self._state = tokenizer._new_decode_state()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors=tokenizer._utf8_errors)
-
-    def add(self, token_id: int) -> str:
-        data = self._tokenizer._ids_to_bytes([int(token_id)], self._skip_special, self._state)
-        return self._utf8.decode(data)
-
-    def flush(self) -> str:
-        text = self._utf8.decode(b"", final=True)
-        self._utf8.reset()
-        return text
-
-
-class _StreamDecoder(IncrementalDecoder):
+class _StreamDecoder(TextDecoder):
     """Incremental decoding for Hugging Face tokenizers, via ``tokenizers.decoders.DecodeStream``."""
 
     def __init__(self, tokenizer: HFTokenizer, skip_special: bool = False) -> None:
@@ -119,218 +54,8 @@ class _StreamDecoder(IncrementalDecoder):
         return rest
 
 
-class Tokenizer:
-    """The interface every backend provides. Construct through ``load_tokenizer``."""
-
-    kind = ""  # "sentencepiece" | "tiktoken" | "huggingface"
-    _utf8_errors = "replace"
-
-    def __init__(
-        self,
-        *,
-        special: dict[str, int],
-        bos_id: int | None,
-        eos_id: int | None,
-        vocab_size: int,
-        chat_template: str | None = None,
-        chat_format: str | None = None,
-        add_bos_default: bool = True,
-        extra_stop_ids: Iterable[int] = (),
-        source: str = "",
-    ) -> None:
-        self.special_tokens = dict(special)  # text -> id of tokens that are never produced from plain text
-        self._special_ids = {i: t for t, i in self.special_tokens.items()}
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.vocab_size = vocab_size
-        self.chat_template = chat_template
-        self.chat_format = chat_format  # named format used when there is no jinja template
-        self.add_bos_default = add_bos_default
-        self.source = source
-        stops = {i for i in extra_stop_ids if i is not None}
-        if eos_id is not None:
-            stops.add(eos_id)
-        stops.update(self.special_tokens[name] for name in _STOP_NAMES if name in self.special_tokens)
-        self.stop_ids: set[int] = stops
-        self._special_re: re.Pattern[str] | None = None
-
-    # --- encoding ---------------------------------------------------------------------------------
-    def encode(self, text: str | bytes, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`; special-token text is parsed only when ``allow_special`` is true."""
-        text = clean_text(text)
-        ids = self._encode_special(text) if allow_special else self._encode_ordinary(text)
-        if bos:
-            ids.insert(0, self._require("bos_id"))
-        if eos:
-            ids.append(self._require("eos_id"))
-        return ids
-
-    def _encode_ordinary(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def _encode_special(self, text: str) -> list[int]:
-        """Split at special-token text, encode the rest as ordinary text (SentencePiece's way)."""
-        if not self.special_tokens:
-            return self._encode_ordinary(text)
-        if self._special_re is None:
-            names = sorted(self.special_tokens, key=len, reverse=True)
-            self._special_re = re.compile("|".join(re.escape(n) for n in names))
-        ids: list[int] = []
-        start = 0
-        for match in self._special_re.finditer(text):
-            if match.start() > start:
-                ids += self._encode_ordinary(text[start : match.start()])
-            ids.append(self.special_tokens[match.group()])
-            start = match.end()
-        if start < len(text):
-            ids += self._encode_ordinary(text[start:])
-        return ids
-
-    def _require(self, name: str) -> int:
-        value = getattr(self, name)
-        if value is None:
-            raise ValueError(f"{self.source or 'tokenizer'}: this tokenizer has no {name.replace('_id', '')} token")
-        return value
-
-    # --- decoding ---------------------------------------------------------------------------------
-    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        """Text of `ids`; special tokens appear as their text unless ``skip_special``."""
-        data = self._ids_to_bytes([int(i) for i in ids], skip_special, self._new_decode_state())
-        return data.decode("utf-8", self._utf8_errors)
-
-    def decoder(self, skip_special: bool = False) -> IncrementalDecoder:
-        """A fresh incremental decoder for streaming."""
-        return IncrementalDecoder(self, skip_special)
-
-    def _new_decode_state(self) -> dict[str, Any]:
-        return {}
-
-    def _ids_to_bytes(self, ids: list[int], skip_special: bool, state: dict[str, Any]) -> bytes:
-        raise NotImplementedError
-
-    def _check_ids(self, ids: Iterable[int]) -> None:
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
-
-    # --- pieces and lookups -----------------------------------------------------------------------
-    def id_to_piece(self, token_id: int) -> str:
-        raise NotImplementedError
-
-    def token_id(self, piece: str) -> int | None:
-        """Id of a special token (``"<|eot_id|>"``) or vocabulary piece; None if there is none."""
-        if piece in self.special_tokens:
-            return self.special_tokens[piece]
-        return self._piece_id(piece)
-
-    def _piece_id(self, piece: str) -> int | None:
-        return None
-
-    def is_special(self, token_id: int) -> bool:
-        """Whether `token_id` is a special (control) token."""
-        return token_id in self._special_ids
-
-    @property
-    def bos_token(self) -> str | None:
-        return None if self.bos_id is None else self.id_to_piece(self.bos_id)
-
-    @property
-    def eos_token(self) -> str | None:
-        return None if self.eos_id is None else self.id_to_piece(self.eos_id)
-
-    # --- chat -------------------------------------------------------------------------------------
-    def format_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, template: str | None = None, **kw: Any
-    ) -> str:
-        """The prompt text for `messages` in this model's chat format (or `template`: a name or jinja text)."""
-        from .chat import render_chat
-
-        return "".join(
-            text for text, _ in render_chat(messages, **self._chat_args(template, add_generation_prompt, kw))
-        )
-
-    def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, template: str | None = None, **kw: Any
-    ) -> list[int]:
-        """Token ids of the chat prompt, encoded part by part as the format's reference implementation does.
-
-        Message content is ordinary text in the named formats; a jinja template's output is parsed for
-        special tokens as a whole, as transformers does. No BOS is added beyond what the format writes.
-        """
-        from .chat import render_chat
-
-        parts = render_chat(messages, **self._chat_args(template, add_generation_prompt, kw))
-        return [i for text, special in parts for i in self.encode(text, allow_special=special)]
-
-    def _chat_args(self, template: str | None, add_generation_prompt: bool, kw: dict[str, Any]) -> dict[str, Any]:
-        kw.setdefault("bos_token", self.bos_token)
-        kw.setdefault("eos_token", self.eos_token)
-        return {
-            "template": template or self._chat_template_or_format(),
-            "add_generation_prompt": add_generation_prompt,
-            **kw,
-        }
-
-    def _chat_template_or_format(self) -> str:
-        template = self.chat_template or self.chat_format
-        if not template:
-            raise ValueError(
-                f"{self.source or 'tokenizer'}: no chat template; pass template= (a jinja template "
-                "or one of 'llama2', 'llama3', 'llama4', 'codellama')"
-            )
-        return template
-
-    # --- export -----------------------------------------------------------------------------------
-    def gguf_metadata(self) -> dict[str, Any]:
-        """The ``tokenizer.ggml.*`` keys (and ``tokenizer.chat_template``) that describe this tokenizer."""
-        raise NotImplementedError
-
-    def _common_gguf(self, meta: dict[str, Any]) -> dict[str, Any]:
-        for key, value in (("bos_token_id", self.bos_id), ("eos_token_id", self.eos_id)):
-            if value is not None:
-                meta[f"tokenizer.ggml.{key}"] = value
-        meta["tokenizer.ggml.add_bos_token"] = self.add_bos_default
-        if self.chat_template:
-            meta["tokenizer.chat_template"] = self.chat_template
-        return meta
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write Hugging Face tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)."""
-        from .checkpoint import atomic_output
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        name, data, tokenizer_class = self._files_for_save()
-        with atomic_output(directory / name, is_dir=False) as tmp:
-            tmp.write_bytes(data)
-        config: dict[str, Any] = {
-            "tokenizer_class": tokenizer_class,
-            "add_bos_token": self.add_bos_default,
-            "add_eos_token": False,
-            "bos_token": self.bos_token,
-            "eos_token": self.eos_token,
-            "clean_up_tokenization_spaces": False,
-        }
-        template = self.chat_template
-        if not template and self.chat_format:  # other engines know templates, not llamaforge's format names
-            from .chat import named_template
-
-            template = named_template(self.chat_format)
-        if template:
-            config["chat_template"] = template
-        with atomic_output(directory / "tokenizer_config.json", is_dir=False) as tmp:
-            tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return directory
-
-    def _files_for_save(self) -> tuple[str, bytes, str]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.kind} vocab={self.vocab_size} source={self.source!r}>"
-
-
 # --- SentencePiece --------------------------------------------------------------------------------
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(BaseTokenizer):
     """LLaMA 1/2 and Code Llama ``tokenizer.model``, and GGUF ``llama`` vocabularies rebuilt as one."""
 
     kind = "sentencepiece"
@@ -475,7 +200,7 @@ def split_long_runs(text: str) -> list[str]:
     return pieces or [""]
 
 
-class TiktokenTokenizer(Tokenizer):
+class TiktokenTokenizer(BaseTokenizer):
     """Meta's tiktoken-format ``tokenizer.model`` for Llama 3.x (128k base tokens) and Llama 4 (200k)."""
 
     kind = "tiktoken"
@@ -556,7 +281,7 @@ class TiktokenTokenizer(Tokenizer):
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Meta's tokenizer.model (read back by llamaforge, exactly) and a tokenizer.json with the special tokens,
         which is what transformers, vLLM and llama.cpp's converter read in a Hugging Face directory."""
-        from .checkpoint import atomic_output
+        from ..checkpoint import atomic_output
 
         directory = super().save_pretrained(directory)
         tk, _ = fmt.hf_from_gguf_bpe(self.gguf_metadata(), str(self.path))
@@ -566,7 +291,7 @@ class TiktokenTokenizer(Tokenizer):
 
 
 # --- Hugging Face tokenizers ----------------------------------------------------------------------
-class HFTokenizer(Tokenizer):
+class HFTokenizer(BaseTokenizer):
     """A ``tokenizers.Tokenizer``: from ``tokenizer.json``, or built from a GGUF ``gpt2`` vocabulary."""
 
     kind = "huggingface"
@@ -615,7 +340,7 @@ class HFTokenizer(Tokenizer):
         self._check_ids(ids)
         return self._tk.decode(ids, skip_special_tokens=skip_special)
 
-    def decoder(self, skip_special: bool = False) -> IncrementalDecoder:
+    def _make_decoder(self, skip_special: bool) -> TextDecoder:
         return _StreamDecoder(self, skip_special)
 
     def id_to_piece(self, token_id: int) -> str:
@@ -635,7 +360,7 @@ class HFTokenizer(Tokenizer):
 
 
 # --- loading --------------------------------------------------------------------------------------
-def load_tokenizer(source: str | os.PathLike) -> Tokenizer:
+def load_tokenizer(source: str | os.PathLike) -> BaseTokenizer:
     """The tokenizer of a model directory, a tokenizer.model / tokenizer.json file, or a .gguf file.
 
     Raises FileNotFoundError when a directory holds no tokenizer.
@@ -712,7 +437,7 @@ def _load_hf(path: Path) -> HFTokenizer:
     )
 
 
-def _load_gguf(path: Path) -> Tokenizer:
+def _load_gguf(path: Path) -> BaseTokenizer:
     meta = fmt.read_gguf_tokenizer_metadata(path)
     model = meta.get("tokenizer.ggml.model")
     if not meta.get("tokenizer.ggml.tokens"):
@@ -732,15 +457,3 @@ def _load_gguf(path: Path) -> Tokenizer:
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos))
         return HFTokenizer(tk, bos=bos, eos=eos, gguf=meta, add_bos_default=add_bos, **common)
     raise ValueError(f"{path}: tokenizer.ggml.model = {model!r} is not supported (llamaforge reads 'llama' and 'gpt2')")
-
-
-__all__ = [
-    "HFTokenizer",
-    "IncrementalDecoder",
-    "SentencePieceTokenizer",
-    "TiktokenTokenizer",
-    "Tokenizer",
-    "clean_text",
-    "load_tokenizer",
-    "split_long_runs",
-]

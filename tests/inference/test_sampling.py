@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from llamaforge.sampling import SamplingBatch, SamplingParams, TokenHistory, processed_probs, sample_from_probs
+from llamaforge.inference.sampling import (
+    SamplingBatch,
+    SamplingParams,
+    TokenHistory,
+    processed_probs,
+    sample_from_probs,
+)
 
 P4 = torch.tensor([0.1, 0.2, 0.3, 0.4])
 LOGITS4 = P4.log()

@@ -1,14 +1,18 @@
-"""FastForward (llamaforge/fast.py): same logits and greedy tokens as the plain model, weights unchanged."""
+"""The inference step (llamaforge/inference/step.py): FastForward gives the same logits and greedy tokens as the
+plain model with the weights unchanged; select_step picks, names and logs one step per engine."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 
 from llamaforge import kernels
 from llamaforge.config import get_preset
-from llamaforge.fast import FastForward, compile_forward, fuse_linears, prepare_for_inference
-from llamaforge.generate import decode_fn
+from llamaforge.fast import fuse_linears
+from llamaforge.inference.cache import PagedKVCache
+from llamaforge.inference.step import FastForward, select_step
 from llamaforge.model import build_model
 from llamaforge.quantize import BlockInt8Linear, Int4Linear, Int8Linear, fuse_quantized, quantize_model
 
@@ -22,17 +26,23 @@ def _model(preset: str = "tiny", dtype: torch.dtype | None = None, scheme: str |
 
 
 @torch.inference_mode()
-def _run(fn, model, prompt: torch.Tensor, steps: int, rows: torch.Tensor | None = None):
-    """Prefill `prompt` [B, T] then decode greedily; returns (all logits, tokens)."""
-    model.setup_caches(4, 128)
+def _run(fn, model, prompt: torch.Tensor, steps: int, scatter: bool = False):
+    """Prefill `prompt` [B, T] then decode greedily through a fresh paged cache; returns (all logits, tokens).
+    `scatter`: the sequences' blocks interleave in the pool (each table jumps around)."""
     B, T = prompt.shape
-    logits = [fn(prompt, torch.arange(T), rows=rows, cache_len=64)[:, -1].float()]
+    cache = PagedKVCache.for_model(model, 4 * 128, block_size=4)
+    seqs = [cache.sequence(64) for _ in range(B)]
+    if scatter:  # take blocks round-robin, in reverse order of the sequences
+        for n in range(1, 17):
+            for seq in reversed(seqs):
+                cache.ensure(seq, 4 * n)
+    pos = torch.arange(T).expand(B, T)
+    logits = [fn(prompt, pos, cache=cache.prepare(seqs, pos))[:, -1].float()]
     tokens = [logits[-1].argmax(-1)]
     for i in range(steps):
         pos = torch.full((B, 1), T + i)
-        logits.append(fn(tokens[-1][:, None], pos, rows=rows, cache_len=64)[:, -1].float())
+        logits.append(fn(tokens[-1][:, None], pos, cache=cache.prepare(seqs, pos))[:, -1].float())
         tokens.append(logits[-1].argmax(-1))
-    model.clear_caches()
     return torch.stack(logits), torch.stack(tokens)
 
 
@@ -41,19 +51,16 @@ def test_float32_matches_model(preset):
     model = _model(preset)
     prompt = torch.randint(0, 512, (2, 9))
     ref_logits, ref_tokens = _run(model, model, prompt, 12)
-    fast = prepare_for_inference(model)
-    assert isinstance(fast, FastForward)
-    logits, tokens = _run(fast, model, prompt, 12)
+    logits, tokens = _run(FastForward(model), model, prompt, 12)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, ref_tokens)
 
 
-def test_cache_rows_and_per_row_positions():
+def test_scattered_block_tables():
     model = _model()
     prompt = torch.randint(0, 512, (2, 7))
-    rows = torch.tensor([3, 1])
-    ref_logits, ref_tokens = _run(model, model, prompt, 5, rows=rows)
-    logits, tokens = _run(prepare_for_inference(model), model, prompt, 5, rows=rows)
+    ref_logits, ref_tokens = _run(model, model, prompt, 5)
+    logits, tokens = _run(FastForward(model), model, prompt, 5, scatter=True)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, ref_tokens)
 
@@ -61,24 +68,25 @@ def test_cache_rows_and_per_row_positions():
 def test_weights_and_state_dict_unchanged():
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast = prepare_for_inference(model)
+    fast = FastForward(model)
     after = model.state_dict()
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k], after[k]), k
-    # The float projections are views of the fused matrices: no second copy of the weights.
+    # The projections use the model's own weights: no second copy (a checkpoint is often memory-mapped).
     att = model.layers[0].attention
-    fused = fast.layers[0].qkv.weight
-    assert att.wq.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
-    assert prepare_for_inference(model) is fast  # built once per model
+    parts = fast.layers[0].qkv.parts
+    assert [p.weight.data_ptr() for p in parts] == [w.weight.data_ptr() for w in (att.wq, att.wk, att.wv)]
 
 
-def test_rebuilt_after_cast():
+def test_stale_after_cast():
     model = _model()
-    first = prepare_for_inference(model)
+    first = select_step(model)
+    assert first.is_current(model)
     model.to(torch.bfloat16)
-    second = prepare_for_inference(model)
-    assert second is not first and not first.is_current() and second.is_current()
+    assert not first.is_current(model)
+    second = select_step(model).fast
+    assert second.is_current()
     prompt = torch.randint(0, 512, (1, 6))
     torch.testing.assert_close(_run(second, model, prompt, 3)[0], _run(model, model, prompt, 3)[0], atol=0.1, rtol=0.05)
 
@@ -88,7 +96,7 @@ def test_quantized_matches_model(scheme):
     model = _model(scheme=scheme)
     prompt = torch.randint(0, 512, (1, 40))  # >= PREFILL_ROWS rows: the dequantized path too
     ref_logits, ref_tokens = _run(model, model, prompt, 8)
-    logits, tokens = _run(prepare_for_inference(model), model, prompt, 8)
+    logits, tokens = _run(FastForward(model), model, prompt, 8)
     # The kernels round activations to bfloat16, so a different attention summation order can flip
     # the last bit of a bfloat16 input: compare loosely, and the greedy tokens exactly.
     torch.testing.assert_close(logits, ref_logits, atol=0.05, rtol=0.02)
@@ -99,8 +107,6 @@ def test_quantized_matches_model(scheme):
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 def test_native_and_torch_paths_match_model(native, scheme, monkeypatch):
     """Greedy tokens equal model(...)'s with the native decode step (when built) and with torch's kernels."""
-    if native and not kernels.available():
-        pytest.skip("the native kernels could not be built")
     model = _model(scheme=scheme)
     prompt = torch.randint(0, 512, (2, 9))
     ref_logits, ref_tokens = _run(model, model, prompt, 10)
@@ -108,10 +114,10 @@ def test_native_and_torch_paths_match_model(native, scheme, monkeypatch):
     step = kernels.decode_step
     monkeypatch.setattr(kernels, "decode_step", lambda *a: calls.append(1) or step(*a))
     if native:
-        logits, tokens = _run(prepare_for_inference(model), model, prompt, 10)
+        logits, tokens = _run(FastForward(model), model, prompt, 10)
     else:
         with kernels.disabled():
-            logits, tokens = _run(prepare_for_inference(model), model, prompt, 10)
+            logits, tokens = _run(FastForward(model), model, prompt, 10)
     assert len(calls) == (10 if native else 0)  # one decode_step per token on the native path
     tol = 1e-4 if scheme is None else 0.05  # torch's quantized kernels round activations to bfloat16
     torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
@@ -135,12 +141,12 @@ def test_fuse_quantized_is_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_16bit_packed_close(dtype):
+def test_16bit_close(dtype):
     model = _model(dtype=dtype)
     prompt = torch.randint(0, 512, (1, 6))
     ref = _run(model, model, prompt, 6)[0]
-    got = _run(prepare_for_inference(model), model, prompt, 6)[0]
-    # fbgemm keeps activations in float32 and rounds outputs to the model's dtype: 16-bit rounding apart.
+    got = _run(FastForward(model), model, prompt, 6)[0]
+    # float32 products (weights converted a chunk at a time), outputs rounded to the model's dtype.
     torch.testing.assert_close(got, ref, atol=0.05, rtol=0.02)
 
 
@@ -152,23 +158,44 @@ def test_fuse_linears_mixed_kinds_concatenate():
     torch.testing.assert_close(out, torch.cat([lin(x), q(x)], -1))
 
 
-def test_unsupported_models_fall_back():
+def test_unsupported_models_fall_back_to_the_model():
     model = _model("tiny-moe")
-    assert prepare_for_inference(model) is model
+    step = select_step(model)
+    assert step.name == "eager" and step.forward is model and "mixture-of-experts" in step.detail
     with pytest.raises(ValueError, match="mixture-of-experts"):
         FastForward(model)
 
 
-def test_decode_fn_uses_fast_path_on_cpu():
+def test_step_selection_is_named_and_logged(caplog):
     model = _model()
-    assert isinstance(decode_fn(model, compile=False), FastForward)
+    with caplog.at_level(logging.INFO, logger="llamaforge.inference"):
+        step = select_step(model)
+    assert step.name == "native" and isinstance(step.forward, FastForward)
+    assert "inference step = native" in caplog.text
+    with kernels.disabled():
+        assert select_step(model).name == "eager"
+    assert select_step(model, compile=True).name == "compiled"
+
+
+def test_native_step_takes_several_rows_per_sequence(monkeypatch):
+    """A short chunk (draft verification, a prompt's tail after a prefix hit) runs as one native op: rows of one
+    sequence at consecutive positions attend to each other causally."""
+    model = _model()
+    prompt = torch.randint(0, 512, (2, 5))
+    calls = []
+    step = kernels.decode_step
+    monkeypatch.setattr(kernels, "decode_step", lambda *a: calls.append(a[0].shape[0]) or step(*a))
+    logits, _ = _run(FastForward(model), model, prompt, 2)
+    ref, _ = _run(model, model, prompt, 2)
+    assert calls == [10, 2, 2]
+    torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
-def test_compiled_fast_forward_matches():
+def test_compiled_step_matches():
     model = _model()
     prompt = torch.randint(0, 512, (1, 5))
     ref_logits, ref_tokens = _run(model, model, prompt, 4)
-    logits, tokens = _run(compile_forward(prepare_for_inference(model)), model, prompt, 4)
+    logits, tokens = _run(select_step(model, compile=True).forward, model, prompt, 4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, ref_tokens)

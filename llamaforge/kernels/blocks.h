@@ -1,0 +1,18 @@
+// GGUF (ggml) block formats multiplied as stored: the interface blocks.cpp gives kernels.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace llamaforge {
+
+// Bytes of one row of K weights in ggml type `qtype` (ggml's type ids), or -1 when the type has no kernel here
+// or K is not a whole number of its blocks.
+int64_t gguf_row_bytes(int64_t qtype, int64_t K);
+
+// y[M, N] (row stride ldy) = x[M, K] @ W^T, or y += it, for W [N, row_bytes] of ggml blocks. Activations are
+// rounded to 8 bits per 32 columns, as llama.cpp's CPU backend does. Threads: at::parallel_for.
+// `reference`: the portable scalar code whatever the CPU (tests compare the vector kernels against it).
+void gguf_matmul(int64_t qtype, const uint8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y,
+                 int64_t ldy, bool accumulate, bool reference = false);
+
+}  // namespace llamaforge

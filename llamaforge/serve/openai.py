@@ -1,0 +1,196 @@
+"""The OpenAI API's side of the server: requests into ``SamplingParams`` and prompts, results into OpenAI's
+response fields, and errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+The routes (``api.py``) call these; nothing here touches the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from ..inference import SamplingParams, TokenLogprob, prompts
+from . import schemas as S
+from .json_mode import JsonObjectProcessor, JsonVocab
+
+
+# Errors -------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return bad("invalid request body")
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return bad("the request body is not valid JSON")
+    if tuple(first.get("loc", ())) == ("body",):
+        return bad("the request body must be a JSON object (send it with Content-Type: application/json)")
+    # Drop "body" and pydantic's union-branch labels ("str", "list[int]", ...) from the location.
+    loc = [p for p in first.get("loc", ())[1:] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS)]
+    param = ".".join(str(p) for p in loc) or None
+    if first.get("type") == "missing":
+        return bad(f"missing required parameter: '{param}'", param=param, code="missing_required_parameter")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return bad(f"invalid value for '{param}': {message}" if param else message, param=param)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-str", "function-after"}
+
+
+# Requests ------------------------------------------------------------------------------------------------
+def check_ids(ids: list[int], vocab: int, param: str) -> list[int]:
+    if not ids:
+        raise bad(f"'{param}' is empty: give at least one token", param=param)
+    outside = next((t for t in ids if not 0 <= t < vocab), None)
+    if outside is not None:
+        raise bad(f"token id {outside} in '{param}' is outside the vocabulary (0..{vocab - 1})", param=param)
+    return ids
+
+
+def check_fits(ids: list[int], limit: int, param: str) -> None:
+    """``inference.check_fits`` (the one prompt-length check) as a 400 ``context_length_exceeded``."""
+    try:
+        prompts.check_fits(ids, limit)
+    except prompts.PromptTooLongError as exc:
+        raise bad(
+            f"This model's maximum context length is {limit} tokens: {exc}", param=param, code="context_length_exceeded"
+        ) from None
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > S.MAX_STOP:
+        raise bad(f"at most {S.MAX_STOP} stop sequences are supported, got {len(stops)}", param="stop")
+    if any(not s for s in stops):
+        raise bad("stop sequences must be non-empty strings", param="stop")
+    return stops
+
+
+class LogitBias:
+    """OpenAI's ``logit_bias``: added to the logits of the given token ids before sampling."""
+
+    def __init__(self, bias: dict[str, float], vocab: int) -> None:
+        ids, values = [], []
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+            if not 0 <= token < vocab:
+                raise bad(f"logit_bias token id {token} is outside the vocabulary", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise bad(f"logit_bias values must be in [-100, 100], got {value}", param="logit_bias")
+            ids.append(token)
+            values.append(float(value))
+        self.ids, self.values = torch.tensor(ids, dtype=torch.long), torch.tensor(values)
+
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        ids, values = self.ids.to(logits.device), self.values.to(logits.device, logits.dtype)
+        return logits.index_add(0, ids, values)
+
+
+def sampling_params(req: S._Sampling, max_new: int, logprobs: int | None, choice: int, vocab_size: int,
+                    json_vocab: Callable[[], JsonVocab]) -> SamplingParams:  # fmt: skip
+    """The ``SamplingParams`` of choice number `choice` of an OpenAI request (seeds differ per choice)."""
+    processors: list[Any] = []
+    if req.logit_bias:
+        processors.append(LogitBias(req.logit_bias, vocab_size))
+    fmt = req.response_format.type if req.response_format else "text"
+    if fmt == "json_schema":
+        raise bad("response_format 'json_schema' is not supported; use {'type': 'json_object'}",
+                   param="response_format")  # fmt: skip
+    if fmt == "json_object":
+        processors.append(JsonObjectProcessor(json_vocab(), max_new))
+    seed = None if req.seed is None else (req.seed + choice) % 2**63
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_k=0 if req.top_k in (None, -1) else req.top_k,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=seed,
+            stop=stop_list(req.stop),
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            logits_processors=processors,
+        )
+    except ValueError as exc:
+        raise bad(str(exc)) from None
+
+
+def chat_messages(messages: list[S.ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad("only text content parts ({'type': 'text', 'text': ...}) are supported",
+                               param=f"messages.{i}.content")  # fmt: skip
+                texts.append(part["text"])
+            content = "".join(texts)
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.name:
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+# Results ---------------------------------------------------------------------------------------------------
+def completion_logprobs(entries: Sequence[TokenLogprob | None], offset: int = 0) -> S.CompletionLogprobs:
+    out = S.CompletionLogprobs()
+    for e in entries:
+        if e is None:  # the first prompt token has no logprob
+            continue
+        out.tokens.append(e.token)
+        out.token_logprobs.append(e.logprob)
+        out.top_logprobs.append({t.token: t.logprob for t in e.top})
+        out.text_offset.append(offset)
+        offset += len(e.token)
+    return out
+
+
+def echo_logprobs(prompt_ids: list[int], scored: list[TokenLogprob | None], tokenizer: Any) -> S.CompletionLogprobs:
+    out = completion_logprobs(scored)
+    first = tokenizer.decode([prompt_ids[0]]) if tokenizer is not None else str(prompt_ids[0])
+    out.tokens.insert(0, first)
+    out.token_logprobs.insert(0, None)
+    out.top_logprobs.insert(0, None)
+    out.text_offset = [0] + [o + len(first) for o in out.text_offset]
+    return out
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob]) -> S.ChoiceLogprobs:
+    def top(e: Any) -> S.TopLogprob:
+        return S.TopLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")))
+
+    return S.ChoiceLogprobs(content=[
+        S.TokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
+                       top_logprobs=[top(t) for t in e.top])
+        for e in entries
+    ])  # fmt: skip

@@ -1,1 +1,0 @@
-"""File-format helpers behind ``llamaforge.tokenizer`` (the public interface lives there)."""
