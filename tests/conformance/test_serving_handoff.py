@@ -78,11 +78,11 @@ def _same_greedy_tokens(directory: Path, prompt: str, n: int) -> None:
     assert text == llm.tokenizer.format_chat(messages)
     ids = llm.tokenizer.encode_chat(messages)
     assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+    # both stop at (and keep) the first of the generation config's stop ids (transformers), the tokenizer's (ours)
     with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                                pad_token_id=hf_tokenizer.eos_token_id)  # fmt: skip
-    ours = llm.generate(ids, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids
-    assert out[0, len(ids) :].tolist() == ours
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                pad_token_id=hf_tokenizer.eos_token_id)[0, len(ids) :].tolist()  # fmt: skip
+    assert out == llm.generate(ids, max_new_tokens=n, temperature=0).token_ids
 
 
 def test_convert_to_hf_loads_unchanged_in_transformers(tmp_path: Path) -> None:
@@ -100,6 +100,20 @@ def test_convert_to_hf_loads_unchanged_in_transformers(tmp_path: Path) -> None:
     assert sorted(generation.eos_token_id) == sorted(tokenizer.stop_ids)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == named_template("llama3")
     _same_greedy_tokens(out, "Name three colors.", 12)
+
+
+def test_quantized_gguf_converts_to_hf(tmp_path: Path) -> None:
+    """A GGUF of Q8_0 blocks (which load() runs as blocks) is dequantized for a Hugging Face directory."""
+    torch.manual_seed(0)
+    save_model(build_model(llamaforge.get_preset("tiny")), tmp_path / "src", "hf")
+    convert(str(tmp_path / "src"), str(tmp_path / "q.gguf"), "--to", "gguf", "--quantize", "q8_0")
+    convert(str(tmp_path / "q.gguf"), str(tmp_path / "hf"), "--to", "hf")
+    back = llamaforge.load(tmp_path / "hf")
+    blocks = llamaforge.load(tmp_path / "q.gguf", dtype=torch.float32)
+    assert back.model.layers[0].attention.wq.weight.dtype == torch.float32
+    tokens = torch.randint(0, 512, (1, 16))
+    with torch.inference_mode():
+        torch.testing.assert_close(back.model(tokens), blocks.model(tokens), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
