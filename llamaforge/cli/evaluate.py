@@ -28,26 +28,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(handler=_perplexity)
 
-    p = subparsers.add_parser("eval", help="zero-/few-shot multiple-choice benchmarks (HellaSwag, MMLU, ...)",
-                              description="Score --model on multiple-choice tasks by the log-likelihood of each "
-                              "answer, with the LLaMA paper's normalizations (per character; BoolQ and OpenBookQA "
-                              "against the likelihood after 'Answer:'). Tasks: boolq, piqa, siqa, hellaswag, "
-                              "winogrande, arc_easy, arc_challenge, openbookqa, mmlu ('zeroshot' = all but mmlu, "
-                              "'all'). Data comes from --data-dir (the datasets' JSONL/Parquet files) or the "
-                              "Hugging Face hub when `datasets` is installed.")  # fmt: skip
+    p = subparsers.add_parser("eval", help="the LLaMA papers' benchmarks: multiple choice, QA, math and code",
+                              description="Score --model on the LLaMA papers' benchmarks. Multiple-choice tasks are "
+                              "scored by the log-likelihood of each answer, with the paper's normalizations (per "
+                              "character; BoolQ and OpenBookQA against the likelihood after 'Answer:'): boolq, piqa, "
+                              "siqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, mmlu ('zeroshot' = "
+                              "all but mmlu, 'all'). Generative tasks are answered by the model and scored as their "
+                              "papers do: nq_open and triviaqa (exact match), gsm8k (8-shot chain of thought, maj@k), "
+                              "math (Minerva 4-shot), humaneval and mbpp (pass@k; the generated code runs in a "
+                              "sandbox) ('generative', 'qa', 'code'). Data comes from --data-dir (the datasets' "
+                              "JSONL/Parquet files as published on the Hugging Face hub) or the hub itself when "
+                              "`datasets` is installed.")  # fmt: skip
     _model_args(p)
     p.add_argument("--tasks", "-t", required=True, help="comma-separated task names")
     p.add_argument(
         "--data-dir", metavar="DIR", help="directory with the task files, e.g. DIR/hellaswag/validation.jsonl"
     )
-    p.add_argument("--num-fewshot", type=int, help="solved examples before each question (default: MMLU 5, others 0)")
+    p.add_argument("--num-fewshot", type=int, help="solved examples before each question (default: MMLU 5, GSM8K 8, "
+                   "MATH 4, MBPP 3, others 0)")  # fmt: skip
     p.add_argument("--limit", type=int, help="score only the first N questions of each task")
-    p.add_argument("--batch-size", "-b", type=int, default=16, help="continuations per forward pass (default 16)")
+    p.add_argument("--batch-size", "-b", type=int, default=16,
+                   help="continuations per forward pass; generations decoded together (default 16)")  # fmt: skip
     p.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false",
                    help="score each context+answer separately instead of running each context once")  # fmt: skip
-    p.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples (default 1234)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples and for "
+                   "sampling (sample j: seed + j; default 1234)")  # fmt: skip
     p.add_argument("--output", "-o", metavar="PATH", help="write the results as JSON")
     p.add_argument("--log-samples", action="store_true", help="include every question's scores in the JSON")
+    p.add_argument("--samples-file", metavar="PATH", help="write every question (prompt, generations, answers, "
+                   "scores, sandbox outcomes) as a line of JSONL")  # fmt: skip
+    g = p.add_argument_group("generative tasks")
+    g.add_argument("--num-samples", "-n", type=int, default=1, help="generations per problem: maj@k for math, "
+                   "pass@k for code (default 1: greedy)")  # fmt: skip
+    g.add_argument("--temperature", type=float, help="sampling temperature (default: 0 with one sample; with more, "
+                   "0.6 for math as in Minerva, 0.8 for code as in Codex and LLaMA)")  # fmt: skip
+    g.add_argument("--top-p", type=float, help="nucleus sampling (default when sampling: 1 for math, 0.95 for code)")
+    g.add_argument("--max-new-tokens", type=int, help="cut each generation here (default: QA 32, GSM8K 256, "
+                   "MATH, HumanEval and MBPP 512)")  # fmt: skip
+    g.add_argument("--pass-k", default="1,10,100", metavar="K,...",
+                   help="pass@k values reported when there are at least k samples (default 1,10,100)")  # fmt: skip
+    g.add_argument("--sandbox-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="wall-clock and CPU limit per program (default 10)")  # fmt: skip
+    g.add_argument("--sandbox-memory", type=int, default=1024, metavar="MIB",
+                   help="address-space limit per program (default 1024)")  # fmt: skip
+    g.add_argument("--allow-weak-sandbox", action="store_true", help="run generated code even where the system "
+                   "cannot keep it from your files and the network (resource limits only)")  # fmt: skip
     p.set_defaults(handler=_eval)
 
 
@@ -146,26 +171,62 @@ def _perplexity_table(results: list, context: int, stride: int) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..evaluate.report import markdown_table, results_json, write_json
+    from ..evaluate.generative import evaluate_generative
+    from ..evaluate.generative_tasks import split_tasks
+    from ..evaluate.report import generative_table, markdown_table, results_json, write_json, write_samples
     from ..evaluate.runner import evaluate_tasks
-    from ..evaluate.tasks import parse_tasks
+    from ..evaluate.sandbox import REQUIREMENTS, Sandbox, SandboxLimits
 
-    tasks = parse_tasks(args.tasks)
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise UserError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    choice, generative = split_tasks(args.tasks)
+    for name, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1),
+                             ("--batch-size", args.batch_size, 1), ("--num-samples", args.num_samples, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1)):  # fmt: skip
+        if value is not None and value < low:
+            raise UserError(f"{name} must be >= {low}, got {value}")
+    try:
+        pass_k = [int(k) for k in args.pass_k.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--pass-k must be comma-separated integers, got {args.pass_k!r}") from None
+    if not pass_k or min(pass_k) < 1:
+        raise UserError(f"--pass-k values must be >= 1, got {args.pass_k!r}")
+    if args.sandbox_timeout <= 0 or args.sandbox_memory <= 0:
+        raise UserError("--sandbox-timeout and --sandbox-memory must be positive")
     llm = _load(args)
-    results = evaluate_tasks(llm, tasks, data_dir=args.data_dir, num_fewshot=args.num_fewshot, limit=args.limit,
-                             batch_size=args.batch_size, prefix_reuse=args.prefix_reuse, seed=args.seed,
-                             progress=not args.quiet)  # fmt: skip
-    print(markdown_table(results))
+    results = []
+    if choice:
+        results += evaluate_tasks(llm, choice, data_dir=args.data_dir, num_fewshot=args.num_fewshot, limit=args.limit,
+                                  batch_size=args.batch_size, prefix_reuse=args.prefix_reuse, seed=args.seed,
+                                  progress=not args.quiet)  # fmt: skip
+        print(markdown_table(results))
+    if generative:
+        limits = SandboxLimits(timeout=args.sandbox_timeout, cpu_seconds=args.sandbox_timeout,
+                               memory_bytes=args.sandbox_memory << 20)  # fmt: skip
+        sandbox = Sandbox(limits, require=() if args.allow_weak_sandbox else REQUIREMENTS)
+        gen_results = evaluate_generative(llm, generative, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
+                                          limit=args.limit, seed=args.seed, num_samples=args.num_samples,
+                                          temperature=args.temperature, top_p=args.top_p,
+                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                          sandbox=sandbox, pass_k=pass_k, progress=not args.quiet)  # fmt: skip
+        if choice:
+            print()
+        print(generative_table(gen_results))
+        for r in gen_results:
+            if r.extra.get("truncated_prompts"):
+                print(f"note: {r.task}: {r.extra['truncated_prompts']} of {r.n} prompts did not fit the context with "
+                      f"{r.extra['max_new_tokens']} new tokens and lost their beginning", file=sys.stderr)  # fmt: skip
+            if "sandbox" in r.extra:
+                print(f"note: {r.task}: generated code ran with {r.extra['sandbox']}", file=sys.stderr)
+        results += gen_results
+    if args.samples_file:
+        write_samples(args.samples_file, results)
+        print(f"wrote {args.samples_file}", file=sys.stderr)
     if args.output:
-        config = {"model": args.model, "tasks": [t.name for t in tasks], "num_fewshot": args.num_fewshot,
-                  "limit": args.limit, "batch_size": args.batch_size, "prefix_reuse": args.prefix_reuse,
-                  "seed": args.seed, "data_dir": args.data_dir, "dtype": args.dtype}  # fmt: skip
+        config = {"model": args.model, "tasks": [t.name for t in [*choice, *generative]],
+                  "num_fewshot": args.num_fewshot, "limit": args.limit, "batch_size": args.batch_size,
+                  "prefix_reuse": args.prefix_reuse, "seed": args.seed, "data_dir": args.data_dir, "dtype": args.dtype,
+                  "num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
+                  "max_new_tokens": args.max_new_tokens, "pass_k": pass_k, "sandbox_timeout": args.sandbox_timeout,
+                  "sandbox_memory_mib": args.sandbox_memory, "allow_weak_sandbox": args.allow_weak_sandbox}  # fmt: skip
         write_json(args.output, results_json(results, config, with_items=args.log_samples))
         print(f"wrote {args.output}", file=sys.stderr)
     return 0

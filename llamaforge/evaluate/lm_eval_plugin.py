@@ -13,12 +13,13 @@ the backend registered), or pass ``LlamaforgeLM(...)`` to ``lm_eval.simple_evalu
 
 Log-likelihoods are computed by ``llamaforge.evaluate.scoring.Scorer``; tokenization of context and
 continuation is the harness's own (``TemplateLM._encode_pair``), so results match its Hugging Face
-backend on the same weights. ``generate_until`` runs ``llm.generate`` greedily (or sampled, when the task
-asks for it) and cuts the text at the task's stop strings.
+backend on the same weights. ``generate_until`` runs ``llm.generate`` on batches of requests that share
+their options, greedily (or sampled, when the task asks for it), and cuts the text at the task's stop strings.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -141,30 +142,40 @@ class LlamaforgeLM(TemplateLM):
         return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for req in tqdm(requests, desc="llamaforge generate_until", disable=disable_tqdm):
-            context, gen_kwargs = req.args
-            kwargs = dict(gen_kwargs or {})
-            until = kwargs.pop("until", None) or []
-            if isinstance(until, str):
-                until = [until]
-            eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
-            until = list(dict.fromkeys([*until, eos_text]))
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
-            prompt = self.tok_encode(context)
-            room = self.max_length - max_new
-            if room < 1:
-                raise ValueError(f"llamaforge: max_gen_toks {max_new} leaves no room in a context of {self.max_length}")
-            completion = self.llm.generate(prompt[-room:], max_new_tokens=max_new, temperature=temperature, stop=until)
-            text = completion.text
-            for stop in until:  # the engine stops at these; cut again in case a stop string spans the end
-                if stop and stop in text:
-                    text = text.split(stop)[0]
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-            out.append(text)
-        return out
+        """Requests with the same generation options are generated together on the engine (continuous batching,
+        ``batch_size`` at a time); each text is cut at the task's stop strings and the EOS text."""
+        out: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1] or {}, sort_keys=True, default=str), []).append(i)
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        with tqdm(total=len(requests), desc="llamaforge generate_until", disable=disable_tqdm) as bar:
+            for members in groups.values():
+                kwargs = dict(requests[members[0]].args[1] or {})
+                until = kwargs.pop("until", None) or []
+                until = list(dict.fromkeys([*([until] if isinstance(until, str) else until), eos_text]))
+                max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+                sample = bool(kwargs.pop("do_sample", False))
+                temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
+                room = self.max_length - max_new
+                if room < 1:
+                    raise ValueError(f"llamaforge: max_gen_toks {max_new} leaves no room in a context of "
+                                     f"{self.max_length}")  # fmt: skip
+                chunk = 4 * self._batch_size  # a few batches per call, so that the bar moves
+                for start in range(0, len(members), chunk):
+                    part = members[start : start + chunk]
+                    prompts = [self.tok_encode(requests[i].args[0])[-room:] for i in part]
+                    completions = self.llm.generate(prompts, max_batch=self._batch_size, max_new_tokens=max_new,
+                                                    temperature=temperature, stop=until)  # fmt: skip
+                    for i, completion in zip(part, completions):
+                        text = completion.text
+                        for stop in until:  # the engine stops at these; cut again in case one spans the end
+                            if stop and stop in text:
+                                text = text.split(stop)[0]
+                        self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                        out[i] = text
+                    bar.update(len(part))
+        return out  # type: ignore[return-value]
 
 
 def main() -> None:

@@ -23,7 +23,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .generative_tasks import GenerativeTask
 
 UNCONDITIONAL_CONTEXT = "Answer:"
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -238,7 +241,7 @@ def _split_files(directory: Path, split: str) -> list[Path]:
     return preferred or found
 
 
-def data_files(task: Task, split: str, data_dir: str | os.PathLike) -> list[Path]:
+def data_files(task: Task | GenerativeTask, split: str, data_dir: str | os.PathLike) -> list[Path]:
     """The local files holding `split` of `task` under `data_dir` (empty when there are none)."""
     root = Path(data_dir)
     names = (task.name, *task.dir_names)
@@ -260,7 +263,7 @@ def data_files(task: Task, split: str, data_dir: str | os.PathLike) -> list[Path
     return []
 
 
-def load_records(task: Task, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+def load_records(task: Task | GenerativeTask, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """The records of one split: from `data_dir` when it has them, else from the hub via ``datasets``."""
     if data_dir is not None:
         if not Path(data_dir).is_dir():
@@ -270,17 +273,27 @@ def load_records(task: Task, split: str, data_dir: str | os.PathLike | None = No
             names = ", ".join([task.name, *task.dir_names])
             raise FileNotFoundError(f"no {split} data for task {task.name} in {data_dir}: expected JSONL, JSON or "
                                     f"Parquet files named after the split ({split}) in a directory named one of "
-                                    f"{names}, or {task.name}_{split}.jsonl")  # fmt: skip
+                                    f"{names}, or {task.name}_{split}.jsonl; the dataset's files are at "
+                                    f"{hub_files(task)}")  # fmt: skip
         return [r for f in files for r in read_records(f)]
     try:
         import datasets
     except ModuleNotFoundError:
-        raise FileNotFoundError(f"task {task.name}: pass --data-dir with the dataset's files, or install `datasets` "
-                                f"to fetch {task.hub[0]} from the Hugging Face hub") from None  # fmt: skip
+        raise FileNotFoundError(f"task {task.name}: pass --data-dir with the dataset's files ({hub_files(task)}), "
+                                f"or install `datasets` to fetch them from the Hugging Face hub") from None  # fmt: skip
+    configs = task.hub[1] if isinstance(task.hub[1], tuple) else (task.hub[1],)
     try:
-        return list(datasets.load_dataset(task.hub[0], task.hub[1], split=split))
+        return [r for config in configs for r in datasets.load_dataset(task.hub[0], config, split=split)]
     except Exception as exc:
         raise FileNotFoundError(f"task {task.name}: no local {split} data and the hub failed ({exc})") from exc
+
+
+def hub_files(task: Task | GenerativeTask) -> str:
+    """Where a task's files come from, for error messages."""
+    name, config = task.hub
+    configs = "" if config is None else f", configuration {config}" if isinstance(config, str) else (
+        f", configurations {', '.join(config)}")  # fmt: skip
+    return f"https://huggingface.co/datasets/{name}{configs}"
 
 
 def build_items(task: Task, docs: list[dict], num_fewshot: int = 0, fewshot_docs: list[dict] | None = None,

@@ -699,7 +699,7 @@ inline void kgroup<Q2_K>(const uint8_t* p, KGroup& g) {
 }
 
 // Weight rows are streamed once each: software prefetch this far ahead (one sequential stream per thread).
-constexpr int64_t PREFETCH = 1024;
+constexpr int64_t PREFETCH = 1024;  // 2 and 4 KB measured no faster
 
 inline void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + PREFETCH + o, _MM_HINT_T0);

@@ -337,7 +337,16 @@ def test_a_full_queue_answers_429_and_recovers(tiny_model_dir):
         assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
 
 
-def test_client_disconnect_frees_the_slot_at_once(server, client):
+def test_client_disconnect_frees_the_slot_at_once(server, client, monkeypatch):
+    from llamaforge.inference import Engine
+
+    step = Engine.step
+
+    def slow_step(self):  # 250 tiny-model tokens would otherwise be done before a busy client reads two
+        time.sleep(0.01)
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", slow_step)
     stream = client.completions.create(
         model=MODEL, prompt="Hi", max_tokens=250, temperature=0, stream=True, extra_body={"ignore_eos": True}
     )
