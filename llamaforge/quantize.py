@@ -36,7 +36,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -689,11 +689,15 @@ def is_quantized_gguf(path: str | os.PathLike) -> bool:
 
 @torch.no_grad()
 def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | None = None,
-                        dtype: torch.dtype = torch.float32) -> Transformer:  # fmt: skip
+                        dtype: torch.dtype = torch.float32,
+                        part: Callable[[Any], Any] | None = None) -> Transformer:  # fmt: skip
     """Load a GGUF file keeping its quantized matrices in their blocks, memory-mapped: every type in
     ``GGUF_BLOCK_TYPES`` runs as stored (``GGUFLinear``; the embedding table as a ``GGUFEmbedding`` whose rows are
     dequantized when looked up, a tied output head sharing its blocks). Norms and float matrices become `dtype`,
     the activations' dtype. On a GPU, Q8_0/Q4_0/Q4_1/Q4_K matrices take torch's int4/int8 kernels instead.
+
+    ``part(tensor)``: each ``GGUFTensor``, once checked against the model's shape, is replaced by what it returns
+    (a tensor-parallel rank's whole rows or whole blocks of columns, ``inference.tensor_parallel``).
     """
     from gguf import GGMLQuantizationType as Q
 
@@ -718,13 +722,15 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
         if tuple(t.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{path}: tensor {t.gguf_name!r} has shape {list(t.shape)}, expected "
                                   f"{list(expected[name].shape)}")  # fmt: skip
+        if part is not None:
+            t = part(t)
         owner, _, attr = name.rpartition(".")
         blocks = t.qtype not in (Q.F32, Q.F16, Q.BF16)
         if blocks and t.qtype.name not in GGUF_BLOCK_TYPES:
             raise CheckpointError(f"{path}: tensor {t.gguf_name!r} is {t.qtype.name}, which llamaforge cannot run; "
                                   f"supported block types: {', '.join(GGUF_BLOCK_TYPES)}")  # fmt: skip
         if blocks and name == "tok_embeddings.weight":
-            emb = GGUFEmbedding(config.vocab_size, config.dim, t.qtype, t.data.to(device), dtype)
+            emb = GGUFEmbedding(t.shape[0], t.shape[1], t.qtype, t.data.to(device), dtype)
             model.tok_embeddings = emb
             if tied:
                 model.output = emb.table if device.type == "cpu" else gguf_linear(t.data, t.qtype, t.shape).to(device)

@@ -21,7 +21,7 @@ import importlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -56,12 +56,16 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, fmt: str | None = None) -> tuple[Transformer, str]:  # fmt: skip
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+               fmt: str | None = None, transform: Transform | None = None) -> tuple[Transformer, str]:  # fmt: skip
     """Read a checkpoint into a Transformer, materializing each tensor once, directly on `device`.
 
     Returns the model and the format name. ``dtype=None`` keeps the dtype the checkpoint stores
-    (float32 for quantized GGUF tensors, which are dequantized).
+    (float32 for quantized GGUF tensors, which are dequantized). ``transform(name, tensor)`` replaces each tensor
+    as it is read, e.g. by a tensor-parallel rank's slice of it (the expected shapes are transformed alike).
     """
     path = Path(path)
     fmt = fmt or detect_format(path)
@@ -70,9 +74,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
+    if transform is not None:
+        expected = {name: transform(name, tensor) for name, tensor in expected.items()}
     optional = {"output.weight"} if config.tie_embeddings else set()
     seen: set[str] = set()
     for name, tensor in module.read_tensors(path, config):
+        if transform is not None and name in expected:
+            tensor = transform(name, tensor)
         if name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {config.n_layers}-layer model")
         if tuple(tensor.shape) != tuple(expected[name].shape):

@@ -371,7 +371,7 @@ class Trainer:
 
     # Run ------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        from .parallel import destroy_distributed, init_distributed
+        from ..distributed import destroy_distributed, init_distributed
 
         info = init_distributed(self.recipe.train.device, self.recipe.train.timeout_s)
         try:

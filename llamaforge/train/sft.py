@@ -614,7 +614,7 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
 
     ``llm``: an already loaded ``LLM`` to fine-tune in place (its model is modified), instead of loading one.
     """
-    from .parallel import resolve_device
+    from ..distributed import resolve_device
 
     f, d, t = recipe.finetune, recipe.data, recipe.train
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
