@@ -662,8 +662,33 @@ def _size_header(args, gbps, ok_bw, load_before, load_after, command: str) -> st
         f'"limit" = bandwidth / bytes read per decoded token (weights; the embedding table once, as the tied '
         f"head{'; plus the F16 KV cache at that context' if args.context else ''}). "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{load_before[0]:.1f} before / {load_after[0]:.1f} after, {time.strftime('%Y-%m-%d')}.\n\n    {command}"
+        f"{load_before[0]:.1f} before / {load_after[0]:.1f} after, {time.strftime('%Y-%m-%d')}, llamaforge "
+        f"{_commit()}, llama-cpp-python {_version('llama-cpp-python')}.\n\n    {command}"
     )
+
+
+def _commit() -> str:
+    """The llamaforge source measured: the git commit of the imported package ("+changes" when uncommitted)."""
+    import llamaforge
+
+    root = Path(llamaforge.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "(not a git checkout)"
+    return f"commit {head}{' +changes' if dirty else ''}"
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def format_size_table(size: str, formats: list[str], contexts: list[int], contenders: list, rows: dict,

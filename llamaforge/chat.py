@@ -41,18 +41,39 @@ def format_chat(
 def render_chat(
     messages: list[dict[str, Any]], template: str = "llama3", add_generation_prompt: bool = True, **kwargs: Any
 ) -> list[Part]:
+    """The prompt as parts (see the module docstring). ``tools`` (OpenAI function definitions) are written in
+    the format's own way (``llamaforge.tools``); ``tool_format`` picks "json" or "pythonic" calls for the
+    llama3/llama4 formats, whose tool prompt also takes ``date_string`` and ``tools_in_user_message``."""
     _check_messages(messages)
+    tools, tool_format = kwargs.pop("tools", None), kwargs.pop("tool_format", None)
     if template in ("llama2", "codellama"):
+        if tools:
+            raise ValueError(f"the {template} chat format has no tool calling; use a template that takes tools")
         return _llama2(messages, add_generation_prompt)
-    if template == "llama3":
-        return _headers(messages, add_generation_prompt, "<|start_header_id|>", "<|end_header_id|>", "_id|>", 3)
-    if template == "llama4":
+    if template in ("llama3", "llama4"):
+        generation = 3 if template == "llama3" else 4
+        if tools or tool_format or _tool_messages(messages):
+            from . import tools as T
+
+            in_user = kwargs.get("tools_in_user_message", True)
+            messages = T.meta_messages(T.check_messages(messages), T.parse_tools(tools), generation, tool_format,
+                                       kwargs.get("date_string"), in_user)  # fmt: skip
+        if generation == 3:
+            return _headers(messages, add_generation_prompt, "<|start_header_id|>", "<|end_header_id|>", "_id|>", 3)
         return _headers(messages, add_generation_prompt, "<|header_start|>", "<|header_end|>", "|>", 4)
     if "{" not in template:
         raise ValueError(
             f"unknown chat format {template!r}; choose one of {', '.join(NAMED_FORMATS)} or a jinja template"
         )
+    if tools or _tool_messages(messages):
+        from . import tools as T
+
+        messages, kwargs["tools"] = T.template_messages(messages, T.parse_tools(tools), template)
     return [(render_jinja(template, messages, add_generation_prompt=add_generation_prompt, **kwargs), True)]
+
+
+def _tool_messages(messages: list[dict[str, Any]]) -> bool:
+    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
 
 
 def _check_messages(messages: Any) -> None:
@@ -119,6 +140,9 @@ def _headers(
     parts: list[Part] = [("<|begin_of_text|>", True)]
     for m in messages:
         parts += header(m["role"])
+        if "parts" in m:  # written out by llamaforge.tools (tool prompts and calls), end token included
+            parts += m["parts"]
+            continue
         content = m.get("content")
         items = content if isinstance(content, list) else [content]
         parts += [

@@ -108,6 +108,13 @@ class ModelConfig:
     def uses_rope(self, layer_id: int) -> bool:
         return not (self.nope_layer_interval and (layer_id + 1) % self.nope_layer_interval == 0)
 
+    @property
+    def is_llama4(self) -> bool:
+        """Whether the model uses any of Llama 4's text features (experts, QK norm, NoPE layers, chunked attention,
+        temperature tuning): checkpoint writers store it as a Llama 4 model."""
+        return bool(self.n_experts or self.use_qk_norm or self.nope_layer_interval or self.attention_chunk_size
+                    or self.attn_temperature_tuning)  # fmt: skip
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

@@ -59,7 +59,11 @@ MIXES: dict[str, Mix] = {
 # The type llama.cpp falls back to when a tensor's rows do not fill whole blocks.
 _FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 
-_LAYER_TENSOR = re.compile(r"layers\.(\d+)\.(attention\.wv|attention\.wo|feed_forward\.w2)\.weight")
+# ffn_down's rules cover a mixture of experts' stacked and shared expert down projections too (llama.cpp matches
+# "ffn_down" in ffn_down_exps and ffn_down_shexp).
+_LAYER_TENSOR = re.compile(
+    r"layers\.(\d+)\.(attention\.wv|attention\.wo|feed_forward\.(?:shared_expert\.|experts\.)?w2)(?:\.weight)?"
+)
 
 
 def mix(name: str) -> Mix:
@@ -91,6 +95,7 @@ def tensor_type(config: ModelConfig, name: str, shape: Sequence[int], mix_name: 
             kind = Q.Q6_K
     elif m := _LAYER_TENSOR.fullmatch(name):
         layer, part, n = int(m.group(1)), m.group(2), config.n_layers
+        part = "feed_forward.w2" if part.endswith("w2") else part
         if part == "attention.wv":
             kind = _attn_v_type(config, key, layer, default)
         elif part == "feed_forward.w2":

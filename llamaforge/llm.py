@@ -76,6 +76,13 @@ class LLM:
             self._engine, self._engine_key = fresh, key
         return fresh
 
+    def embed(self, texts: Any, pooling: str = "mean", normalize: bool = True) -> torch.Tensor:
+        """Embeddings [N, dim] of texts (or token-id lists): the final hidden states, pooled ("mean" or "last")
+        and L2-normalized; see ``llamaforge.embeddings``."""
+        from .embeddings import embed
+
+        return embed(self, texts, pooling=pooling, normalize=normalize)
+
     def clear_cache(self) -> None:
         """Drop the engine and its KV cache (with every prefix it holds), e.g. to free the memory for training."""
         self._engine, self._engine_key = None, ()
@@ -84,7 +91,9 @@ class LLM:
                  num_speculative: int | None = None, max_batch: int = ENGINE_BATCH, cache_type: str | None = None,
                  **options: Any) -> Completion | list[Completion]:  # fmt: skip
         """Complete `prompt` (text or token ids), or a list of prompts together (a list of Completions).
-        Options: the fields of ``SamplingParams`` (``llamaforge.inference.generate``); see ``engine`` for the rest."""
+        Options: the fields of ``SamplingParams`` and one output constraint (``json_schema=``, ``json_object=True``,
+        ``regex=``, ``choice=[...]``, ``grammar=`` GBNF or Lark; ``llamaforge.inference.generate``); see ``engine``
+        for the rest."""
         engine = self.engine(compile=compile, draft=draft, speculative=speculative, num_speculative=num_speculative,
                              max_batch=max_batch, cache_type=cache_type)  # fmt: skip
         return inference.generate(engine, prompt, **options)
@@ -99,10 +108,25 @@ class LLM:
         return inference.stream_events(self.engine(compile=compile), prompt, params)
 
     def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
-             **options: Any) -> Completion | Iterator[str]:  # fmt: skip
+             **options: Any) -> Completion | Iterator[Any]:  # fmt: skip
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format; ``stream=True``
-        yields text pieces instead. Earlier turns come from the engine's prefix cache."""
+        yields text pieces instead. Earlier turns come from the engine's prefix cache. With ``tools=[...]`` (and
+        ``tool_choice``, ``parallel_tool_calls``, ``tool_format``) the Completion's ``tool_calls`` holds the calls
+        the model made (``inference.chat_with_tools``; streamed as ``tools.Delta`` pieces)."""
+        if any(options.get(k) is not None for k in inference.TOOL_OPTIONS):
+            compile = options.pop("compile", False)
+            return inference.chat_with_tools(self.engine(compile=compile), messages, stream=stream, **options)
         ids = inference.chat_prompt_ids(self.require_tokenizer(), messages)
+        if stream:
+            return self.stream(ids, **options)
+        return self.generate(ids, **options)
+
+    def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, stream: bool = False,
+               **options: Any) -> Completion | Iterator[str]:  # fmt: skip
+        """Fill in the middle: the text that goes between `prefix` and `suffix` (Code Llama's ``<PRE> prefix
+        <SUF>suffix <MID>`` prompt, or the FIM tokens the vocabulary declares; generation stops at ``<EOT>``).
+        ``suffix_first``: Code Llama's suffix-prefix-middle order. Options: as ``generate``."""
+        ids = inference.infill_prompt_ids(self.require_tokenizer(), prefix, suffix, suffix_first)
         if stream:
             return self.stream(ids, **options)
         return self.generate(ids, **options)
@@ -119,7 +143,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
 
 def load(source: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-         quantize: str | None = None, adapter: str | os.PathLike | None = None) -> LLM:  # fmt: skip
+         quantize: str | None = None, adapter: str | os.PathLike | None = None, mmap: bool = False) -> LLM:  # fmt: skip
     """Load a model from a Hugging Face directory, a Meta directory, a GGUF file, a hub id or a built-in name.
 
     A quantized GGUF file (Q4_K_M, Q8_0, ...) runs in its own blocks, memory-mapped, as llama.cpp runs it
@@ -130,6 +154,8 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
     ``llamaforge.quantize.save_quantized`` loads quantized as it was saved. ``adapter``: a LoRA adapter
     directory (PEFT or llamaforge layout) applied unmerged on top of the base. A model that cannot fit in the
     memory available is refused before loading (``memory.InsufficientMemoryError``, with the numbers).
+    ``mmap=True``: a quantized GGUF's blocks stay memory-mapped instead of being read into memory (see
+    ``quantize.load_gguf_quantized``).
     """
     from . import quantize as q
     from .memory import check_fits, format_bytes
@@ -139,7 +165,7 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
         model, fmt = q.load_quantized(path, device=device), "quantized"
     elif quantize == "gguf" or (quantize is None and dtype is None and q.is_quantized_gguf(path)):
         check_fits(q.gguf_model_bytes(path), f"{path}")
-        model, fmt = q.load_gguf_quantized(path, device=device, dtype=dtype or torch.float32), "gguf"
+        model, fmt = q.load_gguf_quantized(path, device=device, dtype=dtype or torch.float32, mmap=mmap), "gguf"
     else:
         if q.is_quantized_gguf(path):
             need = q.gguf_model_bytes(path, dtype or torch.float32)

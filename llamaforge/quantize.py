@@ -8,8 +8,11 @@ Schemes (``quantize_model(model, scheme)``, in place):
   ``w = (q - 8) * scale + zero`` with ``q`` in 0..15 (``_weight_int4pack_mm_for_cpu`` on CPU,
   ``_weight_int4pack_mm`` on CUDA).
 
-Every attention and feed-forward linear and the output head are quantized; embeddings and norms stay
-float. A tied output head is quantized as its own copy, so the embedding table is untouched.
+Every attention and feed-forward linear and the output head are quantized; embeddings, norms and a mixture of
+experts' router stay float. A tied output head is quantized as its own copy, so the embedding table is untouched.
+Llama 4's stacked experts (``model.GroupedExperts``) become ``QuantizedExperts``: each expert's three matrices as
+quantized linears, so the MoE layer, which groups the tokens routed to each expert, runs one quantized matmul per
+active expert and projection.
 
 GGUF weights run quantized without becoming float32 matrices (``load_gguf_quantized``): Q4_0, Q4_1 and
 Q4_K map exactly onto the int4 kernel's group-32 (scale, zero) format (Q4_1's ``d * q + m`` is
@@ -37,7 +40,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +351,30 @@ class BlockInt8Linear(_QuantLinear):
 QUANT_MODULES: dict[str, type[_QuantLinear]] = {m.kind: m for m in (Int8Linear, Int4Linear, BlockInt8Linear)}
 
 
+class QuantizedExperts(nn.Module):
+    """``model.GroupedExperts`` with each expert's matrices as linear modules (quantized, or ``nn.Linear`` where a
+    file keeps one in floats): ``w1[e]``, ``w3[e]`` map dim -> hidden, ``w2[e]`` hidden -> dim. ``experts(e, x)`` is
+    the SwiGLU of expert ``e`` on the rows ``x`` routed to it."""
+
+    def __init__(self, w1: list[nn.Module], w2: list[nn.Module], w3: list[nn.Module]) -> None:
+        super().__init__()
+        self.w1, self.w2, self.w3 = nn.ModuleList(w1), nn.ModuleList(w2), nn.ModuleList(w3)
+
+    def forward(self, e: int, x: Tensor) -> Tensor:
+        return self.w2[e](F.silu(self.w1[e](x)) * self.w3[e](x))
+
+    @staticmethod
+    def expert_matrices(experts: nn.Module) -> dict[str, list[Tensor]]:
+        """A ``GroupedExperts``' matrices as linear weights [out, in] per expert (views of Meta's [E, in, out])."""
+        return {n: list(getattr(experts, n).detach().transpose(1, 2).unbind(0)) for n in ("w1", "w2", "w3")}
+
+
+def _expert_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from .model import GroupedExperts
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GroupedExperts)]
+
+
 # Whole models ------------------------------------------------------------------------------------------
 def _target_linears(model: nn.Module) -> Iterable[tuple[str, nn.Linear]]:
     for name, mod in model.named_modules():
@@ -375,37 +402,61 @@ def quantize_model(model: Transformer, scheme: str = "int8", group_size: int | N
     from tqdm import tqdm
 
     kind, group = parse_scheme(scheme, group_size)
-    targets = list(_target_linears(model))
+    targets = [(name, lin.weight) for name, lin in _target_linears(model)]
+    expert_layers = _expert_layers(model)
+    for layer, experts in expert_layers:  # each expert's matrix as a linear weight [out, in]
+        for part, weights in QuantizedExperts.expert_matrices(experts).items():
+            targets += [(f"{layer}.{part}.{e}", w) for e, w in enumerate(weights)]
     if kind == "int4":
-        for name, lin in targets:
-            check_int4_shape(lin.in_features, lin.out_features, group, name)  # type: ignore[arg-type]
+        for name, w in targets:
+            check_int4_shape(w.shape[1], w.shape[0], group, name)  # type: ignore[arg-type]
     if kind.startswith("gguf"):
-        types = {name: _gguf_type(model, scheme, kind, group, name, lin) for name, lin in targets}
-    for name, lin in tqdm(targets, desc=f"quantizing to {scheme}", unit="matrix", disable=None, leave=False):
+        types = {name: _gguf_type(model, scheme, kind, group, name, w) for name, w in targets}
+    pending: dict[str, nn.Module] = {}  # one layer's quantized experts, until the layer is complete
+    sizes = {layer: 3 * experts.w1.shape[0] for layer, experts in expert_layers}
+    for name, w in tqdm(targets, desc=f"quantizing to {scheme}", unit="matrix", disable=None, leave=False):
+        expert = ".experts." in f".{name}"
         if kind == "int8":
-            new: nn.Module = Int8Linear.from_float(lin.weight, compute_dtype)
+            new: nn.Module = Int8Linear.from_float(w, compute_dtype)
         elif kind == "int4":
-            new = Int4Linear.from_float(lin.weight, group, compute_dtype)  # type: ignore[arg-type]
-        elif types[name] is None:
-            continue  # rows that fill no GGUF block: the matrix stays float, as llama.cpp keeps it F16
+            new = Int4Linear.from_float(w, group, compute_dtype)  # type: ignore[arg-type]
+        elif types[name] is None:  # rows that fill no GGUF block: the matrix stays float, as llama.cpp keeps it F16
+            new = _float_linear(w) if expert else model.get_submodule(name)
         else:
-            new = GGUFLinear.from_float(lin.weight, types[name])
-        _set_module(model, name, new)
+            new = GGUFLinear.from_float(w, types[name])
+        if not expert:
+            _set_module(model, name, new)
+            continue
+        pending[name] = new
+        layer = name.rsplit(".", 2)[0]
+        if len(pending) == sizes[layer]:
+            n = sizes[layer] // 3
+            parts = {p: [pending.pop(f"{layer}.{p}.{e}") for e in range(n)] for p in ("w1", "w2", "w3")}
+            _set_module(model, layer, QuantizedExperts(**parts))
     named = scheme.lower() if kind.startswith("gguf") else kind
     model.quantization = {"scheme": named, "group_size": group if kind == "int4" else None}  # type: ignore[assignment]
     return model
 
 
-def _gguf_type(model: Transformer, scheme: str, kind: str, qtype: int | None, name: str, lin: nn.Linear) -> int | None:
-    """The GGUF type `scheme` gives the linear `name` (None: it stays float)."""
+def _gguf_type(model: Transformer, scheme: str, kind: str, qtype: int | None, name: str, w: Tensor) -> int | None:
+    """The GGUF type `scheme` gives the matrix `name` [out, in] (None: it stays float). An expert's matrix
+    (``...experts.w2.3``) takes the type of its layer's stacked expert tensor."""
     if kind == "gguf":
-        return _block_type(qtype, lin.in_features, name)  # type: ignore[arg-type]
+        return _block_type(qtype, w.shape[1], name)  # type: ignore[arg-type]
     from gguf import GGMLQuantizationType as Q
 
     from .gguf_mixes import tensor_type
 
-    chosen = tensor_type(model.config, f"{name}.weight", (lin.out_features, lin.in_features), scheme.lower())
+    tensor = name.rpartition(".")[0] if ".experts." in f".{name}" else f"{name}.weight"
+    chosen = tensor_type(model.config, tensor, tuple(w.shape), scheme.lower())
     return None if chosen in (Q.F16, Q.F32, Q.BF16) else int(chosen)
+
+
+def _float_linear(weight: Tensor) -> nn.Linear:
+    """An ``nn.Linear`` holding `weight` [out, in] (a view: no copy)."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    return lin
 
 
 def _block_type(qtype: int, in_features: int, name: str) -> int:
@@ -666,6 +717,16 @@ def gguf_linear(
     return Int4Linear.from_codes(q, scales, zeros, 32, compute_dtype)
 
 
+def _gguf_module(data: Tensor, qtype: Any, shape: tuple[int, ...], device: torch.device) -> nn.Module:
+    """A GGUF matrix [out, in] in blocks as the module that runs it on `device`: its own blocks on the CPU, torch's
+    int4/int8 layouts on a GPU where they exist (``gguf_linear``)."""
+    if device.type == "cpu":
+        return GGUFLinear(shape[1], shape[0], qtype, data)
+    if qtype.name in GGUF_REPACK_TYPES:
+        return gguf_linear(data, qtype, tuple(shape)).to(device)
+    return GGUFLinear(shape[1], shape[0], qtype, data.to(device))
+
+
 def gguf_model_bytes(path: str | os.PathLike, dtype: torch.dtype | None = None) -> int:
     """Memory the weights of a GGUF file take when loaded: their blocks as stored, or (``dtype``) dequantized."""
     from .checkpoint import gguf as gguf_format
@@ -689,15 +750,21 @@ def is_quantized_gguf(path: str | os.PathLike) -> bool:
 
 @torch.no_grad()
 def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | None = None,
-                        dtype: torch.dtype = torch.float32,
+                        dtype: torch.dtype = torch.float32, mmap: bool = False,
                         part: Callable[[Any], Any] | None = None) -> Transformer:  # fmt: skip
-    """Load a GGUF file keeping its quantized matrices in their blocks, memory-mapped: every type in
-    ``GGUF_BLOCK_TYPES`` runs as stored (``GGUFLinear``; the embedding table as a ``GGUFEmbedding`` whose rows are
-    dequantized when looked up, a tied output head sharing its blocks). Norms and float matrices become `dtype`,
-    the activations' dtype. On a GPU, Q8_0/Q4_0/Q4_1/Q4_K matrices take torch's int4/int8 kernels instead.
+    """Load a GGUF file keeping its quantized matrices in their blocks: every type in ``GGUF_BLOCK_TYPES`` runs as
+    stored (``GGUFLinear``; the embedding table as a ``GGUFEmbedding`` whose rows are dequantized when looked up, a
+    tied output head sharing its blocks). Norms and float matrices become `dtype`, the activations' dtype. On a
+    GPU, Q8_0/Q4_0/Q4_1/Q4_K matrices take torch's int4/int8 kernels instead.
+
+    On the CPU the blocks are read into the process's memory one tensor at a time, each file page unmapped once
+    copied (resident once, as llama.cpp's CPU backend copies Q4_0/Q4_K into its own buffers): decoding streams
+    them ~13% faster than page-cache pages (benchmarks/RESULTS.md). ``mmap=True`` keeps them memory-mapped
+    instead: instant loading, and pages shared with other processes mapping the same file.
 
     ``part(tensor)``: each ``GGUFTensor``, once checked against the model's shape, is replaced by what it returns
-    (a tensor-parallel rank's whole rows or whole blocks of columns, ``inference.tensor_parallel``).
+    (a tensor-parallel rank's whole rows or whole blocks of columns, ``inference.tensor_parallel``); only that
+    part is read into memory.
     """
     from gguf import GGMLQuantizationType as Q
 
@@ -716,12 +783,16 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
         config = config.replace(tie_embeddings=False)
         model.config = config
     model.output = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")  # untie on meta
+    experts: dict[str, dict[str, list[nn.Module]]] = {}  # layer -> w1/w2/w3 -> a module per expert
     for name, t in raw.items():
         if name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} ({t.gguf_name})")
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{path}: tensor {t.gguf_name!r} has shape {list(t.shape)}, expected "
-                                  f"{list(expected[name].shape)}")  # fmt: skip
+        expert = name.endswith(gguf_format.EXPERT_TENSORS)
+        want = tuple(expected[name].shape)
+        want = (want[0], want[2], want[1]) if expert else want  # GGUF keeps each expert as [out, in]
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{path}: tensor {t.gguf_name!r} has shape {list(t.shape)}, expected {list(want)}")
+        mapped = t.data.untyped_storage().data_ptr()
         if part is not None:
             t = part(t)
         owner, _, attr = name.rpartition(".")
@@ -729,19 +800,23 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
         if blocks and t.qtype.name not in GGUF_BLOCK_TYPES:
             raise CheckpointError(f"{path}: tensor {t.gguf_name!r} is {t.qtype.name}, which llamaforge cannot run; "
                                   f"supported block types: {', '.join(GGUF_BLOCK_TYPES)}")  # fmt: skip
-        if blocks and name == "tok_embeddings.weight":
+        # a part that is already a copy (columns) needs no second one
+        if blocks and device.type == "cpu" and not mmap and t.data.untyped_storage().data_ptr() == mapped:
+            t = replace(t, data=gguf_format.into_memory(t.data))
+        if expert:
+            if blocks:
+                mods = [_gguf_module(t.data[e], t.qtype, t.shape[1:], device) for e in range(t.shape[0])]
+            else:
+                weight = (t.data.view(torch.float32) if t.qtype == Q.F32 else t.dequantize()).view(t.shape)
+                mods = [_float_linear(w) for w in weight.to(device=device, dtype=dtype).unbind(0)]
+            experts.setdefault(owner, {})[attr] = mods
+        elif blocks and name == "tok_embeddings.weight":
             emb = GGUFEmbedding(t.shape[0], t.shape[1], t.qtype, t.data.to(device), dtype)
             model.tok_embeddings = emb
             if tied:
                 model.output = emb.table if device.type == "cpu" else gguf_linear(t.data, t.qtype, t.shape).to(device)
         elif blocks and name in linear_names:
-            if device.type == "cpu":
-                mod: nn.Module = GGUFLinear(t.shape[1], t.shape[0], t.qtype, t.data)
-            elif t.qtype.name in GGUF_REPACK_TYPES:
-                mod = gguf_linear(t.data, t.qtype, t.shape).to(device)
-            else:
-                mod = GGUFLinear(t.shape[1], t.shape[0], t.qtype, t.data.to(device))
-            _set_module(model, owner, mod)
+            _set_module(model, owner, _gguf_module(t.data, t.qtype, t.shape, device))
         elif blocks:
             raise CheckpointError(f"{path}: tensor {t.gguf_name!r} is {t.qtype.name}; only matrices may be quantized")
         else:
@@ -750,6 +825,10 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
             setattr(model.get_submodule(owner), attr, value)
             if name == "tok_embeddings.weight" and tied:
                 model.output.weight = model.tok_embeddings.weight
+    for layer, parts in experts.items():
+        if set(parts) != {"w1", "w2", "w3"}:
+            raise CheckpointError(f"{path}: layer {layer} has expert tensors {sorted(parts)}, not all of w1, w2, w3")
+        _set_module(model, layer, QuantizedExperts(parts["w1"], parts["w2"], parts["w3"]))
     meta_left = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
                  if p.is_meta and n != "rope_freqs"]  # fmt: skip
     if meta_left:
@@ -832,6 +911,16 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
         model = Transformer(config)
     if config.tie_embeddings:
         model.output = nn.Linear(config.dim, config.vocab_size, bias=False, device="meta")
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+        stored = list(f.keys())
+    split = {m.group(1) for key in stored if (m := re.match(r"(.+\.experts)\.w[123]\.\d+\.", key))}
+    for layer in split:  # experts saved one matrix per expert: a QuantizedExperts of float linears to fill in
+        n, dim, hidden = model.get_submodule(layer).w1.shape
+
+        def linears(k: int, m: int, n: int = n) -> list[nn.Module]:
+            return [nn.Linear(k, m, bias=False, device="meta") for _ in range(n)]
+
+        _set_module(model, layer, QuantizedExperts(linears(dim, hidden), linears(hidden, dim), linears(dim, hidden)))
     for name, spec in modules.items():
         kind = spec.get("kind")
         if kind not in QUANT_MODULES:
@@ -846,6 +935,10 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
             if key not in expected:
                 raise ValueError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r}")
             t = f.get_tensor(key)
+            if t.device.type == "cpu" and t.data_ptr() % 64:
+                # safetensors aligns tensor data to 8 bytes only; torch's int8 kernel (_weight_int8pack_mm) crashes
+                # on a misaligned weight, so such a tensor gets an aligned copy.
+                t = t.clone()
             if tuple(t.shape) != tuple(expected[key].shape):
                 raise ValueError(f"{path / WEIGHTS_FILE}: {key!r} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(expected[key].shape)}")  # fmt: skip
@@ -867,6 +960,7 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
 
 
 __all__ = ["GGUF_BLOCK_TYPES", "SCHEMES", "BlockInt8Linear", "GGUFEmbedding", "GGUFLinear", "Int4Linear", "Int8Linear",
+           "QuantizedExperts",
            "gguf_codes", "gguf_linear", "gguf_model_bytes", "is_quantized_dir", "is_quantized_gguf",
            "load_gguf_quantized", "load_quantized", "parse_scheme", "quantize_model", "quantized_modules",
            "save_quantized"]  # fmt: skip

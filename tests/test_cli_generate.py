@@ -166,3 +166,43 @@ def test_speculative_options_keep_the_greedy_text(model_dir, cli):
     assert code == 0 and drafted == plain
     code, _, err = cli(*common, "--draft-model", str(model_dir), "--speculative-ngram")
     assert code == 2 and "choose one of --draft-model and --speculative-ngram" in err
+
+
+def test_output_constraints(model_dir, cli, tmp_path):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}  # fmt: skip
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    (tmp_path / "answer.gbnf").write_text('root ::= ("yes" | "no") "!"\n')
+    common = gen_args(model_dir, "-p", "hello world", "-n", "40", "-t", "1.0", "--seed", "3")
+    code, out, err = cli(*common, "--json-schema", str(tmp_path / "schema.json"))
+    assert code == 0, err
+    value = json.loads(out)
+    assert isinstance(value["ok"], bool) and value["n"] in (1, 2, 3) and set(value) == {"ok", "n"}
+    code, out, err = cli(*common, "--grammar", str(tmp_path / "answer.gbnf"))
+    assert code == 0 and out.strip() in ("yes!", "no!"), err
+    code, out, _ = cli(*common, "--choice", "red", "--choice", "green")
+    assert out.strip() in ("red", "green")
+    code, out, _ = cli(*common, "--regex", "[0-9]{4}")
+    assert len(out.strip()) == 4 and out.strip().isdigit()
+    code, out, _ = cli(*common, "--json")
+    assert code == 0 and out.startswith("{")  # an object (cut short when the tokens run out)
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "message"),
+    [
+        ({"s.json": '{"type": "array", "uniqueItems": true}'}, ["--json-schema", "s.json"], 'keyword.*"uniqueItems"'),
+        ({"s.json": "{not json"}, ["--json-schema", "s.json"], "s.json: the JSON schema is not valid JSON"),
+        ({"g.gbnf": 'root ::= "a" ('}, ["--grammar", "g.gbnf"], r"g.gbnf: the grammar does not parse: Expected '\)'"),
+        ({}, ["--grammar", "missing.gbnf"], "--grammar .*missing.gbnf: No such file"),
+        ({}, ["--regex", "a", "--choice", "b"], "at most one output constraint, got --regex, --choice"),
+    ],
+)
+def test_bad_constraints_are_reported(model_dir, cli, tmp_path, monkeypatch, files, args, message):
+    import re
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(*gen_args(model_dir, "-p", "hi", "-n", "4", *args))
+    assert code == 2 and re.search(message, err), err

@@ -186,7 +186,10 @@ def test_default_load_keeps_blocks_and_dtype_dequantizes(tmp_path, capsys):
     assert isinstance(blocks.model.layers[0].attention.wq, GGUFLinear)
     assert isinstance(blocks.model.tok_embeddings, GGUFEmbedding)
     assert blocks.model.output.blocks is blocks.model.tok_embeddings.weight  # the tied head shares the table
-    assert _mapped_from(blocks.model.layers[0].attention.wq.blocks, tmp_path / "m.gguf")  # memory-mapped, not copied
+    assert not _mapped_from(blocks.model.layers[0].attention.wq.blocks, tmp_path / "m.gguf")  # read into memory
+    mapped = llamaforge.load(tmp_path / "m.gguf", mmap=True)
+    assert _mapped_from(mapped.model.layers[0].attention.wq.blocks, tmp_path / "m.gguf")  # no copy
+    assert torch.equal(mapped.model.layers[0].attention.wq.blocks, blocks.model.layers[0].attention.wq.blocks)
     floats = llamaforge.load(tmp_path / "m.gguf", dtype=torch.float32)
     assert "dequantizing m.gguf to torch.float32" in capsys.readouterr().err
     assert isinstance(floats.model.layers[0].attention.wq, torch.nn.Linear)
@@ -195,6 +198,33 @@ def test_default_load_keeps_blocks_and_dtype_dequantizes(tmp_path, capsys):
         a, b = blocks.model(tokens), floats.model(tokens)
     assert (a - b).abs().max() < 0.05 * b.abs().max()  # only the 8-bit activations differ
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def _file_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of the file at `path` (Linux: /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = len(fields) >= 6 and fields[5] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_blocks_read_into_memory_are_resident_once(tmp_path):
+    """Read into memory, the blocks' file pages are unmapped once copied: the file's mapping keeps only what the
+    float tensors (norms) and partial pages at tensor edges still hold."""
+    _tiny_gguf(tmp_path / "m.gguf", dtype="q8_0", dim=256, hidden_dim=1024)
+    llm = llamaforge.load(tmp_path / "m.gguf")
+    blocks = sum(m.blocks.numel() for m in llm.model.modules() if isinstance(m, GGUFLinear))
+    assert blocks > 1 << 20
+    assert _file_rss_kib(tmp_path / "m.gguf") * 1024 < 0.1 * blocks
+    mapped = llamaforge.load(tmp_path / "m.gguf", mmap=True)
+    with torch.no_grad():
+        tokens = torch.randint(0, 512, (1, 8))
+        torch.testing.assert_close(llm.model(tokens), mapped.model(tokens), rtol=0, atol=0)
 
 
 def test_generation_on_blocks_equals_the_model_forward(tmp_path):

@@ -12,8 +12,10 @@ from llamaforge.inference.cache import PagedKVCache
 from llamaforge.model import build_model
 from llamaforge.quantize import (
     BlockInt8Linear,
+    GGUFLinear,
     Int4Linear,
     Int8Linear,
+    QuantizedExperts,
     gguf_linear,
     load_quantized,
     parse_scheme,
@@ -191,3 +193,71 @@ def test_quantized_linears_are_correct_under_autograd(make, rows):
     (x_grad,) = torch.autograd.grad(y, x, grad_out)
     torch.testing.assert_close(x_grad, grad_out @ mod.dequantize(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y, x @ mod.dequantize().T, rtol=2e-2, atol=2e-2)
+
+
+# Llama 4 experts ---------------------------------------------------------------------------------------------
+def _moe_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(get_preset("tiny-moe", n_experts=8, n_experts_per_token=2)).eval()
+
+
+@pytest.mark.parametrize("scheme,kind", [("int8", Int8Linear), ("int4", Int4Linear), ("q8_0", GGUFLinear)])
+def test_quantized_experts(scheme: str, kind: type) -> None:
+    model = _moe_model()
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = model(tokens)
+    quantize_model(model, scheme)
+    moe = model.layers[1].feed_forward
+    assert isinstance(moe.experts, QuantizedExperts) and len(moe.experts.w1) == 8
+    assert all(isinstance(m, kind) for part in (moe.experts.w1, moe.experts.w2, moe.experts.w3) for m in part)
+    assert type(moe.router) is torch.nn.Linear  # the router stays float, as llama.cpp keeps ffn_gate_inp
+    assert (moe.experts.w1[0].in_features, moe.experts.w1[0].out_features) == (64, 96)
+    assert (moe.experts.w2[0].in_features, moe.experts.w2[0].out_features) == (96, 64)
+    with torch.inference_mode():
+        assert _rel_err(model(tokens), ref) < (0.2 if scheme == "int4" else 0.03)  # 4 bits: noise and re-routing
+
+
+def test_quantized_experts_run_once_per_active_expert() -> None:
+    """Tokens are grouped by expert: each expert that received tokens runs one matmul per projection per forward."""
+    model = quantize_model(_moe_model(), "int8")
+    moe = model.layers[1].feed_forward
+    calls: list[int] = []
+    for e, lin in enumerate(moe.experts.w1):
+        lin.register_forward_hook(lambda mod, inp, out, e=e: calls.append((e, inp[0].shape[0])))
+    chosen: list[torch.Tensor] = []
+    moe.router.register_forward_hook(lambda mod, inp, out: chosen.append(out.topk(2, dim=-1).indices))
+    with torch.inference_mode():
+        model(torch.randint(0, 512, (3, 10), generator=torch.Generator().manual_seed(2)))
+    active, counts = chosen[0].unique(return_counts=True)
+    assert sorted(calls) == sorted(zip(active.tolist(), counts.tolist()))
+
+
+@pytest.mark.parametrize("scheme", ["int4", "q4_k_m"])
+def test_quantized_experts_save_and_load(scheme: str, tmp_path) -> None:
+    model = quantize_model(_moe_model(), scheme)
+    save_quantized(model, tmp_path / "q")
+    back = load_quantized(tmp_path / "q")
+    assert isinstance(back.layers[3].feed_forward.experts, QuantizedExperts)
+    tokens = torch.randint(0, 512, (1, 20))
+    with torch.inference_mode():
+        assert torch.equal(back(tokens), model(tokens))
+
+
+def test_gguf_experts_run_as_stored(tmp_path) -> None:
+    from llamaforge.checkpoint import save_model
+    from llamaforge.quantize import load_gguf_quantized
+
+    model = _moe_model()
+    save_model(model, tmp_path / "m.gguf", "gguf", dtype="q8_0")
+    blocks = load_gguf_quantized(tmp_path / "m.gguf")
+    experts = blocks.layers[1].feed_forward.experts
+    assert isinstance(experts, QuantizedExperts) and isinstance(experts.w2[7], GGUFLinear)
+    assert experts.w2[7].qtype == Q.Q8_0 and experts.w2[7].blocks.shape == (64, 96 // 32 * 34)
+    from llamaforge.checkpoint import load_model
+
+    dequantized, _ = load_model(tmp_path / "m.gguf", dtype=torch.float32)
+    tokens = torch.randint(0, 512, (2, 12))
+    with torch.inference_mode():  # the blocks' matmuls round the activations to 8 bits, as llama.cpp does
+        assert _rel_err(blocks(tokens), dequantized(tokens)) < 0.01
+        assert _rel_err(blocks(tokens), model(tokens)) < 0.03

@@ -25,9 +25,19 @@ Extra entry points, for other parts of llamaforge:
   llama.cpp's quantizer would choose for it, with the same blocks it would write, and records the mix as
   ``general.file_type``. Norms (and the RoPE factors) always stay F32, as llama.cpp expects.
 
-Only the dense ``llama`` architecture is read and written; other architectures (``llama4`` included) are
-refused with an error naming them. A file written without a tokenizer has no vocabulary, and llama.cpp
-needs one to open it.
+Architectures: ``llama`` (dense models) and ``llama4`` (Llama 4's text model, as llama.cpp's
+``convert_hf_to_gguf.py`` writes it): the router ``ffn_gate_inp``, the experts stacked per layer as
+``ffn_gate_exps`` / ``ffn_up_exps`` [E, hidden, dim] and ``ffn_down_exps`` [E, dim, hidden] (each expert's matrix
+in linear-layer orientation, so its rows are blocks as in any matrix; llamaforge's model keeps Meta's transposed
+layout, and ``read_tensors`` / ``write`` transpose), the shared expert ``ffn_{gate,up,down}_shexp``; metadata
+``expert_count``, ``expert_used_count``, ``expert_feed_forward_length``, ``interleave_moe_layer_step`` and
+``attention.sliding_window`` (the chunk size of local attention, 0 for none). llama.cpp fixes the rest for every
+Llama 4 (NoPE on every 4th layer, temperature tuning with floor 8192 and scale 0.1, QK norm unless the model has
+128 experts); llamaforge reads those defaults and writes its model's own values beside them so that any Llama 4
+shape round-trips: ``llama4.no_rope_layer_step`` (0: RoPE everywhere), ``llama4.attention.temperature_scale`` (0:
+no tuning), ``llama4.attention.temperature_length`` (the floor scale) and ``llama4.attention.qk_norm``. Other
+architectures are refused with an error naming them. A file written without a tokenizer has no vocabulary, and
+llama.cpp needs one to open it.
 
 Layout: GGUF lists dimensions fastest first (``ne``), so a matrix ``[out, in]`` in torch is ``ne = [in,
 out]`` with the same bytes; q and k use the adjacent-pair RoPE layout, like Meta's, so nothing is permuted.
@@ -36,6 +46,7 @@ Llama 3.1 RoPE scaling is stored, as llama.cpp does, as per-frequency divisors i
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import math
@@ -43,6 +54,7 @@ import mmap
 import os
 import re
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +76,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4  # GGML_MAX_DIMS
 ARCHITECTURE = "llama"
+ARCHITECTURES = ("llama", "llama4")
 
 # GGUF tensor names <-> llamaforge names; per-layer entries use the part after "blk.N." / "layers.N.".
 _GLOBAL_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
@@ -78,9 +91,19 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "feed_forward.w1.weight",
     "ffn_up.weight": "feed_forward.w3.weight",
     "ffn_down.weight": "feed_forward.w2.weight",
+    # Llama 4's mixture of experts
+    "ffn_gate_inp.weight": "feed_forward.router.weight",
+    "ffn_gate_exps.weight": "feed_forward.experts.w1",
+    "ffn_up_exps.weight": "feed_forward.experts.w3",
+    "ffn_down_exps.weight": "feed_forward.experts.w2",
+    "ffn_gate_shexp.weight": "feed_forward.shared_expert.w1.weight",
+    "ffn_up_shexp.weight": "feed_forward.shared_expert.w3.weight",
+    "ffn_down_shexp.weight": "feed_forward.shared_expert.w2.weight",
 }
 _TO_GGUF_GLOBAL = {v: k for k, v in _GLOBAL_NAMES.items()}
 _TO_GGUF_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
+# Stacked experts: GGUF stores [E, out, in] (each expert as a linear weight), llamaforge Meta's [E, in, out].
+EXPERT_TENSORS = ("feed_forward.experts.w1", "feed_forward.experts.w2", "feed_forward.experts.w3")
 ROPE_FREQS = "rope_freqs.weight"
 
 _FLOAT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
@@ -95,7 +118,7 @@ def gguf_name(name: str) -> str:
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     if m and m.group(2) in _TO_GGUF_LAYER:
         return f"blk.{m.group(1)}.{_TO_GGUF_LAYER[m.group(2)]}"
-    raise KeyError(f"tensor {name!r} has no GGUF name (only dense llama models can be written as GGUF)")
+    raise KeyError(f"tensor {name!r} has no GGUF name")
 
 
 def llamaforge_name(name: str) -> str | None:
@@ -384,8 +407,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
             "(llama-gguf-split --merge)"
         )
     arch = _get(file, md, "general.architecture", str)
-    if arch != ARCHITECTURE:
-        raise CheckpointError(f"{file}: GGUF architecture {arch!r} is not supported (llamaforge reads 'llama')")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{file}: GGUF architecture {arch!r} is not supported (llamaforge reads "
+                              f"{', '.join(repr(a) for a in ARCHITECTURES)})")  # fmt: skip
     a = arch
     dim = _get(file, md, f"{a}.embedding_length", int)
     n_heads = _get(file, md, f"{a}.attention.head_count", int)
@@ -423,6 +447,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
             tie_embeddings="output.weight" not in header.tensors,
             name=md.get("general.name", "") if isinstance(md.get("general.name"), str) else "",
         )
+        if arch == "llama4":
+            config = _llama4_config(file, md, config)
     except CheckpointError:
         raise
     except ValueError as exc:  # ModelConfig's own checks
@@ -430,8 +456,30 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return config.replace(rope_scaling=_read_rope_scaling(header, config))
 
 
+def _llama4_config(file: Path, md: dict[str, Any], config: ModelConfig) -> ModelConfig:
+    """The Llama 4 fields of a ``llama4`` file: llama.cpp's keys, then llamaforge's (see the module docstring)."""
+    a = "llama4"
+    experts = _get(file, md, f"{a}.expert_count", int, 0, positive=False)
+    window = _get(file, md, f"{a}.attention.sliding_window", int, 8192, positive=False)
+    nope = _get(file, md, f"{a}.no_rope_layer_step", int, 4, positive=False)
+    scale = _get(file, md, f"{a}.attention.temperature_scale", float, 0.1, positive=False)
+    return config.replace(
+        n_experts=experts,
+        n_experts_per_token=_get(file, md, f"{a}.expert_used_count", int, 1) if experts else 1,
+        moe_every=_get(file, md, f"{a}.interleave_moe_layer_step", int, 1) if experts else 1,
+        moe_hidden_dim=_get(file, md, f"{a}.expert_feed_forward_length", int) if experts else None,
+        use_qk_norm=_get(file, md, f"{a}.attention.qk_norm", bool, experts != 128),
+        nope_layer_interval=nope or None,
+        attn_temperature_tuning=scale != 0,
+        attn_scale=scale if scale != 0 else 0.1,
+        attn_floor_scale=_get(file, md, f"{a}.attention.temperature_length", float, 8192.0),
+        attention_chunk_size=window or None,
+    )
+
+
 def _read_rope_scaling(header: GGUFHeader, config: ModelConfig) -> RopeScaling | None:
-    file, md, a = header.path, header.metadata, ARCHITECTURE
+    file, md = header.path, header.metadata
+    a = md.get("general.architecture", ARCHITECTURE)
     kind = md.get(f"{a}.rope.scaling.type", "none")
     factor = md.get(f"{a}.rope.scaling.factor", md.get(f"{a}.rope.scale_linear", 1.0))
     if kind not in ("none", "linear") or (kind == "linear" and factor != 1.0):
@@ -458,10 +506,11 @@ def rope_factors(scaling: RopeScaling, theta: float, head_dim: int) -> np.ndarra
     wavelen = 2 * math.pi / freqs
     low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
     high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
-    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    band = 1.0 / ((1 - smooth) / scaling.factor + smooth)
+    with np.errstate(divide="ignore", invalid="ignore"):  # Llama 4 Scout: low == high, no band between
+        smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        band = 1.0 / ((1 - smooth) / scaling.factor + smooth)
     return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, scaling.factor, band))
 
 
@@ -471,7 +520,7 @@ def rope_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int, 
     if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
         return None
     factor = _short_float(float(factors.max()))
-    candidates = [(1.0, 4.0)]
+    candidates = [(1.0, 4.0), (1.0, 1.0)]  # Llama 3.1's factors; Llama 4 Scout's (a step, no band)
     wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     band = (factors > 1 + 1e-5) & (factors < factor * (1 - 1e-5))
     if band.sum() >= 2 and factor > 1:
@@ -482,7 +531,7 @@ def rope_scaling_from_factors(factors: np.ndarray, theta: float, head_dim: int, 
         low = -intercept * width
         candidates.append((round(low, 4), round(low + width, 4)))
     for low, high in candidates:
-        if not 0 < low < high:
+        if not 0 < low <= high:
             continue
         scaling = RopeScaling(factor=factor, low_freq_factor=low, high_freq_factor=high, original_max_seq_len=orig_ctx)
         if np.allclose(rope_factors(scaling, theta, head_dim), factors, rtol=1e-4, atol=0):
@@ -533,6 +582,25 @@ def _raw_tensor(header: GGUFHeader, data: np.memmap, info: TensorInfo) -> GGUFTe
     return GGUFTensor(name, info.name, info.qtype, info.shape, raw)
 
 
+def into_memory(view: Tensor) -> Tensor:
+    """A copy of `view` (a tensor of ``read_raw``, mapped from the file) in the process's own memory, and the file's
+    pages it was read from unmapped again, so that its bytes are resident once. Only pages wholly inside the view
+    are dropped (they stay in the page cache and would be read again if touched)."""
+    copy = view.clone()
+    _unmap_pages(view.data_ptr(), view.numel() * view.element_size())
+    return copy
+
+
+def _unmap_pages(address: int, nbytes: int) -> None:
+    if sys.platform != "linux":
+        return
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if end > start:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(4))  # MADV_DONTNEED
+
+
 def read_raw(path: str | os.PathLike) -> dict[str, GGUFTensor]:
     """Every model tensor under its llamaforge name, in its GGUF encoding (see the module docstring)."""
     header = read_header(path)
@@ -577,7 +645,10 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
             value = t.data.view(torch.bfloat16)
         else:
             value = t.dequantize()
-        yield t.name, value.reshape(info.shape).to(dtype)
+        value = value.reshape(info.shape)
+        if t.name.endswith(EXPERT_TENSORS):  # GGUF's [E, out, in] -> Meta's [E, in, out] (a view)
+            value = value.transpose(1, 2)
+        yield t.name, value.to(dtype)
 
 
 # Writing ----------------------------------------------------------------------------------------
@@ -604,6 +675,8 @@ def _tensor_type(config: ModelConfig, name: str, tensor: Tensor, kind: Q | str |
     type `kind` (default: their own float type)."""
     if tensor.dim() == 1:
         return Q.F32
+    if isinstance(kind, str) and name.endswith("router.weight"):
+        return Q.F32  # llama.cpp's quantizer never quantizes ffn_gate_inp
     if isinstance(kind, str):
         return tensor_type(config, name, tuple(tensor.shape), kind)
     return kind or _TORCH_TYPES.get(tensor.dtype, Q.F32)
@@ -629,15 +702,12 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, Tenso
     from . import atomic_output
 
     path = Path(path)
-    if config.n_experts or config.use_qk_norm or config.nope_layer_interval or config.attention_chunk_size:
-        raise ValueError("GGUF writing supports dense llama models; Llama 4 features (experts, QK norm, NoPE, "
-                         "chunked attention) cannot be written")  # fmt: skip
     kind = write_type(dtype)
     expected = check_tensors(path, config, tensors)
     order = [n for n in expected if n in tensors] + [n for n in tensors if n not in expected]
 
     with atomic_output(path, is_dir=False) as tmp:
-        w = GGUFWriter(tmp, ARCHITECTURE)
+        w = GGUFWriter(tmp, "llama4" if config.is_llama4 else ARCHITECTURE)
         _add_model_metadata(w, config, kind)
         if tokenizer is not None:
             _add_tokenizer_metadata(w, tokenizer, config.vocab_size)
@@ -649,6 +719,8 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: dict[str, Tenso
             plan.append((ROPE_FREQS, freqs, Q.F32))
         for name in order:
             t = tensors[name]
+            if name.endswith(EXPERT_TENSORS):  # Meta's [E, in, out] -> GGUF's [E, out, in]
+                t = t.transpose(1, 2)
             qtype = _tensor_type(config, name, t, kind)
             block, type_size = BLOCK_SIZES[qtype]
             # raw_dtype fixes the type; a non-uint8 tensor_dtype makes GGUFWriter take the shape as given.
@@ -691,6 +763,22 @@ def _add_model_metadata(w: GGUFWriter, config: ModelConfig, kind: Q | str | None
         w.add_value_length(config.dim_per_head)
     if config.rope_scaling is not None:
         w.add_rope_scaling_orig_ctx_len(config.rope_scaling.original_max_seq_len)
+    if config.is_llama4:
+        a = "llama4"
+        if config.n_experts:
+            w.add_expert_count(config.n_experts)
+            w.add_expert_used_count(config.n_experts_per_token)
+            w.add_expert_feed_forward_length(config.expert_hidden_dim)
+            w.add_interleave_moe_layer_step(config.moe_every)
+        w.add_sliding_window(config.attention_chunk_size or 0)
+        w.add_uint32(f"{a}.no_rope_layer_step", config.nope_layer_interval or 0)
+        w.add_float32(f"{a}.attention.temperature_scale", config.attn_scale if config.attn_temperature_tuning else 0.0)
+        floor = config.attn_floor_scale
+        if float(floor).is_integer():
+            w.add_uint32(f"{a}.attention.temperature_length", int(floor))
+        else:
+            w.add_float32(f"{a}.attention.temperature_length", floor)
+        w.add_bool(f"{a}.attention.qk_norm", config.use_qk_norm)
 
 
 # Value types of the standard tokenizer keys; other keys get a type from their Python value.

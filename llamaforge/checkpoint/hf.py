@@ -1,10 +1,18 @@
 """Hugging Face checkpoints: a directory with ``config.json`` and ``*.safetensors`` (single or sharded).
 
+Architectures: ``LlamaForCausalLM`` (LLaMA 1-3, Code Llama), and Llama 4's ``Llama4ForCausalLM`` and
+``Llama4ForConditionalGeneration`` (its language model: ``language_model.model.*``), as transformers and Meta's
+conversion script write them: expert weights fused per layer (``experts.gate_up_proj`` [E, dim, 2 * hidden], the
+gate's columns first, and ``experts.down_proj`` [E, hidden, dim], Meta's own layout), a ``router`` and a
+``shared_expert``, dense and MoE layers interleaved (``moe_layers`` / ``interleave_moe_layer_step``), NoPE layers
+(``no_rope_layers``), chunked attention on the RoPE layers, QK norm and attention temperature tuning.
+
 Hugging Face's Llama stores the rows of q and k permuted so that rotary embeddings can rotate the two
 halves of each head (``rotate_half``); llamaforge rotates adjacent pairs as Meta does, so q and k are
-un-permuted on read and permuted again on write. Tensors are read lazily through
-``safetensors.safe_open``, whose tensors are backed by a private memory map of the file: loading a
-checkpoint in its stored dtype never holds a second copy of the model.
+un-permuted on read and permuted again on write. Llama 4's transformers code rotates adjacent pairs itself, so
+its q and k are stored as Meta's. Tensors are read lazily through ``safetensors.safe_open``, whose tensors are
+backed by a private memory map of the file: loading a checkpoint in its stored dtype never holds a second copy of
+the model (the fused expert tensors are split into views of it).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +36,8 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 5_000_000_000  # Hugging Face's default shard size ("5GB")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Llama4ForCausalLM", "Llama4ForConditionalGeneration")
+_LLAMA4_TYPES = {"llama4": "Llama4ForConditionalGeneration", "llama4_text": "Llama4ForCausalLM"}
 
 # Hugging Face name -> llamaforge name; {i} is the layer index.
 _LAYER_NAMES = {
@@ -46,12 +56,28 @@ _GLOBAL_NAMES = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
-_TO_HF_LAYER = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
-_TO_HF_GLOBAL = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
+# Llama 4's text layers; "experts.gate_up_proj" is the fused pair below, split on read and joined on write.
+_LLAMA4_LAYER_NAMES = {
+    **{k: v for k, v in _LAYER_NAMES.items() if not k.startswith("mlp.")},
+    "feed_forward.gate_proj.weight": "feed_forward.w1.weight",
+    "feed_forward.up_proj.weight": "feed_forward.w3.weight",
+    "feed_forward.down_proj.weight": "feed_forward.w2.weight",
+    "feed_forward.router.weight": "feed_forward.router.weight",
+    "feed_forward.shared_expert.gate_proj.weight": "feed_forward.shared_expert.w1.weight",
+    "feed_forward.shared_expert.up_proj.weight": "feed_forward.shared_expert.w3.weight",
+    "feed_forward.shared_expert.down_proj.weight": "feed_forward.shared_expert.w2.weight",
+    "feed_forward.experts.down_proj": "feed_forward.experts.w2",
+}
+_GATE_UP = "feed_forward.experts.gate_up_proj"
+_GATE_UP_PARTS = ("feed_forward.experts.w1", "feed_forward.experts.w3")
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 # Buffers some old exports carry; they are recomputed, never loaded.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+# Llama4ForConditionalGeneration's image side: llamaforge runs its language model only (text in, text out), so these
+# are skipped with a note, as llama.cpp keeps them out of the text model's GGUF (in a separate mmproj file).
+_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,12 +109,26 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     data = read_json(file, "the Hugging Face model configuration")
     architectures = data.get("architectures") or []
     model_type = data.get("model_type")
-    if not (set(architectures) & set(SUPPORTED_ARCHITECTURES) or (not architectures and model_type == "llama")):
+    known = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
+    if not known and not architectures and model_type in ("llama", *_LLAMA4_TYPES):
+        known = [_LLAMA4_TYPES.get(model_type, "LlamaForCausalLM")]
+    if not known:
         raise CheckpointError(
             f"{file}: unsupported architecture {architectures or model_type!r} "
             f"(llamaforge reads {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    return config_from_hf(data, file, name=data.get("_name_or_path") or path.name)
+    name = data.get("_name_or_path") or path.name
+    if known[0] == "Llama4ForConditionalGeneration":
+        text = data.get("text_config")
+        if not isinstance(text, dict):
+            raise CheckpointError(f"{file}: a Llama4ForConditionalGeneration config needs a 'text_config' object")
+        config = config_from_hf_llama4(text, file, name)
+    elif known[0] == "Llama4ForCausalLM":
+        config = config_from_hf_llama4(data, file, name)
+    else:
+        config = config_from_hf(data, file, name=name)
+    config.extra["architecture"] = known[0]
+    return config
 
 
 def config_from_hf(data: Mapping[str, Any], file: Path | str, name: str = "") -> ModelConfig:
@@ -130,6 +170,71 @@ def config_from_hf(data: Mapping[str, Any], file: Path | str, name: str = "") ->
             extra=extra,
         )
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{file}: {exc}") from None
+
+
+def config_from_hf_llama4(data: Mapping[str, Any], file: Path | str, name: str = "") -> ModelConfig:
+    """Translate a Llama4TextConfig dictionary (``text_config`` of Llama4ForConditionalGeneration) into a
+    ModelConfig. Per-layer lists (``moe_layers``, ``no_rope_layers``, ``layer_types``) must follow the regular
+    patterns llamaforge's config expresses; anything else is refused naming the field."""
+    # Llama4TextConfig's defaults: the dense layers' width is intermediate_size_mlp, head_dim 128 when unstated.
+    dense = data.get("intermediate_size_mlp", data.get("intermediate_size"))
+    base = config_from_hf({**data, "intermediate_size": dense, "head_dim": data.get("head_dim", 128)}, file, name)
+    n = base.n_layers
+    experts = int(data.get("num_local_experts") or 0)
+    step = int(data.get("interleave_moe_layer_step") or 1)
+    moe_layers = data.get("moe_layers")
+    if moe_layers is not None:
+        if not isinstance(moe_layers, list) or not all(isinstance(i, int) for i in moe_layers):
+            raise CheckpointError(f"{file}: moe_layers must be a list of layer indices, got {moe_layers!r}")
+        if not moe_layers:
+            experts = 0
+        elif moe_layers != list(range(step - 1, n, step)):
+            every = moe_layers[0] + 1
+            if moe_layers != list(range(every - 1, n, every)):
+                raise CheckpointError(f"{file}: moe_layers {moe_layers} are not every n-th layer; llamaforge supports "
+                                      "mixture-of-experts layers at a regular interval")  # fmt: skip
+            step = every
+    interval = int(data.get("no_rope_layer_interval") or 4)
+    no_rope = data.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(n)]
+    if not isinstance(no_rope, list) or len(no_rope) < n:
+        raise CheckpointError(f"{file}: no_rope_layers must list a 0/1 flag for each of the {n} layers, "
+                              f"got {no_rope!r}")  # fmt: skip
+    nope = [i for i in range(n) if not no_rope[i]]
+    if not nope:
+        interval_or_none: int | None = None
+    else:
+        every = nope[0] + 1
+        if nope != list(range(every - 1, n, every)):
+            raise CheckpointError(f"{file}: no_rope_layers {no_rope[:n]} do not mark every n-th layer; llamaforge "
+                                  "supports NoPE layers at a regular interval")  # fmt: skip
+        interval_or_none = every
+    chunk = data.get("attention_chunk_size")
+    layer_types = data.get("layer_types")
+    if chunk is not None and layer_types is not None:
+        chunked = [i for i, kind in enumerate(layer_types[:n]) if kind == "chunked_attention"]
+        rope_layers = [i for i in range(n) if no_rope[i]]
+        if not chunked:
+            chunk = None
+        elif chunked != rope_layers:
+            raise CheckpointError(f"{file}: layer_types puts chunked attention on layers {chunked}, not on the RoPE "
+                                  f"layers {rope_layers} as Llama 4 does")  # fmt: skip
+    try:
+        return base.replace(
+            n_experts=experts,
+            n_experts_per_token=int(data.get("num_experts_per_tok") or 1),
+            moe_every=step,
+            moe_hidden_dim=int(data["intermediate_size"]) if experts else None,
+            use_qk_norm=bool(data.get("use_qk_norm", True)),
+            nope_layer_interval=interval_or_none,
+            attn_temperature_tuning=bool(data.get("attn_temperature_tuning", True)),
+            attn_floor_scale=float(data.get("floor_scale", 8192)),
+            attn_scale=float(data.get("attn_scale", 0.1)),
+            attention_chunk_size=int(chunk) if chunk else None,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{file}: {exc}") from None
@@ -193,6 +298,38 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return data
 
 
+def config_to_hf_llama4(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """A Llama4ForCausalLM config.json (``model_type`` llama4_text) for `config`, every per-layer list spelled out."""
+    data = config_to_hf(config, dtype)
+    n = config.n_layers
+    moe = [i for i in range(n) if config.is_moe_layer(i)]
+    floor = config.attn_floor_scale
+    data.update({
+        "architectures": ["Llama4ForCausalLM"],
+        "model_type": "llama4_text",
+        "intermediate_size": config.expert_hidden_dim if config.n_experts else config.ffn_hidden_dim,
+        "intermediate_size_mlp": config.ffn_hidden_dim,
+        "head_dim": config.dim_per_head,
+        "num_local_experts": config.n_experts,
+        "num_experts_per_tok": config.n_experts_per_token,
+        "interleave_moe_layer_step": config.moe_every,
+        "moe_layers": moe,
+        "use_qk_norm": config.use_qk_norm,
+        "no_rope_layers": [int(config.uses_rope(i)) for i in range(n)],
+        "no_rope_layer_interval": config.nope_layer_interval or n + 1,
+        "attention_chunk_size": config.attention_chunk_size,
+        "attn_temperature_tuning": config.attn_temperature_tuning,
+        "floor_scale": int(floor) if float(floor).is_integer() else floor,
+        "attn_scale": config.attn_scale,
+        "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0,
+        "output_router_logits": False,
+    })  # fmt: skip
+    for key in ("mlp_bias",):
+        data.pop(key, None)
+    return data
+
+
 # q/k row order ----------------------------------------------------------------------------------
 def permute_to_hf(w: Tensor, n_heads: int) -> Tensor:
     """Adjacent-pair rows (x0, x1, x0, x1, ...) of each head -> halves (x0, x0, ..., x1, x1, ...)."""
@@ -227,18 +364,29 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _prefixes(architecture: str | None) -> tuple[str, ...]:
+    return ("language_model.",) if architecture == "Llama4ForConditionalGeneration" else ("",)
+
+
 def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple[str, Tensor]]:
     path = Path(path)
+    layout = _Layout(config, _prefixes(config.extra.get("architecture")))
     q_rows, k_rows = config.n_heads * config.dim_per_head, config.kv_heads * config.dim_per_head
+    multimodal = config.extra.get("architecture") == "Llama4ForConditionalGeneration"
+    skipped = 0
     for file in weight_files(path):
         with _open(file) as handle:
             names = list(handle.keys())
         for hf_name in names:
             if _IGNORED.fullmatch(hf_name):
                 continue
-            name = _from_hf_name(hf_name)
+            if multimodal and hf_name.startswith(_VISION_PREFIXES):
+                skipped += 1
+                continue
+            name = layout.from_hf(hf_name)
             if name is None:
-                raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} (not a weight of LlamaForCausalLM)")
+                raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} (not a weight of "
+                                      f"{config.extra.get('architecture', layout.architecture)})")  # fmt: skip
             # One short-lived handle per tensor: its memory map then lives only as long as the tensor does,
             # so a tensor the loader converts (dtype, device, permutation) leaves no mapped pages behind.
             with _open(file) as handle:
@@ -246,13 +394,26 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
                     tensor = handle.get_tensor(hf_name)
                 except Exception as exc:
                     raise CheckpointError(f"{file}: cannot read tensor {hf_name!r} ({exc})") from None
+            if isinstance(name, tuple):  # experts.gate_up_proj [E, dim, 2 * hidden]: the gate's columns first
+                if tensor.dim() != 3 or tensor.shape[-1] % 2:
+                    raise CheckpointError(f"{file}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected "
+                                          "[experts, dim, 2 * expert hidden size]")  # fmt: skip
+                gate, up = tensor.chunk(2, dim=-1)
+                yield name[0], gate
+                yield name[1], up
+                del tensor, gate, up
+                continue
             # A wrong row count is left for the loader's shape check to report.
-            if name.endswith("attention.wq.weight") and tensor.dim() == 2 and tensor.shape[0] == q_rows:
-                tensor = permute_from_hf(tensor, config.n_heads)
-            elif name.endswith("attention.wk.weight") and tensor.dim() == 2 and tensor.shape[0] == k_rows:
-                tensor = permute_from_hf(tensor, config.kv_heads)
+            if layout.permute_qk and tensor.dim() == 2:
+                if name.endswith("attention.wq.weight") and tensor.shape[0] == q_rows:
+                    tensor = permute_from_hf(tensor, config.n_heads)
+                elif name.endswith("attention.wk.weight") and tensor.shape[0] == k_rows:
+                    tensor = permute_from_hf(tensor, config.kv_heads)
             yield name, tensor
             del tensor
+    if skipped:
+        print(f"llamaforge: {path}: loaded the language model of this Llama4ForConditionalGeneration checkpoint; its "
+              f"{skipped} vision tensors are not used (image input is not supported yet)", file=sys.stderr)  # fmt: skip
 
 
 def _open(file: Path) -> Any:
@@ -264,22 +425,47 @@ def _open(file: Path) -> Any:
         raise CheckpointError(f"{file}: not a readable safetensors file, perhaps truncated ({exc})") from None
 
 
-def _from_hf_name(name: str) -> str | None:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    match = _HF_LAYER.fullmatch(name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    return None
+class _Layout:
+    """Where an architecture keeps llamaforge's tensors: the text model's prefix, the per-layer names, and whether
+    q and k are stored permuted (``rotate_half``)."""
+
+    def __init__(self, config: ModelConfig, prefixes: tuple[str, ...] = ("",)) -> None:
+        self.llama4 = config.is_llama4
+        self.architecture = "Llama4ForCausalLM" if self.llama4 else "LlamaForCausalLM"
+        self.layer_names = _LLAMA4_LAYER_NAMES if self.llama4 else _LAYER_NAMES
+        self.to_hf_layer = {ours: theirs for theirs, ours in self.layer_names.items()}
+        self.permute_qk = not self.llama4
+        self.prefixes = prefixes  # "language_model." for Llama4ForConditionalGeneration
+
+    def from_hf(self, name: str) -> str | tuple[str, str] | None:
+        """Our name for the HF tensor `name` (a pair for the fused expert gate/up), or None when unknown."""
+        for prefix in self.prefixes:
+            if not name.startswith(prefix):
+                continue
+            rest = name[len(prefix) :]
+            if rest in _GLOBAL_NAMES:
+                return _GLOBAL_NAMES[rest]
+            match = _HF_LAYER.fullmatch(rest)
+            if match and match.group(2) in self.layer_names:
+                return f"layers.{match.group(1)}.{self.layer_names[match.group(2)]}"
+            if match and self.llama4 and match.group(2) == _GATE_UP:
+                w1, w3 = _GATE_UP_PARTS
+                return f"layers.{match.group(1)}.{w1}", f"layers.{match.group(1)}.{w3}"
+        return None
+
+    def to_hf(self, name: str) -> str:
+        prefix = self.prefixes[0]
+        if name in _TO_HF_GLOBAL:
+            return prefix + _TO_HF_GLOBAL[name]
+        match = _OUR_LAYER.fullmatch(name)
+        if match and match.group(2) in self.to_hf_layer:
+            return f"{prefix}model.layers.{match.group(1)}.{self.to_hf_layer[match.group(2)]}"
+        if match and match.group(2) in _GATE_UP_PARTS:
+            return f"{prefix}model.layers.{match.group(1)}.{_GATE_UP}"
+        raise CheckpointError(f"tensor {name!r} has no Hugging Face {self.architecture} counterpart")
 
 
-def _to_hf_name(name: str) -> str:
-    if name in _TO_HF_GLOBAL:
-        return _TO_HF_GLOBAL[name]
-    match = _OUR_LAYER.fullmatch(name)
-    if match and match.group(2) in _TO_HF_LAYER:
-        return f"model.layers.{match.group(1)}.{_TO_HF_LAYER[match.group(2)]}"
-    raise CheckpointError(f"tensor {name!r} has no Hugging Face LlamaForCausalLM counterpart")
+_TO_HF_GLOBAL = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
 
 
 # Writing ----------------------------------------------------------------------------------------
@@ -292,11 +478,11 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Te
     from . import atomic_output
 
     path = Path(path)
-    if config.n_experts or config.use_qk_norm or config.nope_layer_interval or config.attention_chunk_size:
-        raise CheckpointError(f"{path}: writing Llama 4 models in Hugging Face format is not supported")
     check_tensors(path, config, tensors)
+    layout = _Layout(config)
     dtype = _resolve_dtype(dtype)
     ordered = [(name, tensors[name]) for name in tensors if not (config.tie_embeddings and name == "output.weight")]
+    ordered = [(n, t) for n, t in ordered if not n.endswith(_GATE_UP_PARTS[1])]  # written with its gate half
     stored = dtype or next((t.dtype for _, t in ordered if t.dtype.is_floating_point), torch.float32)
     shards = _plan_shards(ordered, dtype)
     with atomic_output(path, is_dir=True) as tmp:
@@ -307,11 +493,13 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Te
             file = SINGLE_FILE if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
             out: dict[str, Tensor] = {}
             for name, tensor in shard:
-                hf_name = _to_hf_name(name)
+                hf_name = layout.to_hf(name)
+                if name.endswith(_GATE_UP_PARTS[0]):  # experts w1 and w3 -> gate_up_proj [E, dim, 2 * hidden]
+                    tensor = torch.cat([tensor, tensors[name[: -len(_GATE_UP_PARTS[0])] + _GATE_UP_PARTS[1]]], -1)
                 tensor = tensor.detach().to("cpu", dtype if dtype and tensor.dtype.is_floating_point else None)
-                if name.endswith("attention.wq.weight"):
+                if layout.permute_qk and name.endswith("attention.wq.weight"):
                     tensor = permute_to_hf(tensor, config.n_heads)
-                elif name.endswith("attention.wk.weight"):
+                elif layout.permute_qk and name.endswith("attention.wk.weight"):
                     tensor = permute_to_hf(tensor, config.kv_heads)
                 out[hf_name] = tensor
                 weight_map[hf_name] = file
@@ -323,7 +511,7 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Te
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = config_to_hf(config, stored)
+        hf_config = config_to_hf_llama4(config, stored) if layout.llama4 else config_to_hf(config, stored)
         _token_ids_from_tokenizer(hf_config, tokenizer)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id") if key in hf_config}
@@ -348,7 +536,7 @@ def _plan_shards(tensors: list[tuple[str, Tensor]], dtype: torch.dtype | None) -
     size = 0
     for name, tensor in tensors:
         item = dtype.itemsize if dtype and tensor.dtype.is_floating_point else tensor.element_size()
-        nbytes = tensor.numel() * item
+        nbytes = tensor.numel() * item * (2 if name.endswith(_GATE_UP_PARTS[0]) else 1)  # written joined with w3
         if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
             shards.append([])
             size = 0
@@ -385,5 +573,5 @@ def _token_ids_from_tokenizer(data: dict[str, Any], tokenizer: Any) -> None:
                 break
 
 
-__all__ = ["config_from_hf", "config_to_hf", "detect", "permute_from_hf", "permute_to_hf", "read_config",
-           "read_tensors", "write"]  # fmt: skip
+__all__ = ["config_from_hf", "config_from_hf_llama4", "config_to_hf", "config_to_hf_llama4", "detect",
+           "permute_from_hf", "permute_to_hf", "read_config", "read_tensors", "write"]  # fmt: skip

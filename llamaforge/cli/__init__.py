@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from ..errors import UserError
 
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    plain_format = warnings.formatwarning
+    if not os.environ.get("LLAMAFORGE_DEBUG"):  # a warning reads as the verb's own, without a source line
+        warnings.formatwarning = lambda message, *_args, **_kw: f"llamaforge {args.verb}: warning: {message}\n"
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
@@ -51,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"llamaforge {args.verb}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = plain_format
 
 
 if __name__ == "__main__":

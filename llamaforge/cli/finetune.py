@@ -11,7 +11,8 @@ _SHORTCUTS = {"model": "model.from_checkpoint", "data": "finetune.data", "method
               "val_data": "finetune.val_data", "template": "finetune.template", "epochs": "finetune.epochs",
               "lora_r": "finetune.lora_r", "lora_alpha": "finetune.lora_alpha",
               "lora_dropout": "finetune.lora_dropout", "lora_targets": "finetune.lora_targets",
-              "quant": "finetune.quant", "steps": "train.steps", "lr": "optim.lr", "out": "train.out_dir"}  # fmt: skip
+              "quant": "finetune.quant", "steps": "train.steps", "lr": "optim.lr", "out": "train.out_dir",
+              "loss": "finetune.dpo_loss", "beta": "finetune.dpo_beta"}  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,14 +24,18 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     from ..train.sft import recipe_fields
     from .train import add_recipe_arguments
 
-    p = sub.add_parser("finetune", help="fine-tune on instruction data (full, LoRA or QLoRA)",
-                       description="Supervised fine-tuning on Alpaca JSON/JSONL (instruction, input, output) or chat "
-                       "JSONL (messages), with the loss on response tokens only. Uses the pretraining loop: the same "
-                       "optimizer, schedule, checkpoints (--resume), logging and torchrun scaling. LoRA/QLoRA runs "
-                       "write the adapter alone to <out>/adapter.", allow_abbrev=False)  # fmt: skip
-    p.add_argument("--model", help="model to fine-tune: a directory, a .gguf file or a built-in name")
-    p.add_argument("--data", help="training data: Alpaca JSON/JSONL or chat JSONL")
-    p.add_argument("--method", choices=("full", "lora", "qlora"), help="default: lora")
+    p = sub.add_parser("finetune", help="fine-tune on instruction data (full, LoRA or QLoRA) or preferences (DPO)",
+                       description="Supervised fine-tuning on Alpaca records (instruction, input, output) or chat "
+                       "records (messages), with the loss on response tokens only; or, with --method dpo, preference "
+                       "tuning on (prompt, chosen, rejected) records (DPO, IPO or SimPO). Data: JSON, JSONL, Parquet "
+                       "or a saved Hugging Face dataset. Uses the pretraining loop: the same optimizer, schedule, "
+                       "checkpoints (--resume), logging and torchrun scaling. LoRA/QLoRA runs write the adapter alone "
+                       "to <out>/adapter.", allow_abbrev=False)  # fmt: skip
+    p.add_argument("--model", help="model to fine-tune: a directory, a .gguf file, a built-in name or a hub id")
+    p.add_argument("--data", help="training data: instruction/chat records, or preference pairs for --method dpo")
+    p.add_argument("--method", choices=("full", "lora", "qlora", "dpo"),
+                   help="full | lora | qlora (default: lora); dpo: preference tuning (finetune.objective dpo) "
+                   "of the weights finetune.method says: LoRA unless --finetune.method full|qlora")  # fmt: skip
     p.add_argument("--val-data", help="validation file (default: a split of --data, finetune.val_fraction)")
     p.add_argument("--template", choices=("auto", "chat", "alpaca"), help="prompt format (default: auto)")
     p.add_argument("--epochs", type=float, help="train this many passes over the data (sets train.steps)")
@@ -42,6 +47,8 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-targets", help="comma-separated: wq,wk,wv,wo,w1,w2,w3,output (or all, attention, mlp)")
     p.add_argument("--quant", choices=("nf4", "int4", "int4-g32", "int4-g64", "int4-g128"),
                    help="QLoRA base quantization (default: nf4)")  # fmt: skip
+    p.add_argument("--loss", choices=("sigmoid", "ipo", "simpo"), help="preference loss (default: sigmoid, DPO)")
+    p.add_argument("--beta", type=float, help="preference loss beta (default: 0.1; simpo: 2.0)")
     p.add_argument("-o", "--out", help="output directory (train.out_dir)")
     add_recipe_arguments(p, recipe_fields(), "recipe YAML (see recipes/finetune-*.yaml)")
     p.set_defaults(handler=_finetune)
@@ -52,7 +59,10 @@ def recipe_from_args(args: argparse.Namespace):
     from ..train.sft import FinetuneRecipe
     from .train import recipe_overrides
 
-    return FinetuneRecipe.load(args.config, recipe_overrides(args, _SHORTCUTS))
+    shortcuts = dict(_SHORTCUTS)
+    if args.method == "dpo":  # names the objective; the weights train as finetune.method says
+        shortcuts["method"] = "finetune.objective"
+    return FinetuneRecipe.load(args.config, recipe_overrides(args, shortcuts))
 
 
 def _finetune(args: argparse.Namespace) -> int:

@@ -31,8 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "of --prompt (or of stdin when --prompt is '-').")  # fmt: skip
     add_model_arguments(p)
     p.add_argument("--prompt", "-p", required=True, help="the text to continue ('-' reads stdin)")
+    p.add_argument("--suffix", help="fill in the middle: print the text that goes between --prompt and SUFFIX "
+                   "(Code Llama's <PRE> <SUF> <MID> infilling, or the model vocabulary's FIM tokens)")  # fmt: skip
     _sampling_args(p, temperature=0.7)
     p.add_argument("--logprobs", type=int, metavar="N", help="also print each token's logprob and the top N")
+    g = p.add_argument_group("output constraints (at most one)")
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON that follows this JSON schema")
+    g.add_argument("--json", action="store_true", help="the output is a JSON object")
+    g.add_argument("--grammar", metavar="FILE", help="the output follows this grammar (GBNF with a root rule, or Lark)")
+    g.add_argument("--regex", help="the output matches this regular expression")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="the output is one of these (repeatable)")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print the text only when done")
     add_speculative_arguments(p)
     p.add_argument("--prompt-cache", metavar="FILE",
@@ -70,6 +78,9 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
              "llama.cpp's quantizer gives it) or one block type for every matrix (q4_k, ...); 'gguf' keeps a GGUF "
              "file's own blocks (the default for a quantized GGUF)",
     )  # fmt: skip
+    p.add_argument("--mmap", action="store_true",
+                   help="keep a quantized GGUF's blocks memory-mapped from the file (instant start, pages shared "
+                        "between processes) instead of reading them into memory (faster decoding)")  # fmt: skip
     if compile:
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
@@ -182,7 +193,9 @@ def load_for_cli(args: argparse.Namespace, model: str | None = None):
     _setup_threads(getattr(args, "threads", None))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
-    return llamaforge.load(model or args.model, device=device, dtype=dtype, quantize=args.quantize)
+    return llamaforge.load(
+        model or args.model, device=device, dtype=dtype, quantize=args.quantize, mmap=getattr(args, "mmap", False)
+    )
 
 
 # Verbs ----------------------------------------------------------------------------------------------
@@ -202,10 +215,49 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _constraint(args: argparse.Namespace) -> dict[str, Any]:
+    """The output constraint the flags ask for, with the files read (before the model is loaded)."""
+    given = {"json_schema": args.json_schema, "json_object": args.json or None, "grammar": args.grammar,
+             "regex": args.regex, "choice": args.choice}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if len(given) > 1:
+        flags = ", ".join("--" + k.replace("_", "-").replace("json-object", "json") for k in given)
+        raise UserError(f"give at most one output constraint, got {flags}")
+    for key in ("json_schema", "grammar"):
+        if key in given:
+            path = given[key]
+            try:
+                given[key] = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise UserError(f"--{key.replace('_', '-')} {path}: {exc.strerror or exc}") from None
+            given["_file"] = path
+    return given
+
+
+def _constraint_processor(llm: Any, constraint: dict[str, Any]) -> list:
+    from ..constrain import GrammarError, constraint_processor
+
+    if not constraint:
+        return []
+    source = constraint.pop("_file", None)
+    try:
+        return [constraint_processor(llm.require_tokenizer(), llm.config.vocab_size, **constraint)]
+    except GrammarError as exc:
+        raise UserError(f"{source}: {exc}" if source else str(exc)) from None
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from ..inference import PromptCacheError, load_prompt_cache, prompt_ids, save_prompt_cache, stream_events
+    from ..inference import (
+        PromptCacheError,
+        infill_prompt_ids,
+        load_prompt_cache,
+        prompt_ids,
+        save_prompt_cache,
+        stream_events,
+    )
 
     params = _sampling_params(args, logprobs=args.logprobs)
+    constraint = _constraint(args)
     tp = start_tensor_parallel(args)
     if tp is not None and not tp.is_leader:  # the other ranks run rank 0's steps on their part of the model
         from ..inference.tensor_parallel import follow
@@ -214,8 +266,12 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = load_for_cli(args) if tp is None else load_sharded_for_cli(args, tp)
+    params = params.replace(logits_processors=_constraint_processor(llm, constraint))
     engine = llm.engine(compile=args.compile, **speculative_options(args))
-    ids = prompt_ids(llm.tokenizer, prompt)
+    if args.suffix is not None:
+        ids = infill_prompt_ids(llm.tokenizer, prompt, args.suffix)
+    else:
+        ids = prompt_ids(llm.tokenizer, prompt)
     cache_file = Path(args.prompt_cache) if args.prompt_cache else None
     held: list[int] = []
     if cache_file is not None and cache_file.exists():

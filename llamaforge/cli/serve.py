@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="do not reuse the KV cache of prompt prefixes that earlier requests computed")  # fmt: skip
     p.add_argument("--slot-save-path", metavar="DIR",
                    help="enable POST /slots/{id}?action=save|restore|erase: prompt-cache files in DIR")  # fmt: skip
+    p.add_argument("--tool-format", choices=["json", "pythonic"],
+                   help="how Llama models without a chat template write tool calls: JSON (Llama 3.1/3.3; the "
+                        "Llama 3 default) or Python syntax (Llama 3.2, Llama 4; the Llama 4 default)")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default 4)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
@@ -120,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
                           compile=args.compile, prefill_budget=args.prefill_budget, cache_memory=cache_memory,
                           prefix_caching=args.prefix_caching, speculative_ngram=args.speculative_ngram,
                           num_speculative=args.num_speculative, slot_save_path=args.slot_save_path,
-                          cache_type=args.cache_type, webui=args.webui)  # fmt: skip
+                          cache_type=args.cache_type, webui=args.webui, tool_format=args.tool_format)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     draft_loader = (lambda: load_for_cli(args, model=args.draft_model)) if args.draft_model else None
     loader = (lambda: load_for_cli(args)) if tp is None else (lambda: load_sharded_for_cli(args, tp))

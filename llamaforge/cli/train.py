@@ -24,7 +24,8 @@ def _register_prepare(sub: argparse._SubParsersAction) -> None:
                    "JSONL/Parquet one per record), or hf:<dataset>[:<split>]")  # fmt: skip
     p.add_argument("--mix", help="YAML list of sources {name, paths, weight, text_key, glob} (a data mix)")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.model / tokenizer.json / model dir / .gguf")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model / tokenizer.json / model directory / .gguf, "
+                   "a built-in model name or a hub id")  # fmt: skip
     p.add_argument("--name", default="default", help="component name for the positional inputs")
     p.add_argument("--weight", type=float, default=1.0, help="mix weight of the positional inputs")
     p.add_argument("--text-key", default="text", help="JSONL field / Parquet column holding the text")

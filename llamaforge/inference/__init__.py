@@ -23,9 +23,17 @@ from .engine import (
     TokenLogprob,
     TopLogprob,
 )
-from .generate import generate, stream, stream_events
+from .generate import TOOL_OPTIONS, chat_with_tools, generate, stream, stream_events
 from .prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
-from .prompts import PromptTooLongError, chat_prompt_ids, check_fits, encode_prompt, prompt_ids, stop_token_ids
+from .prompts import (
+    PromptTooLongError,
+    chat_prompt_ids,
+    check_fits,
+    encode_prompt,
+    infill_prompt_ids,
+    prompt_ids,
+    stop_token_ids,
+)
 from .sampling import SamplingBatch, SamplingParams, TokenHistory
 from .speculative import DraftModel, PromptLookup, Speculator, make_speculator
 from .step import FastForward, Step, select_step
@@ -34,6 +42,7 @@ __all__ = [
     "BLOCK_SIZE",
     "PREFILL_BUDGET",
     "PREFILL_CHUNK",
+    "TOOL_OPTIONS",
     "Completion",
     "DraftModel",
     "Engine",
@@ -54,9 +63,11 @@ __all__ = [
     "TokenLogprob",
     "TopLogprob",
     "chat_prompt_ids",
+    "chat_with_tools",
     "check_fits",
     "encode_prompt",
     "generate",
+    "infill_prompt_ids",
     "load_prompt_cache",
     "make_speculator",
     "prompt_ids",

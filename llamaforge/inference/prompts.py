@@ -53,6 +53,17 @@ def chat_prompt_ids(tokenizer: Tokenizer | None, messages: list[dict[str, Any]],
     return list(tokenizer.encode_chat(messages, add_generation_prompt=True, **kw))
 
 
+def infill_prompt_ids(tokenizer: Tokenizer | None, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
+    """The fill-in-the-middle prompt whose completion is the text between `prefix` and `suffix` (Code Llama's
+    ``<PRE> prefix <SUF>suffix <MID>``, or the FIM tokens a vocabulary declares)."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so it cannot build an infilling prompt")
+    if not isinstance(prefix, str) or not isinstance(suffix, str):
+        raise ValueError(f"infilling takes a text prefix and suffix, got {type(prefix).__name__} and "
+                         f"{type(suffix).__name__}")  # fmt: skip
+    return list(tokenizer.encode_infill(prefix, suffix, suffix_first=suffix_first))
+
+
 def prompt_ids(tokenizer: Tokenizer | None, prompt: str | Sequence[int]) -> list[int]:
     """A prompt's token ids: text is encoded with the model's tokenizer, ids are kept."""
     if isinstance(prompt, str):

@@ -362,11 +362,51 @@ struct XRows {
   const float *fbs16, *fbs32, *bx;
 };
 
-XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) {
-  thread_local std::vector<int8_t> q;
-  thread_local std::vector<int16_t> bs;
-  thread_local std::vector<int32_t> s32;
-  thread_local std::vector<float> f;
+// The storage of one rounding of x (thread_local ones are reused from call to call: no allocation per step).
+struct XBuffers {
+  std::vector<int8_t> q;
+  std::vector<int16_t> bs;
+  std::vector<int32_t> s32;
+  std::vector<float> f;
+};
+
+// max |x| and the sum of x over n values (the sum only to spot NaN and inf).
+inline void span_stats(const float* x, int64_t n, float& mx, float& total) {
+  int64_t i = 0;
+  mx = 0.f, total = 0.f;
+#ifdef LF_AVX2
+  __m256 m = _mm256_setzero_ps(), s = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, _mm256_and_ps(v, magnitude)), s = _mm256_add_ps(s, v);
+  }
+  alignas(32) float mv[8], sv[8];
+  _mm256_store_ps(mv, m), _mm256_store_ps(sv, s);
+  for (int j = 0; j < 8; ++j) mx = std::max(mx, mv[j]), total += sv[j];
+#endif
+  for (; i < n; ++i) mx = std::max(mx, std::fabs(x[i])), total += x[i];
+}
+
+// q[i] = round-half-even(x[i] * inv), as nearbyint under the default rounding mode (and _mm256_cvtps_epi32).
+inline void round_span(const float* x, int64_t n, float inv, int8_t* q) {
+  int64_t i = 0;
+#ifdef LF_AVX2
+  const __m256 vi = _mm256_set1_ps(inv);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; i + 32 <= n; i += 32) {
+    __m256i c[4];
+    for (int j = 0; j < 4; ++j) c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), vi));
+    // packs work within 128-bit lanes: pack, then put the 4-byte groups back in order
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, order));
+  }
+#endif
+  for (; i < n; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+}
+
+XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1, XBuffers& buf) {
+  auto& [q, bs, s32, f] = buf;
   const int64_t Kp = (K + QK - 1) / QK * QK, nd = Kp / span, n16 = Kp / 16, n32 = Kp / 32;
   q.assign(M * Kp, 0), bs.assign(M * n16, 0), s32.assign(2 * M * n32, 0), f.assign(M * (nd + n16 + 2 * n32), 0.f);
   int32_t* neg_s32 = s32.data() + M * n32;
@@ -375,8 +415,8 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) 
     for (int64_t c = 0; c < K; c += span) {  // K is a multiple of 32 (the blocks); a partial last span is zero-padded
       const int64_t n = std::min(span, K - c);
       const float* xc = x + m * K + c;
-      float mx = 0.f, total = 0.f;
-      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(xc[i])), total += xc[i];
+      float mx, total;
+      span_stats(xc, n, mx, total);
       if (!std::isfinite(total) || !std::isfinite(mx)) {  // NaN/inf in x: NaN outputs, as a float matmul gives
         d[m * nd + c / span] = std::nanf("");
         if (span == 32) bx[m * n32 + c / 32] = std::nanf("");
@@ -385,7 +425,7 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) 
       const float scale = mx / 127.f, inv = mx > 0.f ? 127.f / mx : 0.f;
       d[m * nd + c / span] = span == 32 ? static_cast<float>(c10::Half(scale)) : scale;
       int8_t* qc = q.data() + m * Kp + c;
-      for (int64_t i = 0; i < n; ++i) qc[i] = static_cast<int8_t>(std::nearbyint(xc[i] * inv));
+      round_span(xc, n, inv, qc);
       for (int64_t i = 0; i < n; i += 16) {
         int s = 0;
         for (int j = 0; j < 16; ++j) s += qc[i + j];
@@ -399,6 +439,11 @@ XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) 
       }
     }
   return {M, Kp, span, q.data(), d, bs.data(), s32.data(), neg_s32, fbs16, fbs32, bx};
+}
+
+XRows quantize_x(const float* x, int64_t M, int64_t K, int64_t span, bool q8_1) {
+  thread_local XBuffers buf;
+  return quantize_x(x, M, K, span, q8_1, buf);
 }
 
 inline void put(float* y, float v, bool accumulate) { *y = accumulate ? *y + v : v; }
@@ -719,11 +764,14 @@ inline void row_k(const uint8_t* row, int64_t groups, const XRows& x, int64_t m0
     for (int r = 0; r < R; ++r) {
       const int64_t m = m0 + r;
       const int8_t* q = x.q + m * x.Kp + g * QK;
-      __m256i s = _mm256_setzero_si256();
-      for (int v = 0; v < 8; ++v) {
-        const __m256i xv = load256(q + 32 * v);
-        s = madd_acc(s, T::SIGNED ? pairs_signed(kg.c[v], xv) : pairs(kg.c[v], xv), kg.sc[v]);
+      // Two integer chains (even and odd vectors): one would wait on each multiply-add's latency.
+      __m256i s = _mm256_setzero_si256(), s_odd = _mm256_setzero_si256();
+      for (int v = 0; v < 8; v += 2) {
+        const __m256i x0 = load256(q + 32 * v), x1 = load256(q + 32 * v + 32);
+        s = madd_acc(s, T::SIGNED ? pairs_signed(kg.c[v], x0) : pairs(kg.c[v], x0), kg.sc[v]);
+        s_odd = madd_acc(s_odd, T::SIGNED ? pairs_signed(kg.c[v + 1], x1) : pairs(kg.c[v + 1], x1), kg.sc[v + 1]);
       }
+      s = _mm256_add_epi32(s, s_odd);
       const float dx = x.d[m * nd + g];
       if constexpr (T::MIN || (T::Z != 0 && !T::SIGNED)) {  // mins, or the codes' offset, times the activation sums
         const __m256i o = _mm256_madd_epi16(kg.off, load256(x.bs + m * n16 + g * 16));
@@ -779,29 +827,38 @@ inline void row_32(const uint8_t* row, int64_t blocks, const XRows& x, int64_t m
     out[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(off[0][r], off[1][r])));
 }
 
+// Rows n0 .. n1 of W times every row of x, on the calling thread.
+template <class T>
+void decode_rows(const uint8_t* w, int64_t K, const XRows& x, float* y, int64_t ldy, bool accumulate, int64_t n0,
+                 int64_t n1) {
+  const int64_t row_bytes = K / T::BLOCK * T::BYTES, M = x.M;
+  float out[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int R = static_cast<int>(std::min<int64_t>(4, M - m0));
+      auto tile = [&]<int TR>() {
+        if constexpr (T::BLOCK == 32) row_32<T, TR>(row, K / 32, x, m0, out);
+        else row_k<T, TR>(row, K / QK, x, m0, out);
+      };
+      switch (R) {
+        case 1: tile.template operator()<1>(); break;
+        case 2: tile.template operator()<2>(); break;
+        case 3: tile.template operator()<3>(); break;
+        default: tile.template operator()<4>(); break;
+      }
+      for (int r = 0; r < R; ++r) put(y + (m0 + r) * ldy + n, out[r], accumulate);
+    }
+  }
+}
+
+// Rows per task: ~16 KB of weights, so that handing out a task costs little beside streaming it.
+inline int64_t decode_grain(int64_t row_bytes) { return std::max<int64_t>(1, 16384 / row_bytes); }
+
 template <class T>
 void matmul_decode(const uint8_t* w, int64_t N, int64_t K, const XRows& x, float* y, int64_t ldy, bool accumulate) {
-  const int64_t row_bytes = K / T::BLOCK * T::BYTES, M = x.M;
-  parallel_chunks(N, std::max<int64_t>(1, 16384 / row_bytes), [&](int64_t n0, int64_t n1) {
-    float out[4];
-    for (int64_t n = n0; n < n1; ++n) {
-      const uint8_t* row = w + n * row_bytes;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int R = static_cast<int>(std::min<int64_t>(4, M - m0));
-        auto tile = [&]<int TR>() {
-          if constexpr (T::BLOCK == 32) row_32<T, TR>(row, K / 32, x, m0, out);
-          else row_k<T, TR>(row, K / QK, x, m0, out);
-        };
-        switch (R) {
-          case 1: tile.template operator()<1>(); break;
-          case 2: tile.template operator()<2>(); break;
-          case 3: tile.template operator()<3>(); break;
-          default: tile.template operator()<4>(); break;
-        }
-        for (int r = 0; r < R; ++r) put(y + (m0 + r) * ldy + n, out[r], accumulate);
-      }
-    }
-  });
+  parallel_chunks(N, decode_grain(K / T::BLOCK * T::BYTES),
+                  [&](int64_t n0, int64_t n1) { decode_rows<T>(w, K, x, y, ldy, accumulate, n0, n1); });
 }
 #endif  // LF_AVX2
 
@@ -975,6 +1032,57 @@ int64_t gguf_row_bytes(int64_t qtype, int64_t K) {
 void gguf_matmul(int64_t qtype, const uint8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y,
                  int64_t ldy, bool accumulate, bool reference) {
   dispatch(qtype, [&](auto t) { run<decltype(t)>(w, N, K, x, M, y, ldy, accumulate, reference); });
+}
+
+void gguf_matmul_parts(const GGUFPart* parts, int64_t n_parts, int64_t K, const float* x, int64_t M, float* y,
+                       int64_t ldy, bool accumulate) {
+#ifdef LF_AVX2
+#ifdef LF_VNNI
+  const bool decode = M < GEMM_ROWS;
+#else
+  const bool decode = true;
+#endif
+  bool known = true;
+  for (int64_t i = 0; i < n_parts; ++i) known = known && gguf_row_bytes(parts[i].qtype, K) > 0;
+  if (decode && known && n_parts > 1) {
+    // x rounded once per kind of activations: per 256 columns (K-quants), per 32 with or without Q8_1 sums.
+    XBuffers bufs[3];
+    XRows xr[3];
+    bool made[3] = {false, false, false};
+    struct Task {
+      int64_t part, n0, n1;
+    };
+    std::vector<Task> tasks;
+    std::vector<int> kind(n_parts);
+    std::vector<int64_t> offset(n_parts);
+    const int64_t threads = at::get_num_threads();
+    for (int64_t i = 0, off = 0; i < n_parts; off += parts[i].N, ++i) {
+      dispatch(parts[i].qtype, [&](auto t) {
+        using T = decltype(t);
+        const int k = T::BLOCK != 32 ? 0 : T::MIN ? 1 : 2;
+        if (!made[k]) xr[k] = quantize_x(x, M, K, T::BLOCK, T::BLOCK == 32 && T::MIN, bufs[k]), made[k] = true;
+        kind[i] = k, offset[i] = off;
+        const int64_t N = parts[i].N;
+        const int64_t chunk = std::max(decode_grain(K / T::BLOCK * T::BYTES), (N + 8 * threads - 1) / (8 * threads));
+        for (int64_t n0 = 0; n0 < N; n0 += chunk) tasks.push_back({i, n0, std::min(N, n0 + chunk)});
+      });
+    }
+    // One parallel region for all the parts' rows (a region per part waits for its slowest thread each time).
+    parallel_chunks(static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const Task& task = tasks[t];
+        const GGUFPart& part = parts[task.part];
+        dispatch(part.qtype, [&](auto q) {
+          decode_rows<decltype(q)>(part.w, K, xr[kind[task.part]], y + offset[task.part], ldy, accumulate, task.n0,
+                                   task.n1);
+        });
+      }
+    });
+    return;
+  }
+#endif
+  for (int64_t i = 0, off = 0; i < n_parts; off += parts[i].N, ++i)
+    gguf_matmul(parts[i].qtype, parts[i].w, parts[i].N, K, x, M, y + off, ldy, accumulate);
 }
 
 }  // namespace llamaforge

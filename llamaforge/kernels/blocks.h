@@ -15,4 +15,14 @@ int64_t gguf_row_bytes(int64_t qtype, int64_t K);
 void gguf_matmul(int64_t qtype, const uint8_t* w, int64_t N, int64_t K, const float* x, int64_t M, float* y,
                  int64_t ldy, bool accumulate, bool reference = false);
 
+// Several matrices that share the input x, their outputs side by side in y (part i's from column N_0 + .. +
+// N_{i-1}): for a few rows of x, one rounding of x per kind of activations and one parallel region for all rows.
+struct GGUFPart {
+  int64_t qtype;
+  const uint8_t* w;
+  int64_t N;
+};
+void gguf_matmul_parts(const GGUFPart* parts, int64_t n_parts, int64_t K, const float* x, int64_t M, float* y,
+                       int64_t ldy, bool accumulate);
+
 }  // namespace llamaforge

@@ -825,7 +825,11 @@ struct Projection {
   std::vector<Weights> parts;
   int64_t N = 0;
 
+  std::vector<llamaforge::GGUFPart> gguf;  // every part, when all of them are GGUF blocks
+
   void apply(const float* x, int64_t M, float* y, bool accumulate) const {
+    if (gguf.size() > 1)
+      return llamaforge::gguf_matmul_parts(gguf.data(), gguf.size(), parts[0].K, x, M, y, N, accumulate);
     int64_t offset = 0;
     for (const Weights& W : parts) matmul(W, x, M, y + offset, N, accumulate), offset += W.N;
   }
@@ -867,6 +871,10 @@ std::vector<Layer> layers_of(const c10::List<std::optional<Tensor>>& params, at:
       TORCH_CHECK(p.parts.back().K == K, "decode_step: ", name, " takes ", p.parts.back().K, " inputs, expected ", K);
       p.N += p.parts.back().N;
     }
+    bool all_gguf = true;
+    for (const Weights& W : p.parts) all_gguf = all_gguf && W.format == Format::GGUF;
+    if (all_gguf)
+      for (const Weights& W : p.parts) p.gguf.push_back({W.qtype, static_cast<const uint8_t*>(W.w), W.N});
     return p;
   };
   for (int64_t l = 0; l < L; ++l) {

@@ -1,12 +1,15 @@
 """The OpenAI-compatible HTTP API's routes: ``create_app()`` builds the FastAPI application.
 
-Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` (with ``suffix``: fill in the middle),
+``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``POST /infill`` (llama-server's code completion),
 ``POST /tokenize``, ``POST /detokenize``, ``GET /metrics``, the browser chat page at ``GET /`` (``webui.py``), and
 with ``slot_save_path`` the prompt-cache actions ``GET /slots``, ``POST /slots/{id}?action=save|restore|erase``
-(llama-server's). Requests are
-translated into engine work by ``openai.py``; every error has OpenAI's shape, validation errors become 400
-naming the field, and errors found before generation (too-long prompt, bad values, full queue) are
-returned before any streaming starts. An outer ASGI guard checks the API key and the body size before
+(llama-server's). Chat takes OpenAI's ``tools`` (written in the model's own format, calls parsed back and streamed
+as ``tool_calls`` deltas; ``tool_choice`` required or named forces a call whose arguments follow the schema), and
+both completion routes take ``response_format`` and the grammar extensions. Requests are translated into engine
+work by ``openai.py``; every error has OpenAI's shape,
+validation errors become 400 naming the field, and errors found before generation (too-long prompt, bad values,
+full queue) are returned before any streaming starts. An outer ASGI guard checks the API key and the body size before
 anything else runs, and counts requests by route and status for /metrics.
 
 The engine (its KV cache allocated, its step chosen, the native kernels built, one short request run) is
@@ -33,6 +36,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..constrain import Constrainer, GrammarError
+from ..embeddings import embed_ids
 from ..inference import (
     PREFILL_BUDGET,
     Engine,
@@ -41,13 +46,14 @@ from ..inference import (
     TokenLogprob,
     chat_prompt_ids,
     encode_prompt,
+    infill_prompt_ids,
     load_prompt_cache,
     make_speculator,
     save_prompt_cache,
 )
+from ..tools import ToolError, ToolPlan, ToolStream, check_messages, has_tool_calls
 from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
-from .json_mode import JsonVocab
 from .metrics import CONTENT_TYPE, Metrics
 from .openai import (
     APIError,
@@ -58,14 +64,20 @@ from .openai import (
     check_ids,
     completion_logprobs,
     echo_logprobs,
+    embedding_groups,
+    embedding_inputs,
+    encode_vector,
+    grammar_for,
     sampling_params,
+    tool_delta,
+    tool_plan,
     validation_error,
 )
 from .webui import add_webui, is_page_path
 
 log = logging.getLogger("llamaforge.serve")
-ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/metrics",
-          "/slots")  # fmt: skip
+ROUTES = ("/health", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/infill",
+          "/tokenize", "/detokenize", "/metrics", "/slots")  # fmt: skip
 SLOT_ACTIONS = ("save", "restore", "erase")
 _FILENAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,200}")  # a plain file name inside --slot-save-path
 
@@ -88,6 +100,7 @@ class ServerConfig:
     slot_save_path: str | None = None  # a directory: enables /slots save/restore of prompt caches
     cache_type: str | None = None  # KV-cache storage: float32 / float16 / bfloat16 / q8_0 (None: the model's)
     webui: bool = True  # the chat page at /
+    tool_format: str | None = None  # Meta formats: "json" or "pythonic" tool calls (default: the family's own)
 
 
 # The guard: auth, body size, request metrics ------------------------------------------------------------
@@ -175,8 +188,6 @@ class ServerState:
         self.engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self.shutting_down = False
-        self._json_vocab: JsonVocab | None = None
-        self._json_lock = threading.Lock()
         m = self.metrics
         m.add_gauge("llamaforge_requests_running", "Generations holding a batch slot.",
                     lambda: self.engine.running if self.engine else 0)  # fmt: skip
@@ -256,11 +267,9 @@ class ServerState:
             raise APIError(404, f"The model '{name}' does not exist; this server serves "
                            f"'{self.config.model_name}'.", param="model", code="model_not_found")  # fmt: skip
 
-    def json_vocab(self) -> JsonVocab:
-        with self._json_lock:
-            if self._json_vocab is None:
-                self._json_vocab = JsonVocab.from_tokenizer(self.tokenizer(), self.llm.config.vocab_size)
-            return self._json_vocab
+    def constrainer(self) -> Constrainer:
+        """Grammars compiled for this model's vocabulary (built on first use: call it off the event loop)."""
+        return Constrainer.for_tokenizer(self.tokenizer(), self.llm.config.vocab_size)
 
     def begin_shutdown(self) -> None:
         self.shutting_down = True
@@ -273,30 +282,50 @@ def _context_limit(state: ServerState) -> int:
     return state.require_engine().engine.max_seq_len
 
 
-async def _prepare(state: ServerState, req: S._Sampling) -> None:
-    """Build, off the event loop, what the first JSON-mode request needs (a pass over the vocabulary)."""
-    if req.response_format is not None and req.response_format.type == "json_object":
-        await asyncio.to_thread(state.json_vocab)
-
-
-def _params(state: ServerState, req: S._Sampling, max_new: int, logprobs: int | None, choice: int) -> SamplingParams:
-    return sampling_params(req, max_new, logprobs, choice, state.llm.config.vocab_size, state.json_vocab)
-
-
-def _chat_ids(state: ServerState, messages: list[S.ChatMessage]) -> list[int]:
+async def _prepare(state: ServerState, grammar: tuple[str, str] | None) -> None:
+    """Compile the request's grammar (cached per grammar) off the event loop: the first one also reads the
+    vocabulary, and a large schema takes a while."""
+    if grammar is None:
+        return
     try:
-        return chat_prompt_ids(state.tokenizer(), chat_messages(messages))
+        await asyncio.to_thread(lambda: state.constrainer().compile(*grammar))
+    except GrammarError as exc:
+        raise bad(str(exc), param=exc.param) from None
+
+
+def _params(state: ServerState, req: S._Sampling, max_new: int, logprobs: int | None, choice: int,
+            grammar: tuple[str, str] | None = None) -> SamplingParams:  # fmt: skip
+    constraint = state.constrainer().processor(*grammar) if grammar is not None else None  # one per choice
+    return sampling_params(req, max_new, logprobs, choice, state.llm.config.vocab_size, constraint)
+
+
+def _chat_ids(state: ServerState, messages: list[S.ChatMessage], plan: ToolPlan | None = None) -> list[int]:
+    chat = chat_messages(messages)
+    try:
+        if plan is not None or has_tool_calls(chat):
+            chat = check_messages(chat)
+        return chat_prompt_ids(state.tokenizer(), chat, **(plan.render_options if plan is not None else {}))
     except APIError:
         raise
+    except ToolError as exc:
+        raise bad(str(exc), param=exc.param) from None
     except ValueError as exc:
         raise bad(f"cannot format the conversation with the model's chat template: {exc}",
                    param="messages") from None  # fmt: skip
+
+
+def _infill_ids(state: ServerState, prefix: str, suffix: str, param: str = "suffix") -> list[int]:
+    try:
+        return infill_prompt_ids(state.tokenizer(), prefix, suffix)
+    except ValueError as exc:
+        raise bad(str(exc), param=param) from None
 
 
 # Results ---------------------------------------------------------------------------------------------------
 class _Choice:
     def __init__(self) -> None:
         self.text: list[str] = []
+        self.token_ids: list[int] = []
         self.tokens = 0
         self.logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
@@ -326,6 +355,7 @@ async def _collect(engine: AsyncEngine, subs: list[Submission], sink: asyncio.Qu
                 raise _engine_error(ev)
             c = choices[tag]
             c.text.append(ev.text)
+            c.token_ids += ev.token_ids
             c.tokens += len(ev.token_ids)
             c.logprobs += ev.logprobs or []
             if ev.finished:
@@ -553,20 +583,25 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         engine = state.require_engine()
         if body.best_of is not None and body.best_of != body.n:
             raise bad("best_of is not supported (only best_of = n)", param="best_of")
-        if body.suffix:
-            raise bad("suffix is not supported", param="suffix")
+        if body.suffix and body.echo:
+            raise bad("echo cannot be used with suffix", param="echo")
         vocab = state.llm.config.vocab_size
         prompts: list[Any] = body.prompt if isinstance(body.prompt, list) and body.prompt and not isinstance(
             body.prompt[0], int) else [body.prompt]  # fmt: skip
         limit = _context_limit(state)
         encoded: list[tuple[list[int], str | None]] = []
         for p in prompts:
-            if isinstance(p, str):
+            if body.suffix:  # fill in the middle: the text between the prompt and the suffix
+                if not isinstance(p, str):
+                    raise bad("suffix needs a text prompt (the text before the middle), not token ids", param="suffix")
+                encoded.append((check_ids(_infill_ids(state, p, body.suffix), vocab, "prompt"), p))
+            elif isinstance(p, str):
                 encoded.append((check_ids(encode_prompt(state.tokenizer(), p), vocab, "prompt"), p))
             else:
                 encoded.append((check_ids(list(p), vocab, "prompt"), None))
             check_fits(encoded[-1][0], limit, "prompt")
-        await _prepare(state, body)
+        grammar = grammar_for(body)
+        await _prepare(state, grammar)
         requested = 16 if body.max_tokens is None else body.max_tokens
         if requested == 0 and not body.echo:
             raise bad("max_tokens must be at least 1 (0 is allowed only with echo=true)", param="max_tokens")
@@ -577,7 +612,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         if requested:
             for ids, _ in encoded:
                 max_new = min(requested, limit - len(ids))
-                items += [(ids, _params(state, body, max_new, body.logprobs, j)) for j in range(body.n)]
+                items += [(ids, _params(state, body, max_new, body.logprobs, j, grammar)) for j in range(body.n)]
         scored: list[list[TokenLogprob | None]] = []
         if body.echo and body.logprobs is not None:  # scored by the engine's prefill, all prompts together
             scored = await engine.score([ids for ids, _ in encoded], body.logprobs)
@@ -661,31 +696,77 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         usage = S.Usage.of(prompt_tokens, sum(r.tokens for r in results))
         return S.CompletionResponse(id=rid, created=created, model=config.model_name, choices=choices, usage=usage)
 
+    @app.post("/infill")
+    async def infill(body: S.InfillRequest, request: Request) -> JSONResponse:
+        """llama-server's code-completion route: the text between ``input_prefix`` and ``input_suffix``."""
+        state.check_model(body.model)
+        engine = state.require_engine()
+        if body.input_extra:
+            raise bad("input_extra (other files as context) is not supported", param="input_extra")
+        if body.stream:
+            raise bad("/infill answers in one response; stream with /v1/completions and suffix", param="stream")
+        if body.n != 1:
+            raise bad("/infill gives one completion (n = 1)", param="n")
+        vocab, limit = state.llm.config.vocab_size, _context_limit(state)
+        ids = _infill_ids(state, body.input_prefix, body.input_suffix, "input_prefix")
+        if body.prompt:  # llama-server: the start of the middle, already written
+            ids += state.tokenizer().encode(body.prompt)
+        ids = check_ids(ids, vocab, "input_prefix")
+        check_fits(ids, limit, "input_prefix")
+        requested = body.n_predict if body.n_predict is not None else body.max_tokens
+        max_new = limit - len(ids) if requested is None or requested < 0 else min(requested, limit - len(ids))
+        if max_new == 0:
+            raise bad("n_predict must be at least 1", param="n_predict")
+        if body.repeat_penalty is not None and body.repetition_penalty is None:
+            body.repetition_penalty = body.repeat_penalty
+        await _prepare(state, body)
+        state.metrics.prompt_tokens.inc(len(ids))
+        start = time.perf_counter()
+        sink: asyncio.Queue = asyncio.Queue()
+        subs = _submit(engine, [(ids, _params(state, body, max_new, None, 0))], sink)
+        (result,) = await _collect(engine, subs, sink, request)
+        stops = state.tokenizer().stop_ids
+        if result.finish_reason == "length":
+            stop_type = "limit"
+        else:
+            stop_type = "eos" if result.token_ids and result.token_ids[-1] in stops else "word"
+        return JSONResponse({"index": 0, "content": "".join(result.text), "tokens": result.token_ids, "stop": True,
+                             "stop_type": stop_type, "model": config.model_name, "tokens_predicted": result.tokens,
+                             "tokens_evaluated": len(ids),
+                             "timings": {"total_ms": (time.perf_counter() - start) * 1e3}})  # fmt: skip
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: S.ChatCompletionRequest, request: Request) -> Any:
         state.check_model(body.model)
         engine = state.require_engine()
-        if body.tools:
-            raise bad("tools are not supported by this server", param="tools")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad("top_logprobs requires logprobs=true", param="top_logprobs")
-        ids = _chat_ids(state, body.messages)
+        plan = tool_plan(state.tokenizer(), body, config.tool_format)
+        ids = _chat_ids(state, body.messages, plan)
         limit = _context_limit(state)
         check_fits(ids, limit, "messages")
         requested = body.max_completion_tokens or body.max_tokens or limit
         max_new = min(requested, limit - len(ids))
         if body.n > engine.capacity:
             raise bad(f"n={body.n} is more than this server can hold at once ({engine.capacity})", param="n")
-        await _prepare(state, body)
+        grammar = grammar_for(body, plan.grammar if plan is not None else None)
+        await _prepare(state, grammar)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        items = [(ids, _params(state, body, max_new, logprobs, j)) for j in range(body.n)]
+        items = [(ids, _params(state, body, max_new, logprobs, j, grammar)) for j in range(body.n)]
         rid, created = S.new_id("chatcmpl"), S.now()
         state.metrics.prompt_tokens.inc(len(ids))
+        tokenizer = state.llm.tokenizer
+
+        def reader() -> ToolStream | None:  # reads one choice's tool calls, or None without tools
+            parser = plan.parser() if plan is not None else None
+            return ToolStream(tokenizer, parser, engine.engine.stop_ids, ids[-6:]) if parser is not None else None
+
         sink: asyncio.Queue = asyncio.Queue()
         subs = _submit(engine, items, sink)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             counts = [0] * body.n
+            readers = [reader() for _ in range(body.n)]
 
             def chunk(choice: S.ChatChunkChoice, usage: S.Usage | None = None) -> S.ChatCompletionChunk:
                 return S.ChatCompletionChunk(id=rid, created=created, model=config.model_name,
@@ -693,11 +774,24 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
 
             def render(tag: int, ev: Any) -> list[Any]:
                 counts[tag] += len(ev.token_ids)
-                if not ev.text and not ev.finished and not ev.logprobs:
-                    return []
-                lp = chat_logprobs(ev.logprobs or []) if body.logprobs else None
-                delta = S.Delta(content=ev.text) if ev.text or not ev.finished else S.Delta()
-                return [chunk(S.ChatChunkChoice(index=tag, delta=delta, logprobs=lp, finish_reason=ev.finish_reason))]
+                lp = chat_logprobs(ev.logprobs or []) if body.logprobs and ev.logprobs else None
+                tools = readers[tag]
+                if tools is None:
+                    if not ev.text and not ev.finished and not lp:
+                        return []
+                    delta = S.Delta(content=ev.text) if ev.text or not ev.finished else S.Delta()
+                    return [chunk(S.ChatChunkChoice(index=tag, delta=delta, logprobs=lp,
+                                                    finish_reason=ev.finish_reason))]  # fmt: skip
+                deltas = tools.add(ev.token_ids) + (tools.finish() if ev.finished else [])
+                out = [S.ChatChunkChoice(index=tag, delta=tool_delta(d)) for d in deltas]
+                if lp is not None:
+                    if not out:
+                        out.append(S.ChatChunkChoice(index=tag, delta=S.Delta()))
+                    out[0].logprobs = lp
+                if ev.finished:
+                    finish = "tool_calls" if tools.parser.calls and ev.finish_reason == "stop" else ev.finish_reason
+                    out.append(S.ChatChunkChoice(index=tag, delta=S.Delta(), finish_reason=finish))
+                return [chunk(c) for c in out]
 
             first = [chunk(S.ChatChunkChoice(index=j, delta=S.Delta(role="assistant", content="")))
                      for j in range(body.n)]  # fmt: skip
@@ -709,14 +803,46 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             return StreamingResponse(gen, media_type="text/event-stream", headers=_SSE_HEADERS)
 
         results = await _collect(engine, subs, sink, request)
-        choices = [
-            S.ChatChoice(index=j, message=S.AssistantMessage(content="".join(r.text)),
-                         logprobs=chat_logprobs(r.logprobs) if body.logprobs else None,
-                         finish_reason=r.finish_reason)
-            for j, r in enumerate(results)
-        ]  # fmt: skip
+        choices = []
+        for j, r in enumerate(results):
+            message, finish = S.AssistantMessage(content="".join(r.text)), r.finish_reason
+            tools = reader()
+            if tools is not None:
+                tools.add(r.token_ids)
+                tools.finish()
+                calls = tools.parser.tool_calls
+                if calls:  # content is what came before the calls (OpenAI sends null when there is none)
+                    message = S.AssistantMessage(content=tools.parser.content, tool_calls=[
+                        S.ToolCall(id=c.id, function=S.FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+                    ])  # fmt: skip
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append(S.ChatChoice(index=j, message=message, finish_reason=finish,
+                                        logprobs=chat_logprobs(r.logprobs) if body.logprobs else None))  # fmt: skip
         usage = S.Usage.of(len(ids), sum(r.tokens for r in results))
         return S.ChatCompletionResponse(id=rid, created=created, model=config.model_name, choices=choices, usage=usage)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: S.EmbeddingRequest) -> S.EmbeddingResponse:
+        state.check_model(body.model)
+        engine = state.require_engine()
+        dim = state.llm.config.dim
+        if body.dimensions is not None and body.dimensions != dim:
+            raise bad(f"dimensions={body.dimensions} is not supported: this model's embeddings have {dim} "
+                      "dimensions (leave 'dimensions' out)", param="dimensions")  # fmt: skip
+        inputs = embedding_inputs(body.input, state.llm.tokenizer, state.llm.config.vocab_size)
+        limit = state.llm.config.max_seq_len
+        for n, seq in enumerate(inputs):
+            if len(seq) > limit:
+                raise bad(f"input {n} has {len(seq)} tokens, more than this model's context of {limit}",
+                          param="input", code="context_length_exceeded")  # fmt: skip
+        vectors = []
+        for group in embedding_groups(inputs):  # one engine-thread call per forward: generation goes on between
+            part = await engine.call(lambda e, g=group: embed_ids(e.model, g, pooling=body.pooling))
+            vectors += list(part)
+        data = [S.Embedding(index=i, embedding=encode_vector(v, body.encoding_format)) for i, v in enumerate(vectors)]
+        tokens = sum(len(seq) for seq in inputs)
+        return S.EmbeddingResponse(data=data, model=config.model_name,
+                                   usage=S.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))  # fmt: skip
 
     if config.webui:
         add_webui(app)

@@ -1,21 +1,26 @@
 """The OpenAI API's side of the server: requests into ``SamplingParams`` and prompts, results into OpenAI's
 response fields, and errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
-The routes (``api.py``) call these; nothing here touches the engine.
+Output constraints (``response_format`` and the grammar extensions) become one llguidance grammar per request
+(``grammar_for``); ``tools``/``tool_choice`` become a ``tools.ToolPlan`` (``tool_plan``), whose forced calls are
+a grammar too. The routes (``api.py``) call these; nothing here touches the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import base64
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ..constrain import GrammarError, grammar_from
+from ..embeddings import MAX_BATCH_TOKENS
 from ..inference import SamplingParams, TokenLogprob, prompts
+from ..tools import Delta, ToolError, ToolPlan, plan_tools
 from . import schemas as S
-from .json_mode import JsonObjectProcessor, JsonVocab
 
 
 # Errors -------------------------------------------------------------------------------------------------
@@ -109,18 +114,49 @@ class LogitBias:
         return logits.index_add(0, ids, values)
 
 
+_GUIDED = (("guided_json", "json_schema"), ("json_schema", "json_schema"), ("guided_regex", "regex"),
+           ("guided_choice", "choice"), ("guided_grammar", "grammar"), ("grammar", "grammar"))  # fmt: skip
+
+
+def grammar_for(req: S._Sampling, tool_grammar: str | None = None) -> tuple[str, str] | None:
+    """The request's output constraint as (llguidance grammar, the field it came from), or None: at most one of
+    ``response_format`` (json_schema, json_object), the grammar extensions and a forced tool call."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        found.append(("response_format", {"json_object": True}))
+    if fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad("response_format 'json_schema' needs 'json_schema': {'name': ..., 'schema': {...}}",
+                      param="response_format")  # fmt: skip
+        found.append(("response_format", {"json_schema": fmt.json_schema.schema_}))
+    for field, kind in _GUIDED:
+        value = getattr(req, field)
+        if value is not None:
+            found.append((field, {kind: value}))
+    if tool_grammar is not None:
+        found.append(("tool_choice", {"grammar": tool_grammar}))
+    if len(found) > 1:
+        names = " and ".join(f"'{f}'" for f, _ in found)
+        raise bad(f"at most one output constraint per request, got {names}", param=found[1][0])
+    if not found:
+        return None
+    param, spec = found[0]
+    try:
+        return grammar_from(param=param, **spec), param
+    except GrammarError as exc:
+        raise bad(str(exc), param=param) from None
+
+
 def sampling_params(req: S._Sampling, max_new: int, logprobs: int | None, choice: int, vocab_size: int,
-                    json_vocab: Callable[[], JsonVocab]) -> SamplingParams:  # fmt: skip
-    """The ``SamplingParams`` of choice number `choice` of an OpenAI request (seeds differ per choice)."""
+                    constraint: Any = None) -> SamplingParams:  # fmt: skip
+    """The ``SamplingParams`` of choice number `choice` of an OpenAI request (seeds differ per choice);
+    `constraint`: this choice's own grammar processor."""
     processors: list[Any] = []
     if req.logit_bias:
         processors.append(LogitBias(req.logit_bias, vocab_size))
-    fmt = req.response_format.type if req.response_format else "text"
-    if fmt == "json_schema":
-        raise bad("response_format 'json_schema' is not supported; use {'type': 'json_object'}",
-                   param="response_format")  # fmt: skip
-    if fmt == "json_object":
-        processors.append(JsonObjectProcessor(json_vocab(), max_new))
+    if constraint is not None:
+        processors.append(constraint)
     seed = None if req.seed is None else (req.seed + choice) % 2**63
     try:
         return SamplingParams(
@@ -154,11 +190,80 @@ def chat_messages(messages: list[S.ChatMessage]) -> list[dict[str, Any]]:
                                param=f"messages.{i}.content")  # fmt: skip
                 texts.append(part["text"])
             content = "".join(texts)
-        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+            message["content"] = content  # None: a message of calls only
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
         if m.name:
             message["name"] = m.name
         out.append(message)
     return out
+
+
+def tool_plan(tokenizer: Any, body: S.ChatCompletionRequest, tool_format: str | None) -> ToolPlan | None:
+    """How the request's tools are shown, forced and read (None without tools)."""
+    if body.tools is None and body.tool_choice is None:
+        return None
+    parallel = True if body.parallel_tool_calls is None else body.parallel_tool_calls
+    try:
+        return plan_tools(tokenizer.chat_template or tokenizer.chat_format, body.tools, body.tool_choice, parallel,
+                          tool_format)  # fmt: skip
+    except ToolError as exc:
+        raise bad(str(exc), param=exc.param) from None
+
+
+def tool_delta(d: Delta) -> S.Delta:
+    """A parser's Delta as the chunk delta OpenAI streams: content, or one piece of a tool call."""
+    if d.index is None:
+        return S.Delta(content=d.content)
+    call = S.ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
+                           function=S.FunctionDelta(name=d.name, arguments=d.arguments))  # fmt: skip
+    return S.Delta(tool_calls=[call])
+
+
+MAX_EMBEDDING_INPUTS = 2048
+
+
+def embedding_inputs(given: Any, tokenizer: Any, vocab: int) -> list[list[int]]:
+    """The token ids of each input of /v1/embeddings (a string, strings, token ids or lists of them)."""
+    if isinstance(given, str) or (isinstance(given, list) and given and all(isinstance(t, int) for t in given)):
+        given = [given]
+    if not given:
+        raise bad("'input' is empty: give a string, a list of strings, or token ids", param="input")
+    if len(given) > MAX_EMBEDDING_INPUTS:
+        raise bad(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(given)}", param="input")
+    out = []
+    for n, item in enumerate(given):
+        if isinstance(item, str):
+            if not item:
+                raise bad(f"input {n} is an empty string", param="input")
+            if tokenizer is None:
+                raise bad("this model has no tokenizer; send token ids as the input", param="input")
+            out.append(prompts.encode_prompt(tokenizer, item))
+        else:
+            out.append(check_ids(list(item), vocab, "input"))
+    return out
+
+
+def embedding_groups(inputs: list[list[int]]) -> list[list[list[int]]]:
+    """Inputs in groups of about one forward each (the engine runs one group between two decode steps)."""
+    groups: list[list[list[int]]] = [[]]
+    size = 0
+    for seq in inputs:
+        if groups[-1] and size + len(seq) > MAX_BATCH_TOKENS:
+            groups.append([])
+            size = 0
+        groups[-1].append(seq)
+        size += len(seq)
+    return groups
+
+
+def encode_vector(vector: torch.Tensor, encoding: str) -> list[float] | str:
+    if encoding == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(vector.to(torch.float32).numpy().astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
 
 
 # Results ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Requests are validated by pydantic; unknown fields are ignored, as most OpenAI-compatible servers do, so
 that clients sending newer fields keep working. Value ranges follow OpenAI's documentation; the sampling
-extras (``top_k``, ``min_p``, ``repetition_penalty``) follow vLLM's names.
+extras (``top_k``, ``min_p``, ``repetition_penalty``) follow vLLM's names, and so do the output constraints
+(``guided_json``, ``guided_regex``, ``guided_choice``, ``guided_grammar``), with llama.cpp's ``grammar``
+(GBNF) and ``json_schema`` as well.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_STOP = 16
 MAX_N = 16
@@ -26,9 +28,16 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the output always follows the schema: llamaforge constrains every token
+
+
 class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Sampling(_Request):
@@ -51,6 +60,13 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     user: str | None = None
+    # Output constraints beyond response_format (vLLM's and llama.cpp's names); at most one per request.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -62,10 +78,25 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
 
+class InfillRequest(_Sampling):
+    """llama-server's ``POST /infill``: the text between ``input_prefix`` and ``input_suffix`` (``prompt``: the
+    start of that text, already written). ``n_predict`` (or ``max_tokens``) -1 or absent: up to the context."""
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[dict[str, Any]] | None = None
+    prompt: str = ""
+    n_predict: int | None = Field(default=None, ge=-1)
+    max_tokens: int | None = Field(default=None, ge=-1)
+    repeat_penalty: float | None = Field(default=None, gt=0, le=10)
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
 
 class ChatCompletionRequest(_Sampling):
@@ -75,6 +106,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Request):
@@ -93,6 +126,15 @@ class SlotRequest(_Request):
 class DetokenizeRequest(_Request):
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    pooling: Literal["mean", "last"] = "mean"  # extension: how the token states become one vector
 
 
 # Responses ----------------------------------------------------------------------------------------------
@@ -143,9 +185,30 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+def _drop_none(handler: Any, value: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    data = handler(value)
+    return {k: v for k, v in data.items() if not (k in fields and v is None)}
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None  # left out when there are none, as OpenAI does
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Any) -> dict[str, Any]:
+        return _drop_none(handler, self, ("tool_calls",))
 
 
 class ChatChoice(BaseModel):
@@ -164,9 +227,36 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Any) -> dict[str, Any]:
+        return _drop_none(handler, self, ("name", "arguments"))
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: the first carries id, type and name; the rest argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Any) -> dict[str, Any]:
+        return _drop_none(handler, self, ("id", "type"))
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Any) -> dict[str, Any]:
+        return _drop_none(handler, self, ("tool_calls",))
 
 
 class ChatChunkChoice(BaseModel):
@@ -183,6 +273,24 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format="base64"
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

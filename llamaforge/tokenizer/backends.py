@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import formats as fmt
-from .base import BaseTokenizer, TextDecoder, clean_text
+from .base import BaseTokenizer, TextDecoder
 
 
 class _StreamDecoder(TextDecoder):
@@ -114,24 +114,15 @@ class SentencePieceTokenizer(BaseTokenizer):
         found = self._ids.get(piece)
         return self._ids.get("▁" + piece) if found is None else found  # Code Llama's "▁<PRE>" as "<PRE>"
 
-    def encode_infill(self, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
-        """Code Llama's fill-in-the-middle prompt (``<PRE> prefix <SUF>suffix <MID>``), as Meta builds it."""
-        pre, suf, mid = (self.token_id(n) for n in ("<PRE>", "<SUF>", "<MID>"))
-        if None in (pre, suf, mid):
-            raise ValueError(
-                f"{self.source or 'tokenizer'}: no infilling tokens (<PRE>, <SUF>, <MID>); "
-                "infilling needs a Code Llama tokenizer"
-            )
-        if self._nodummy is None:  # the suffix is encoded without the leading dummy space
+    def _encode_continuation(self, text: str) -> list[int]:
+        if not self.add_dummy_prefix:
+            return self.sp.encode(text)
+        if self._nodummy is None:  # Meta drops the dummy space by encoding "☺" + text; this model never adds it
             import sentencepiece as spm
 
             self._nodummy = spm.SentencePieceProcessor()
             self._nodummy.LoadFromSerializedProto(fmt.sp_proto_without_dummy_prefix(self.model_proto))
-        suffix_ids = self._nodummy.encode(clean_text(suffix))
-        prefix_ids = self.encode(prefix)
-        if suffix_first:
-            return [self._require("bos_id"), pre, suf, *suffix_ids, mid, *prefix_ids]  # type: ignore[list-item]
-        return [self._require("bos_id"), pre, *prefix_ids, suf, *suffix_ids, mid]  # type: ignore[list-item]
+        return self._nodummy.encode(text)
 
     def gguf_metadata(self) -> dict[str, Any]:
         if self._gguf is not None:
@@ -312,6 +303,7 @@ class HFTokenizer(BaseTokenizer):
         self._plain = HFTok.from_str(tk.to_str())  # same tokenizer, special-token text taken literally
         self._plain.encode_special_tokens = True
         self._gguf = gguf
+        self._continuation: Any = None
         added = tk.get_added_tokens_decoder()
         special = {t.content: i for i, t in added.items() if t.special}
         bos_id, eos_id = (x if isinstance(x, int) or x is None else tk.token_to_id(x) for x in (bos, eos))
@@ -347,6 +339,11 @@ class HFTokenizer(BaseTokenizer):
         self._check_ids([token_id])
         return self._tk.id_to_token(token_id)
 
+    def _encode_continuation(self, text: str) -> list[int]:
+        if self._continuation is None:  # the same tokenizer without a Metaspace/Prepend dummy "▁" (as transformers'
+            self._continuation = _without_dummy_prefix(self._plain)  # CodeLlamaTokenizer encodes a suffix)
+        return self._continuation.encode(text, add_special_tokens=False).ids
+
     def _piece_id(self, piece: str) -> int | None:
         return self._tk.token_to_id(piece)
 
@@ -357,6 +354,39 @@ class HFTokenizer(BaseTokenizer):
 
     def _files_for_save(self) -> tuple[str, bytes, str]:
         return "tokenizer.json", self._tk.to_str(pretty=True).encode(), "PreTrainedTokenizerFast"
+
+
+def _without_dummy_prefix(tk: Any) -> Any:
+    """A copy of a ``tokenizers.Tokenizer`` that adds no leading "▁" (a Metaspace pre-tokenizer's prepend, a
+    normalizer's Prepend("▁")); other tokenizers are returned as they are."""
+    from tokenizers import Tokenizer as HFTok
+
+    data = json.loads(tk.to_str())
+    changed = False
+
+    def strip(node: Any) -> Any:
+        nonlocal changed
+        if isinstance(node, dict):
+            if node.get("type") == "Metaspace" and (
+                node.get("prepend_scheme", "never") != "never" or node.get("add_prefix_space")
+            ):
+                changed = True
+                node = {**node, **{k: v for k, v in (("prepend_scheme", "never"), ("add_prefix_space", False))
+                                   if k in node}}  # fmt: skip
+            if node.get("type") == "Prepend" and node.get("prepend") == "▁":
+                changed = True
+                return None
+            return {k: strip(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [x for x in (strip(v) for v in node) if x is not None]
+        return node
+
+    data["normalizer"], data["pre_tokenizer"] = strip(data.get("normalizer")), strip(data.get("pre_tokenizer"))
+    if not changed:
+        return tk
+    copy = HFTok.from_str(json.dumps(data))
+    copy.encode_special_tokens = tk.encode_special_tokens
+    return copy
 
 
 # --- loading --------------------------------------------------------------------------------------

@@ -25,6 +25,16 @@ _STOP_NAMES = (
     "▁<EOT>",
     "<|end|>",
 )
+# Fill-in-the-middle tokens (prefix, suffix, middle) by name, as llama.cpp finds them when a GGUF does not declare
+# them: Llama 4's, StarCoder's and Code Llama's spellings.
+_FIM_NAMES = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+    ("<PRE>", "<SUF>", "<MID>"),
+    ("▁<PRE>", "▁<SUF>", "▁<MID>"),  # Code Llama's pieces
+)
+_GGUF_FIM_KEYS = (("fim_pre", "fim_suf", "fim_mid"), ("prefix", "suffix", "middle"))  # current and older GGUF keys
 
 
 def _replace_each_byte(exc: UnicodeError) -> tuple[str, int]:
@@ -109,6 +119,9 @@ class BaseTokenizer:
         if eos_id is not None:
             stops.add(eos_id)
         stops.update(self.special_tokens[name] for name in _STOP_NAMES if name in self.special_tokens)
+        code_llama_eot = self._piece_id("▁<EOT>")  # a plain piece in Code Llama's tokenizer.json, still its end
+        if code_llama_eot is not None:
+            stops.add(code_llama_eot)
         self.stop_ids: set[int] = stops
         self._special_re: re.Pattern[str] | None = None
 
@@ -149,6 +162,46 @@ class BaseTokenizer:
         if value is None:
             raise ValueError(f"{self.source or 'tokenizer'}: this tokenizer has no {name.replace('_id', '')} token")
         return value
+
+    # --- fill in the middle ------------------------------------------------------------------------
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """The (prefix, suffix, middle) infilling token ids: those a GGUF file declares, else the first spelling in
+        ``_FIM_NAMES`` this vocabulary has all three of; None when it has none."""
+        meta = getattr(self, "_gguf", None) or {}
+        for keys in _GGUF_FIM_KEYS:
+            ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in keys]
+            if all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+                return ids[0], ids[1], ids[2]
+        for names in _FIM_NAMES:
+            found = [self.token_id(n) for n in names]
+            if None not in found:
+                return found[0], found[1], found[2]  # type: ignore[return-value]
+        return None
+
+    def encode_infill(self, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
+        """The fill-in-the-middle prompt whose completion is the text between `prefix` and `suffix`:
+        ``[BOS] <pre> prefix <suf> suffix <mid>``, the suffix encoded as the continuation of other text (no
+        dummy-prefix space), as Meta's Code Llama and transformers build it. ``suffix_first``: Code Llama's
+        ``[BOS] <PRE> <SUF> suffix <MID> prefix``, or for other vocabularies llama-server's
+        ``[BOS] <suf> suffix <pre> prefix <mid>``. A ValueError when the vocabulary has no infilling tokens."""
+        fim = self.fim_ids()
+        if fim is None:
+            raise ValueError(
+                f"{self.source or 'tokenizer'}: this model's vocabulary has no fill-in-the-middle tokens (<PRE>/<SUF>/"
+                "<MID> or <|fim_prefix|>/<|fim_suffix|>/<|fim_middle|>), so it cannot infill"
+            )
+        pre, suf, mid = fim
+        head = [self._require("bos_id")] if self.add_bos_default and self.bos_id is not None else []
+        prefix_ids, suffix_ids = self.encode(prefix), self._encode_continuation(clean_text(suffix))
+        if not suffix_first:
+            return [*head, pre, *prefix_ids, suf, *suffix_ids, mid]
+        if self.id_to_piece(pre).lstrip("▁") == "<PRE>":  # Code Llama's suffix-prefix-middle order
+            return [*head, pre, suf, *suffix_ids, mid, *prefix_ids]
+        return [*head, suf, *suffix_ids, pre, *prefix_ids, mid]
+
+    def _encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as it would be encoded after other text: without a SentencePiece-style dummy-prefix space."""
+        return self._encode_ordinary(text)
 
     # --- decoding ---------------------------------------------------------------------------------
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:

@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,12 +310,16 @@ def prepare_data(sources: Sequence[Source], out_dir: str | os.PathLike, tokenize
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer_source = tokenizer_source or str(tokenizer)
         from .. import load_tokenizer
+        from ..llm import resolve_source
 
+        tokenizer_source = tokenizer_source or str(tokenizer)
+        tokenizer = resolve_source(tokenizer)  # a built-in name or hub id becomes its cached path, once for all workers
         tok = load_tokenizer(tokenizer)
+        worker_tokenizer: Any = tokenizer
     else:
         tok = tokenizer
+        worker_tokenizer = tokenizer if tokenizer_source is None else tokenizer_source
     vocab_size = int(tok.vocab_size)
     dtype_name = "uint16" if vocab_size <= 2**16 else "uint32"
     workers = max(1, workers or os.cpu_count() or 1)
@@ -331,15 +336,14 @@ def prepare_data(sources: Sequence[Source], out_dir: str | os.PathLike, tokenize
         bar.write(f"resuming: {len(results)} of {len(units)} units already done")
     args = (str(out), dtype_name, val_fraction, seed)
     if workers == 1 or len(todo) <= 1:
-        _init_worker(tokenizer if tokenizer_source is None else tokenizer_source)
+        _init_worker(worker_tokenizer)
         for unit in todo:
             results.append(_process_unit(unit, *args))
             bar.update(unit.nbytes)
     else:
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        init = tokenizer_source if tokenizer_source is not None else tokenizer
         with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-                                    initargs=(init,)) as pool:  # fmt: skip
+                                    initargs=(worker_tokenizer,)) as pool:  # fmt: skip
             futures = [pool.submit(_process_unit, unit, *args) for unit in todo]
             for fut in cf.as_completed(futures):
                 result = fut.result()
@@ -359,6 +363,12 @@ def prepare_data(sources: Sequence[Source], out_dir: str | os.PathLike, tokenize
                     entry[split].append(f"shards/{source.name}/{r['unit'].stem}.{split}.bin")
                     entry[f"{split}_tokens"] += r["tokens"][split]
         components[source.name] = entry
+    if val_fraction > 0 and not any(c["val_tokens"] for c in components.values()):
+        n_docs = sum(c["documents"] for c in components.values())
+        warnings.warn(f"{out}: 0 validation tokens: none of the {n_docs:,} documents went to the validation split "
+                      f"(val_fraction {val_fraction:g}), so pretraining on this data reports no validation loss. "
+                      "Rerun prepare-data with a larger --val-fraction (e.g. 0.1; each text file is one document, "
+                      "each JSONL/Parquet record one)", stacklevel=2)  # fmt: skip
     meta = {
         "format_version": FORMAT_VERSION,
         "dtype": dtype_name,

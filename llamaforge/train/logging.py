@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,11 @@ class MetricsLogger:
             self._wandb = None
 
 
-def format_train_line(step: int, total: int, m: dict[str, Any]) -> str:
-    parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.3e}",
-             f"grad_norm {m['grad_norm']:.3f}", f"tok/s {m['tokens_per_s']:,.0f}"]  # fmt: skip
+def format_train_line(step: int, total: int, m: dict[str, Any], extra: Sequence[str] = ()) -> str:
+    """One console line per logged step; ``extra`` names further metrics to show (e.g. DPO's rewards)."""
+    parts = [f"step {step:>{len(str(total))}}/{total}", f"loss {m['loss']:.4f}",
+             *(f"{k} {m[k]:.4f}" for k in extra if k in m), f"lr {m['lr']:.3e}", f"grad_norm {m['grad_norm']:.3f}",
+             f"tok/s {m['tokens_per_s']:,.0f}"]  # fmt: skip
     if m.get("mfu") is not None:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     if m.get("skipped"):

@@ -18,12 +18,13 @@ own names (needed for layers with no HF counterpart, e.g. Llama 4 shared experts
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # True: the layer is its base alone (see adapters_disabled)
         for p in base.parameters():
             p.requires_grad_(False)
         self.reset_lora()
@@ -238,6 +240,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x) if isinstance(self.base, nn.Linear) else frozen_linear(x, self.base)
+        if self.disabled:
+            return y
         h = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
         return y + (h * self.scale).to(y.dtype)
 
@@ -254,6 +258,8 @@ class LoRALinear(nn.Module):
     def weight(self) -> Tensor:
         """The merged weight, differentiable in A and B: what the fused loss reads for an adapted output head
         (LoRA dropout does not apply there; see ``adapt_recipe_for_lora``)."""
+        if self.disabled:
+            return self.base_weight(self.lora_A.dtype)
         return self.base_weight(self.lora_A.dtype) + self.delta_weight()
 
     @torch.no_grad()
@@ -292,6 +298,22 @@ def apply_lora(model: nn.Module, config: LoraConfig, freeze: bool = True) -> dic
         adapted[name] = lora
     model.lora_config = config  # type: ignore[assignment]
     return adapted
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The base model alone inside the block: every LoRA layer skips its adapter (preference tuning's reference
+    model, with no second copy of the weights)."""
+    layers = list(lora_modules(model).values())
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to disable")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..distributed import DistInfo
+from ..errors import UserError
 from .mesh import Layout
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
@@ -156,9 +157,18 @@ def local_value(x: Tensor) -> Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
+def add_sums(sums: dict[str, Tensor], more: dict[str, Tensor]) -> None:
+    """Add a loss module's metric sums (``{name: tensor}``) into ``sums``, detached, in float64."""
+    for key, value in more.items():
+        value = local_value(value.detach()).double()
+        sums[key] = sums[key] + value if key in sums else value
+
+
 class LocalRunner:
     """Forward and backward of a step's micro-batches on this rank's whole model (replicated, FSDP-sharded or
-    tensor-parallel: ``module`` is a ``CausalLMLoss``, possibly wrapped). Returns loss sums over the batches."""
+    tensor-parallel). ``module`` is the loss module, possibly wrapped: ``module(**batch)`` returns
+    ``(loss_sum, n_units[, {metric: sum}])`` (``CausalLMLoss``, or another objective's, e.g. ``dpo.PreferenceLoss``).
+    """
 
     batches_per_call = 1
 
@@ -168,50 +178,67 @@ class LocalRunner:
         self.loss_parallel = loss_parallel
         self.autocast = autocast or contextlib.nullcontext()
 
-    def forward_backward(self, batches: Sequence[dict[str, Tensor]], scale: float) -> Tensor:
+    def forward_backward(self, batches: Sequence[dict[str, Tensor]], scale: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Gradients of (sum of the batches' losses) x ``scale``; the gradient all-reduce or reduce-scatter runs
-        with the last micro-batch only."""
+        with the last micro-batch only. Returns the loss sum and the sums of the loss module's other metrics."""
         from .tensor_parallel import maybe_loss_parallel
 
-        total = None
+        total, sums = None, {}
         for i, batch in enumerate(batches):
             with gradient_sync(self.module, i == len(batches) - 1), maybe_loss_parallel(self.loss_parallel):
                 with self.autocast:
-                    part, _ = self.module(batch["tokens"], batch["targets"], batch.get("attn_mask"))
+                    part, _, *more = self.module(**batch)
                 (part * scale).backward()
             value = local_value(part.detach()).float()
             total = value if total is None else total + value
-        return total
+            add_sums(sums, more[0] if more else {})
+        return total, sums
 
     @torch.no_grad()
-    def loss_sum(self, batches: Sequence[dict[str, Tensor]]) -> Tensor:
+    def loss_sum(self, batches: Sequence[dict[str, Tensor]]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The summed loss of ``batches``, the units it sums over and the other metrics' sums, forward only."""
         from .tensor_parallel import maybe_loss_parallel
 
-        total = None
+        total, units, sums = None, None, {}
         for batch in batches:
             with maybe_loss_parallel(self.loss_parallel), self.autocast:
-                part, _ = self.module(batch["tokens"], batch["targets"], batch.get("attn_mask"))
-            value = local_value(part).float()
+                part, count, *more = self.module(**batch)
+            value, count = local_value(part).float(), local_value(count).double()
             total = value if total is None else total + value
-        return total
+            units = count if units is None else units + count
+            add_sums(sums, more[0] if more else {})
+        return total, units, sums
 
 
-def parallelize_model(model: nn.Module, layout: Layout, device: torch.device, *, activation_checkpointing: bool = False,
-                      compile: bool = False, fused_loss: bool = True, compile_loss: bool = False,
+def parallelize_model(model: nn.Module, layout: Layout, device: torch.device, loss_module: nn.Module | None = None,
+                      *, activation_checkpointing: bool = False, compile: bool = False,
                       autocast: contextlib.AbstractContextManager | None = None, microbatches: int = 1):  # fmt: skip
     """Apply ``layout`` to the Transformer ``model`` for training and return the runner of its steps
-    (``LocalRunner`` or ``pipeline.PipelineRunner``); ``runner.module`` is the ``CausalLMLoss`` whose parameters
-    the optimizer updates and whose state dict the checkpoints hold (names as in the whole model).
+    (``LocalRunner`` or ``pipeline.PipelineRunner``); ``runner.module`` is the loss module whose parameters the
+    optimizer updates and whose state dict the checkpoints hold (names as in the whole model).
 
-    Tensor parallelism and pipelines compute the loss from logits (split over the vocabulary under tensor
-    parallelism, with ``loss_parallel``); the fused chunked loss needs the whole output matrix on one rank.
-    A pipeline runs ``microbatches`` micro-batches per step.
+    ``loss_module`` wraps ``model`` as its ``.model`` (default: ``CausalLMLoss(model, fused=False)``). Tensor
+    parallelism and pipelines need the next-token loss from logits (``CausalLMLoss`` with ``fused=False``): a
+    pipeline's last stage computes it itself, and under tensor parallelism the logits are split over the
+    vocabulary. A pipeline runs ``microbatches`` micro-batches per step.
     """
     from .loss import CausalLMLoss
     from .pipeline import PipelineRunner, rank_stage_ids, split_stages
     from .tensor_parallel import apply_tensor_parallel
 
     dims = layout.dims
+    module: nn.Module = CausalLMLoss(model, fused=False) if loss_module is None else loss_module
+    if getattr(module, "model", None) is not model:
+        raise ValueError(f"the loss module {type(module).__name__} does not wrap the model as its .model")
+    split = dims.tp > 1 or dims.pp > 1
+    if split and not isinstance(module, CausalLMLoss):
+        what = " and ".join(f"parallel.{k} {v}" for k, v in (("tp", dims.tp), ("pp", dims.pp)) if v > 1)
+        raise UserError(f"{what}: the {type(module).__name__} objective runs under data parallelism only "
+                        "(train.parallel ddp or fsdp, parallel.dp_shard); set parallel.tp and parallel.pp to 1 "
+                        "(tensor and pipeline parallelism compute the next-token loss only)")  # fmt: skip
+    if split and module.fused:
+        raise ValueError("tensor and pipeline parallelism need CausalLMLoss(fused=False): the fused loss reads the "
+                         "whole output matrix")  # fmt: skip
     if dims.pp > 1:
         stage_ids = rank_stage_ids(layout.pp_rank, dims.pp, dims.stages_per_rank)
         stages = split_stages(model, stage_ids, dims.n_stages)
@@ -225,8 +252,6 @@ def parallelize_model(model: nn.Module, layout: Layout, device: torch.device, *,
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model, parts=dims.tp > 1)
-    split = dims.tp > 1 or dims.pp > 1
-    module: nn.Module = CausalLMLoss(model, fused=fused_loss and not split, compile=compile_loss)
     if dims.dp_mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

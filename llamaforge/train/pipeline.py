@@ -131,13 +131,16 @@ class PipelineRunner:
         sums = [x.detach().full_tensor() if hasattr(x, "full_tensor") else x.detach() for x in losses]
         return torch.stack(sums).sum().float() / self._scale
 
-    def forward_backward(self, batches: Sequence[dict[str, Tensor]], scale: float) -> Tensor:
-        """Run one step's micro-batches forward and backward (gradients of sum-of-losses x ``scale``)."""
+    def forward_backward(self, batches: Sequence[dict[str, Tensor]], scale: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run one step's micro-batches forward and backward (gradients of sum-of-losses x ``scale``); returns the
+        loss sum and no other metrics (the next-token loss has none), as ``parallel.LocalRunner`` does."""
         self._scale = scale
-        return self._run(batches, train=True)
+        return self._run(batches, train=True), {}
 
     @torch.no_grad()
-    def loss_sum(self, batches: Sequence[dict[str, Tensor]]) -> Tensor:
-        """The summed loss of ``batches`` (exactly ``n_microbatches`` of them), forward only."""
+    def loss_sum(self, batches: Sequence[dict[str, Tensor]]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The summed loss of ``batches`` (exactly ``n_microbatches`` of them), forward only; the number of
+        targets it sums over; no other metrics."""
         self._scale = 1.0
-        return self._run(batches, train=False)
+        count = sum((b["targets"] != IGNORE_INDEX).sum() for b in batches)
+        return self._run(batches, train=False), torch.as_tensor(count), {}

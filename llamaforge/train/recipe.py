@@ -19,6 +19,7 @@ import dataclasses
 import math
 import time
 import typing
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,8 +353,9 @@ class Trainer:
         m = self.recipe.model
         if m.from_checkpoint:
             from ..checkpoint import load_model
+            from ..llm import resolve_source
 
-            model, _ = load_model(m.from_checkpoint, device=device, dtype=torch.float32)
+            model, _ = load_model(resolve_source(m.from_checkpoint), device=device, dtype=torch.float32)
             for p in model.parameters():
                 p.requires_grad_(True)
             return model
@@ -394,7 +396,6 @@ class Trainer:
         from . import checkpointing as ckpt
         from .data import PackedLoader, ValidationSet
         from .logging import MetricsLogger, flops_per_token, format_train_line, peak_flops
-        from .loss import IGNORE_INDEX
         from .mesh import build_layout, check_model
         from .optim import build_optimizer, build_scheduler
         from .parallel import all_reduce_sum, clip_grad_norm, parallelize_model
@@ -415,12 +416,9 @@ class Trainer:
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         model_names = {f"model.{name}" for name in model.state_dict()}  # before a pipeline keeps some of them
         autocast = self._autocast(device)
-        # The loss's per-chunk softmax is compiled on accelerators only: on CPU its chunks stay in cache and the
-        # compiled pass measured no faster (stories15M's head: 1.49 s vs 1.42 s eager per 2048 tokens).
-        runner = parallelize_model(model, layout, device, activation_checkpointing=t.activation_checkpointing,
-                                   compile=t.compile, fused_loss=t.fused_loss,
-                                   compile_loss=t.compile and device.type != "cpu", autocast=autocast,
-                                   microbatches=d.grad_accum_steps)  # fmt: skip
+        runner = parallelize_model(model, layout, device, self._loss_module(model, device),
+                                   activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                                   autocast=autocast, microbatches=d.grad_accum_steps)  # fmt: skip
         module = runner.module
         self.module, self.runner = module, runner
         optimizer = build_optimizer(module, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, o.fused)
@@ -442,6 +440,14 @@ class Trainer:
             val_data = ValidationSet(d.path, d.seq_len, d.micro_batch_size, d.val_batches, rank=layout.dp_rank,
                                      world_size=layout.dp_size, doc_mask=d.doc_mask, device=device)  # fmt: skip
             if len(val_data) == 0:
+                if info.is_main:
+                    have = len(val_data.stream)
+                    need = d.micro_batch_size * info.world_size * d.seq_len + 1
+                    warnings.warn(f"{d.path}: {have:,} validation tokens, fewer than one validation batch needs "
+                                  f"({need:,} = data.micro_batch_size x processes x data.seq_len + 1): this run "
+                                  "reports no validation loss. Rerun `llamaforge prepare-data` with a larger "
+                                  "--val-fraction (e.g. 0.1), or set data.val_batches=0 to train without "
+                                  "validation", stacklevel=2)  # fmt: skip
                 val_data = None
 
         logger = MetricsLogger(out_dir, info.rank, tensorboard=r.logging.tensorboard,
@@ -475,14 +481,16 @@ class Trainer:
             for step in range(start, t.steps):
                 batches = train_data.next_step()
                 # Tensor- and pipeline-parallel peers read the same batch: one of them counts it.
-                counts = torch.tensor([sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches),
+                counts = torch.tensor([sum(self._loss_units(b) for b in batches),
                                        sum(b["tokens"].numel() for b in batches)], dtype=torch.float64)  # fmt: skip
                 n_targets, n_tokens = (int(x) for x in all_reduce_sum(counts.to(device) * layout.owns_data).tolist())
                 # Gradients are averaged over the data-parallel ranks by DDP/FSDP, so scale by dp / global target
                 # count: the step's gradient is that of the mean loss over every target in the global batch.
                 scale = layout.dp_size / max(n_targets, 1.0)
-                loss_sum = runner.forward_backward(batches, scale).reshape(()).to(device, torch.float32)
+                loss_sum, sums = runner.forward_backward(batches, scale)
+                loss_sum = loss_sum.reshape(()).to(device, torch.float32)
                 loss = all_reduce_sum(loss_sum * layout.owns_loss).item() / max(n_targets, 1.0)
+                extra = _global_means({k: v * layout.owns_loss for k, v in sums.items()}, n_targets, device)
                 grad_norm = clip_grad_norm(params, o.grad_clip, layout.pp_group)
                 lr = optimizer.param_groups[0]["lr"]
                 if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -503,7 +511,7 @@ class Trainer:
                 scheduler.step()
                 window_tokens += n_tokens
                 metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-                           "skipped": skipped}  # fmt: skip
+                           "skipped": skipped, **extra}  # fmt: skip
                 done = step + 1
                 if done % t.log_interval == 0 or done == t.steps:
                     if device.type == "cuda":
@@ -511,15 +519,18 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     metrics["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                     metrics["mfu"] = (fpt * metrics["tokens_per_s"] / (peak * world)) if peak else None
-                    logger.print(format_train_line(done, t.steps, metrics))
+                    logger.print(format_train_line(done, t.steps, metrics, self.console_metrics))
                     window_tokens, window_start = 0, time.perf_counter()
                 logger.log(done, metrics, "train")
                 self.history.append({"step": done, **metrics})
                 if val_data is not None and ((t.eval_interval and done % t.eval_interval == 0) or done == t.steps):
                     val_loss = self.evaluate(module, val_data, autocast, device)
-                    self.val_history.append({"step": done, "val_loss": val_loss})
-                    logger.log(done, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, "val")
-                    logger.print(f"step {done}: val_loss {val_loss:.4f}")
+                    val_extra = {f"val_{k}": v for k, v in self.last_val_metrics.items()}
+                    self.val_history.append({"step": done, "val_loss": val_loss, **val_extra})
+                    logger.log(done, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50)), **val_extra}, "val")
+                    shown = "".join(f" | {k} {self.last_val_metrics[k]:.4f}" for k in self.console_metrics
+                                    if k in self.last_val_metrics)  # fmt: skip
+                    logger.print(f"step {done}: val_loss {val_loss:.4f}{shown}")
                     window_start = time.perf_counter()  # evaluation is not training throughput
                 if t.save and ((t.ckpt_interval and done % t.ckpt_interval == 0) or done == t.steps):
                     self._save(ckpt, out_dir, done, module, optimizer, scheduler, train_data, metrics, info)
@@ -538,22 +549,25 @@ class Trainer:
     def evaluate(self, module: nn.Module, val_data: Iterable[dict[str, torch.Tensor]],
                  autocast: contextlib.AbstractContextManager | None = None,
                  device: torch.device | None = None) -> float:  # fmt: skip
-        """Mean next-token loss over ``val_data`` (all ranks together)."""
+        """Mean loss over ``val_data`` (all ranks together); the means of the loss module's other metrics go to
+        ``self.last_val_metrics``."""
         from .loss import IGNORE_INDEX
-        from .parallel import LocalRunner, all_reduce_sum
+        from .parallel import LocalRunner, add_sums, all_reduce_sum
 
         if self.runner is not None and module is self.module:  # the run's own layout (e.g. a pipeline)
-            runner, owns_data, owns_loss = self.runner, self.layout.owns_data, self.layout.owns_loss
+            runner, owns_loss = self.runner, self.layout.owns_loss
         else:
-            runner, owns_data, owns_loss = LocalRunner(module, autocast=autocast), True, True
+            runner, owns_loss = LocalRunner(module, autocast=autocast), True
         device = device or next(module.parameters()).device
         totals = torch.zeros(2, dtype=torch.float64, device=device)
+        sums: dict[str, torch.Tensor] = {}
 
         def add(group: list[dict[str, torch.Tensor]]) -> None:
-            part = runner.loss_sum(group)
-            count = sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in group)
+            part, count, more = runner.loss_sum(group)
+            # tensor-parallel peers hold copies of the same sums, and only a pipeline's last stage has them
             totals[0] += part.double().to(device) * owns_loss
-            totals[1] += count * owns_data
+            totals[1] += count.double().to(device) * owns_loss
+            add_sums(sums, {k: v * owns_loss for k, v in more.items()})
 
         was_training = module.training
         module.eval()  # no dropout (e.g. LoRA's) while measuring
@@ -570,7 +584,30 @@ class Trainer:
         finally:
             module.train(was_training)
         all_reduce_sum(totals)
+        self.last_val_metrics = _global_means(sums, totals[1].item(), device)
         return (totals[0] / totals[1].clamp(min=1)).item()
+
+    # Hooks for trainers of other objectives (see train/dpo.py) ---------------------------------------
+    console_metrics: tuple[str, ...] = ()  # extra metrics shown on the console lines
+    last_val_metrics: dict[str, float] = {}  # noqa: RUF012 - replaced, never mutated
+
+    def _loss_module(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The module the loop calls as ``module(**batch) -> (loss_sum, n_units[, {name: metric_sum}])``."""
+        from .loss import CausalLMLoss
+
+        t = self.recipe.train
+        # Tensor parallelism and pipelines compute the loss from logits (split over the vocabulary under tensor
+        # parallelism, with loss_parallel): the fused chunked loss needs the whole output matrix on one rank.
+        split = self.layout is not None and (self.layout.dims.tp > 1 or self.layout.dims.pp > 1)
+        # The loss's per-chunk softmax is compiled on accelerators only: on CPU its chunks stay in cache and the
+        # compiled pass measured no faster (stories15M's head: 1.49 s vs 1.42 s eager per 2048 tokens).
+        return CausalLMLoss(model, fused=t.fused_loss and not split, compile=t.compile and device.type != "cpu")
+
+    def _loss_units(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many units the loss of ``batch`` sums over (the step's loss is their mean): target tokens."""
+        from .loss import IGNORE_INDEX
+
+        return int((batch["targets"] != IGNORE_INDEX).sum())
 
     def _save(
         self,
@@ -646,6 +683,18 @@ class Trainer:
         except Exception as exc:  # the weights are still worth writing without it
             logger.print(f"exporting without a tokenizer: cannot load {source}: {exc}")
             return None
+
+
+def _global_means(sums: dict[str, torch.Tensor], units: float, device: torch.device) -> dict[str, float]:
+    """Metric sums of every rank added up and divided by the global unit count (keys in the same order on every
+    rank: the loss module returns the same ones)."""
+    from .parallel import all_reduce_sum
+
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    total = all_reduce_sum(torch.stack([sums[k] for k in keys]).to(device))
+    return {k: v / max(units, 1.0) for k, v in zip(keys, total.tolist())}
 
 
 def _lambda_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:

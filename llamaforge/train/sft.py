@@ -1,11 +1,11 @@
 """Supervised fine-tuning on instruction data, run by the pretraining ``Trainer``.
 
-Data: Alpaca records (``instruction``, optional ``input``, ``output``) as a JSON array or JSONL, or chat
-records (``messages``: [{role, content}, ...]) as JSONL. Each example is rendered with the model's chat
-format or the Alpaca prompt and tokenized; only response tokens (the assistant turns, with their end-of-turn
-token) are targets, everything else is ``IGNORE_INDEX``. Bad records (missing fields, empty responses,
-examples longer than the context) are skipped and reported by line number; only a file with nothing valid
-left is an error.
+Data: Alpaca records (``instruction``, optional ``input``, ``output``) or chat records (``messages``:
+[{role, content}, ...]) in any file ``records.read_records`` reads (JSON array, JSONL, Parquet, datasets).
+Each example is rendered with the model's chat format or the Alpaca prompt and tokenized; only response tokens
+(the assistant turns, with their end-of-turn token) are targets, everything else is ``IGNORE_INDEX``. Bad
+records (missing fields, empty responses, examples longer than the context) are skipped and reported with
+their location; only a file with nothing valid left is an error.
 
 Batches: examples are packed into rows of at most ``seq_len`` tokens (first-fit over a few open rows, in
 a per-epoch shuffled order) with a block-diagonal causal mask, so packed examples never see each other.
@@ -21,7 +21,6 @@ pretraining). LoRA runs end by writing the adapter alone (``<out_dir>/adapter``)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,9 +36,11 @@ import torch
 from ..errors import UserError
 from .loss import IGNORE_INDEX
 from .recipe import Recipe, Trainer, _set_dotted
+from .records import BadExample, DataReport, read_records, split_by_index
 
 TEMPLATES = ("auto", "chat", "alpaca")
 METHODS = ("full", "lora", "qlora")
+OBJECTIVES = ("sft", "dpo")
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")  # fmt: skip
 ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -47,61 +48,7 @@ ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired wi
                        "{instruction}\n\n### Input:\n{input}\n\n### Response:\n")  # fmt: skip
 
 
-class BadExample(ValueError):  # noqa: N818 - a record, not a program error
-    """One record cannot be used; ``reason`` groups the report (``missing field``, ``too long`` ...)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-# Reading records ---------------------------------------------------------------------------------------------
-def read_records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record or BadExample) for each record of a JSON array or JSONL file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such data file: {path}")
-    text = path.read_text(encoding="utf-8")
-    start = len(text) - len(text.lstrip())
-    if text[start : start + 1] == "[":
-        yield from _read_json_array(path, text, start)
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield n, BadExample("invalid JSON", exc.msg)
-
-
-def _read_json_array(path: Path, text: str, pos: int) -> Iterator[tuple[int, Any]]:
-    """Each element of a top-level JSON array with the line it starts on (``json.load`` would lose that)."""
-    decoder = json.JSONDecoder()
-    line, last = 1, 0
-
-    def line_at(i: int) -> int:
-        nonlocal line, last
-        line += text.count("\n", last, i)
-        last = i
-        return line
-
-    pos += 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text):
-            raise UserError(f"{path}: the JSON array is not closed (line {line_at(pos)})")
-        if text[pos] == "]":
-            return
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:  # the rest of the array cannot be parsed reliably
-            raise UserError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        yield line_at(pos), obj
-        pos = end
-
-
+# Records as conversations ---------------------------------------------------------------------------------
 def record_messages(record: Any, template: str) -> list[dict[str, str]]:
     """A record as a conversation (Alpaca: one user turn and the response); BadExample when unusable."""
     if isinstance(record, BadExample):
@@ -230,48 +177,21 @@ class _NotPrefix(Exception):  # noqa: N818 - internal control flow
 
 @dataclass
 class Example:
-    line: int
+    index: int  # the record's position in its file: its identity for the train/validation split
     tokens: list[int]
     mask: list[bool]  # True: the token is part of a response (predicted, so counted by the loss)
+    line: int = 0  # where the record starts, for messages
 
     @property
     def n_targets(self) -> int:
         return sum(self.mask[1:])
 
 
-@dataclass
-class DataReport:
-    """What came out of a data file: kept examples and skipped lines grouped by reason."""
-
-    path: str
-    total: int = 0
-    kept: int = 0
-    skipped: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
-
-    def add(self, line: int, bad: BadExample) -> None:
-        self.skipped.setdefault(bad.reason, []).append((line, bad.detail))
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(len(v) for v in self.skipped.values())
-
-    def summary(self, max_lines: int = 5) -> str:
-        head = f"{self.path}: {self.kept} of {self.total} examples kept"
-        if not self.skipped:
-            return head
-        parts = []
-        for reason, items in sorted(self.skipped.items(), key=lambda kv: -len(kv[1])):
-            shown = "; ".join(f"line {n}: {d}" for n, d in items[:max_lines])
-            more = f"; ... {len(items) - max_lines} more" if len(items) > max_lines else ""
-            parts.append(f"  {reason} ({len(items)}): {shown}{more}")
-        return f"{head}, {self.n_skipped} skipped:\n" + "\n".join(parts)
-
-
 def load_examples(path: str | os.PathLike, tokenizer: Any, seq_len: int, template: str = "auto",
                   system_prompt: str | None = None,
                   progress: bool = False) -> tuple[list[Example], DataReport]:  # fmt: skip
-    """Parse, render and tokenize a data file. Records that cannot be used are skipped and reported (with line
-    numbers); a ``UserError`` only when no valid example remains."""
+    """Parse, render and tokenize a data file. Records that cannot be used are skipped and reported (with their
+    lines); a ``UserError`` only when no valid example remains."""
     template = resolve_template(template, tokenizer)
     render = render_chat if template == "chat" else render_alpaca
     report = DataReport(str(path))
@@ -281,10 +201,10 @@ def load_examples(path: str | os.PathLike, tokenizer: Any, seq_len: int, templat
         from tqdm import tqdm
 
         records = tqdm(records, desc=f"tokenizing {Path(path).name}", unit=" examples", leave=False)
-    for line, record in records:
+    for record in records:
         report.total += 1
         try:
-            messages = record_messages(record, template)
+            messages = record_messages(record.value, template)
             if system_prompt and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": system_prompt}, *messages]
             tokens, mask = render(messages, tokenizer)
@@ -294,33 +214,19 @@ def load_examples(path: str | os.PathLike, tokenizer: Any, seq_len: int, templat
             if not any(mask[1:]):
                 raise BadExample("empty response", "no response tokens after rendering")
         except BadExample as bad:
-            report.add(line, bad)
+            report.add(record.where, bad)
             continue
-        examples.append(Example(line, tokens, mask))
+        examples.append(Example(record.index, tokens, mask, record.line))
     report.kept = len(examples)
     if not examples:
         raise UserError(f"no usable examples in {report.summary()}" if report.total else f"{path}: no records")
     return examples, report
 
 
-def split_examples(
-    examples: Sequence[Example], val_fraction: float, seed: int = 0
-) -> tuple[list[Example], list[Example]]:
-    """(train, validation): each example goes to validation by a hash of (seed, line), so the split is the same
-    on every rank and run; at least one example stays on each side when there are two or more."""
-    if not 0 <= val_fraction < 1:
-        raise UserError(f"finetune.val_fraction must be in [0, 1), got {val_fraction}")
-    if val_fraction == 0 or len(examples) < 2:
-        return list(examples), []
-
-    def u(ex: Example) -> float:
-        digest = hashlib.blake2b(f"{seed}:{ex.line}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") / 2**64
-
-    scored = sorted(examples, key=u)
-    n_val = min(len(examples) - 1, max(1, round(val_fraction * len(examples))))
-    val_lines = {ex.line for ex in scored[:n_val]}
-    return [e for e in examples if e.line not in val_lines], [e for e in examples if e.line in val_lines]
+def split_examples(examples: Sequence[Example], val_fraction: float,
+                   seed: int = 0) -> tuple[list[Example], list[Example]]:  # fmt: skip
+    """(train, validation) by each example's index in its file (see ``records.split_by_index``)."""
+    return split_by_index(examples, val_fraction, seed)
 
 
 # Packing and batches -----------------------------------------------------------------------------------------
@@ -448,7 +354,7 @@ class SFTValidation:
     def __init__(self, examples: Sequence[Example], seq_len: int, micro_batch_size: int, *, rank: int = 0,
                  world_size: int = 1, pack: bool = True, pad_id: int = 0,
                  device: torch.device | str = "cpu") -> None:  # fmt: skip
-        self.examples = [*examples, Example(0, [pad_id], [False])]  # the last one pads
+        self.examples = [*examples, Example(-1, [pad_id], [False])]  # the last one pads
         empty = len(self.examples) - 1
         rows = pack_rows([len(e.tokens) for e in self.examples[:-1]], range(empty), seq_len, pack)
         per_batch = micro_batch_size * world_size
@@ -482,6 +388,11 @@ class FinetuneSection:
     lora_targets: str = ",".join(("wq", "wk", "wv", "wo", "w1", "w2", "w3"))  # names, or all/attention/mlp
     quant: str = "nf4"  # QLoRA base: nf4 | int4 | int4-g32/64/128
     adapter_layout: str = "peft"  # peft (Hugging Face PEFT names) | llamaforge
+    objective: str = "sft"  # sft (instruction data) | dpo (preference pairs: train/dpo.py)
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | simpo (reference-free)
+    dpo_beta: float | None = None  # default: 0.1 for sigmoid and ipo, 2.0 for simpo
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    dpo_reference: str = "auto"  # auto (LoRA/QLoRA: adapters off; full: precompute) | precompute | adapter-off
 
 
 # Fine-tuning defaults that differ from pretraining's (the recipe or the command line can change each).
@@ -503,13 +414,21 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 class FinetuneRecipe(Recipe):
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
+    # Where the run's length (train.steps or finetune.epochs) came from, for the run's first line; set by load().
+    length_source: ClassVar[str | None] = None
+
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FinetuneRecipe:
-        """Fine-tuning defaults, then the YAML recipe, then ``{"optim.lr": "1e-4", ...}`` overrides."""
+        """Fine-tuning defaults, then the YAML recipe, then ``{"optim.lr": "1e-4", ...}`` overrides.
+
+        The run's length is ``train.steps`` or ``finetune.epochs``, whichever the later layer gives (the command
+        line over the recipe file over the defaults): a step count the user typed clears the recipe's epochs. One
+        layer giving both is an error naming both."""
         import yaml
 
         data = json.loads(json.dumps(FINETUNE_DEFAULTS))
         where = "recipe"
+        loaded: dict[str, Any] = {}
         if path is not None:
             path = Path(path)
             if not path.exists():
@@ -523,9 +442,37 @@ class FinetuneRecipe(Recipe):
                 else:
                     data[section] = values
             where = str(path)
-        for key, raw in (overrides or {}).items():
-            _set_dotted(data, key, yaml.safe_load(raw) if isinstance(raw, str) else raw)
-        return cls.from_dict(data, where)
+        parsed = {key: yaml.safe_load(raw) if isinstance(raw, str) else raw for key, raw in (overrides or {}).items()}
+        for key, value in parsed.items():
+            _set_dotted(data, key, value)
+
+        def given(section: str, name: str) -> Any:
+            values = loaded.get(section)
+            return values.get(name) if isinstance(values, dict) else None
+
+        layers = [("the command line", parsed.get("train.steps"), parsed.get("finetune.epochs"))]
+        if path is not None:
+            layers.append((f"the recipe {path}", given("train", "steps"), given("finetune", "epochs")))
+        source = f"train.steps {data['train']['steps']} (the default; set --steps or --epochs)"
+        for name, steps, epochs in layers:
+            if steps is not None and epochs is not None:
+                raise UserError(f"{name} sets both train.steps ({steps}) and finetune.epochs ({epochs}); they are "
+                                "two lengths for one run: give one of them")  # fmt: skip
+            if steps is not None:
+                source = f"train.steps {steps} from {name}"
+                replaced = (data.get("finetune") or {}).get("epochs")
+                if replaced is not None:
+                    source += f", in place of finetune.epochs {replaced} of {layers[-1][0]}"
+                    _set_dotted(data, "finetune.epochs", None)
+                break
+            if epochs is not None:
+                source = f"finetune.epochs {epochs} from {name}"
+                break
+        recipe = cls.from_dict(data, where)
+        if recipe.finetune.epochs is None and source.startswith("finetune.epochs"):  # --set finetune.epochs=null
+            source = f"train.steps {recipe.train.steps}"
+        recipe.length_source = source
+        return recipe
 
     def validate(self, where: str = "recipe") -> None:
         f = self.finetune
@@ -539,6 +486,20 @@ class FinetuneRecipe(Recipe):
             problems.append(f"finetune.template {f.template!r} must be one of {', '.join(TEMPLATES)}")
         if f.adapter_layout not in ("peft", "llamaforge"):
             problems.append(f"finetune.adapter_layout {f.adapter_layout!r} must be peft or llamaforge")
+        if f.objective not in OBJECTIVES:
+            problems.append(f"finetune.objective {f.objective!r} must be one of {', '.join(OBJECTIVES)}")
+        if f.objective == "dpo":
+            from .dpo import LOSSES, REFERENCES
+
+            if f.dpo_loss not in LOSSES:
+                problems.append(f"finetune.dpo_loss {f.dpo_loss!r} must be one of {', '.join(LOSSES)}")
+            if f.dpo_reference not in REFERENCES:
+                problems.append(f"finetune.dpo_reference {f.dpo_reference!r} must be one of {', '.join(REFERENCES)}")
+            if f.dpo_reference == "adapter-off" and f.method == "full":
+                problems.append("finetune.dpo_reference adapter-off needs LoRA or QLoRA (full tuning has no adapter to "
+                                "switch off): use auto or precompute")  # fmt: skip
+            if f.dpo_beta is not None and not f.dpo_beta > 0:
+                problems.append(f"finetune.dpo_beta must be positive, got {f.dpo_beta}")
         if f.epochs is not None and not f.epochs > 0:
             problems.append(f"finetune.epochs must be positive, got {f.epochs}")
         if f.method != "full":
@@ -608,28 +569,53 @@ def prepare_model(model: torch.nn.Module, recipe: FinetuneRecipe) -> dict[str, i
     return counts
 
 
+def plan_steps(recipe: FinetuneRecipe, steps_per_epoch: float) -> str:
+    """Set ``train.steps`` from ``finetune.epochs`` when the run is measured in epochs; return the run's first
+    line: how many steps it takes, and why."""
+    f, t = recipe.finetune, recipe.train
+    source = recipe.length_source or (f"finetune.epochs {f.epochs:g}" if f.epochs is not None else "train.steps")
+    if f.epochs is not None:
+        t.steps = max(1, math.ceil(f.epochs * steps_per_epoch))
+        how = f"{f.epochs:g} epochs x {steps_per_epoch:.1f} steps per epoch"
+    else:
+        how = f"{t.steps / max(steps_per_epoch, 1e-9):.2f} epochs of {steps_per_epoch:.1f} steps"
+    return f"{t.steps} optimizer steps ({how}): {source}"
+
+
+def load_finetune_model(recipe: FinetuneRecipe, llm: Any = None) -> Any:
+    """The ``LLM`` to fine-tune (``llm`` or ``model.from_checkpoint`` with float32 weights), checked against the
+    recipe: it has a tokenizer to render the data with, and ``data.seq_len`` fits its context."""
+    if not recipe.finetune.data:
+        raise UserError("finetune.data (--data) names the training file")
+    if llm is None:
+        from ..llm import load
+
+        llm = load(recipe.model.from_checkpoint, device="cpu", dtype=torch.float32)
+    if llm.tokenizer is None:
+        raise UserError(f"{recipe.model.from_checkpoint}: the model has no tokenizer to render the data with")
+    if recipe.data.seq_len > llm.config.max_seq_len:
+        raise UserError(f"data.seq_len {recipe.data.seq_len} exceeds the model's context of {llm.config.max_seq_len}")
+    return llm
+
+
 def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any] = (),
              progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fine-tune ``recipe.model.from_checkpoint`` on ``recipe.finetune.data``; returns the run's summary.
+    ``finetune.objective: dpo`` trains on preference pairs instead (``dpo.finetune_dpo``).
 
     ``llm``: an already loaded ``LLM`` to fine-tune in place (its model is modified), instead of loading one.
     """
     from ..distributed import resolve_device
 
+    if recipe.finetune.objective == "dpo":
+        from .dpo import finetune_dpo
+
+        return finetune_dpo(recipe, llm=llm, callbacks=callbacks, progress=progress)
     f, d, t = recipe.finetune, recipe.data, recipe.train
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", str(rank))))
-    if llm is None:
-        from ..llm import load
-
-        llm = load(recipe.model.from_checkpoint, device="cpu", dtype=torch.float32)
+    llm = load_finetune_model(recipe, llm)
     tokenizer = llm.tokenizer
-    if tokenizer is None:
-        raise UserError(f"{recipe.model.from_checkpoint}: the model has no tokenizer to render the data with")
-    if not f.data:
-        raise UserError("finetune.data (--data) names the training file")
-    if d.seq_len > llm.config.max_seq_len:
-        raise UserError(f"data.seq_len {d.seq_len} exceeds the model's context of {llm.config.max_seq_len}")
 
     def say(msg: str) -> None:
         if rank == 0 and recipe.logging.console:
@@ -637,21 +623,21 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
 
     examples, report = load_examples(f.data, tokenizer, d.seq_len, f.template, f.system_prompt,
                                      progress=progress and rank == 0)  # fmt: skip
-    if report.n_skipped and rank == 0:
-        warnings.warn(report.summary(), stacklevel=2)  # skipped lines are reported, the run goes on
-    else:
-        say(report.summary())
     if f.val_data:
         train_ex = examples
         val_ex, val_report = load_examples(f.val_data, tokenizer, d.seq_len, f.template, f.system_prompt)
-        say(val_report.summary())
     else:
         train_ex, val_ex = split_examples(examples, f.val_fraction, t.seed)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     loader = SFTLoader(train_ex, d.seq_len, d.micro_batch_size, d.grad_accum_steps, rank=rank, world_size=world,
                        seed=t.seed, pack=f.pack, pad_id=pad_id, device=device)  # fmt: skip
-    if f.epochs is not None:
-        recipe.train.steps = max(1, math.ceil(f.epochs * loader.steps_per_epoch))
+    say(plan_steps(recipe, loader.steps_per_epoch))
+    if report.n_skipped and rank == 0:
+        warnings.warn(report.summary(), stacklevel=2)  # skipped lines are reported, the run goes on
+    else:
+        say(report.summary())
+    if f.val_data:
+        say(val_report.summary())
     adapts_head = f.method != "full" and "output" in recipe.lora_config().targets
     if adapts_head and f.lora_dropout > 0:  # the fused loss reads the merged head weight, without dropout
         recipe.train.fused_loss = False

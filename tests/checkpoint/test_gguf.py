@@ -344,9 +344,6 @@ def test_write_rejects_what_gguf_cannot_hold(tmp_path) -> None:
         G.write(tmp_path / "x.gguf", model.config, tensors, dtype="q3_k")
     with pytest.raises(ValueError, match="missing tensors"):
         G.write(tmp_path / "x.gguf", model.config, {k: v for k, v in tensors.items() if k != "norm.weight"})
-    moe = build_model(get_preset("tiny-moe"))
-    with pytest.raises(ValueError, match="dense llama"):
-        G.write(tmp_path / "x.gguf", moe.config, model_tensors(moe))
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
 
 
@@ -390,3 +387,56 @@ def test_smollm2_tokenizer_is_written_back_unchanged(smollm2_gguf, tmp_path) -> 
     written = {k: v for k, v in G.read_metadata(path).items() if k.startswith("tokenizer.")}
     assert written == original
     assert load_tokenizer(path).encode("Hello, world!") == tokenizer.encode("Hello, world!")
+
+
+def test_llama4_metadata_and_expert_layout(tmp_path) -> None:
+    """llama.cpp's llama4 keys and tensor names; the experts stored [E, out, in]; the file reads back exactly."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-moe", n_experts_per_token=2)).eval()
+    G.write(tmp_path / "m.gguf", model.config, model_tensors(model))
+    md = G.read_metadata(tmp_path / "m.gguf")
+    assert md["general.architecture"] == "llama4"
+    assert md["llama4.expert_count"] == 4 and md["llama4.expert_used_count"] == 2
+    assert md["llama4.expert_feed_forward_length"] == 96 and md["llama4.feed_forward_length"] == 160
+    assert md["llama4.interleave_moe_layer_step"] == 2 and md["llama4.attention.sliding_window"] == 16
+    assert md["llama4.no_rope_layer_step"] == 4 and md["llama4.attention.qk_norm"] is True
+    header = G.read_header(tmp_path / "m.gguf")
+    assert header.tensors["blk.1.ffn_gate_exps.weight"].shape == (4, 96, 64)
+    assert header.tensors["blk.1.ffn_down_exps.weight"].shape == (4, 64, 96)
+    assert header.tensors["blk.1.ffn_gate_inp.weight"].shape == (4, 64)
+    assert "blk.1.ffn_up_shexp.weight" in header.tensors and "blk.0.ffn_gate.weight" in header.tensors
+    raw = G.read_raw(tmp_path / "m.gguf")
+    w1 = model.layers[1].feed_forward.experts.w1.detach()
+    assert torch.equal(raw["layers.1.feed_forward.experts.w1"].dequantize(), w1.transpose(1, 2))
+    loaded = dict(G.read_tensors(tmp_path / "m.gguf", G.read_config(tmp_path / "m.gguf")))
+    assert G.read_config(tmp_path / "m.gguf").replace(name="") == model.config.replace(name="")
+    for name, t in model_tensors(model).items():
+        assert torch.equal(loaded[name], t), name
+
+
+def test_llama4_defaults_are_llama_cpp_s(tmp_path) -> None:
+    """A llama4 file with only llama.cpp's keys: NoPE every 4th layer, 8192-token chunks, temperature tuning with
+    llama.cpp's constants, QK norm unless the model has 128 experts."""
+    from gguf import GGUFWriter
+
+    torch.manual_seed(0)
+    config = get_preset("tiny-moe").replace(attention_chunk_size=8192, n_experts=128)
+    model = build_model(config)
+    G.write(tmp_path / "full.gguf", model.config, model_tensors(model))
+    header = G.read_header(tmp_path / "full.gguf")
+    w = GGUFWriter(tmp_path / "cpp.gguf", "llama4")
+    ours = ("llama4.no_rope_layer_step", "llama4.attention.temperature_scale", "llama4.attention.temperature_length",
+            "llama4.attention.qk_norm", "llama4.attention.sliding_window")  # fmt: skip
+    for key, value in header.metadata.items():
+        if key not in ours and not key.startswith("general.architecture") and key != "GGUF.kv_count":
+            w.add_key_value(key, value, G._value_type(key, value)[0], sub_type=G._value_type(key, value)[1])
+    data = G._open_data(header)
+    for info in header.tensors.values():
+        w.add_tensor(info.name, data[info.offset : info.offset + info.nbytes].view(np.float32).reshape(info.shape))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    c = G.read_config(tmp_path / "cpp.gguf")
+    assert c.nope_layer_interval == 4 and c.attention_chunk_size == 8192 and not c.use_qk_norm
+    assert c.attn_temperature_tuning and c.attn_floor_scale == 8192 and c.attn_scale == pytest.approx(0.1)

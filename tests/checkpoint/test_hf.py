@@ -186,3 +186,77 @@ def test_write_refuses_wrong_shapes(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"layers\.0\.attention\.wq\.weight has shape \(3, 3\)"):
         save_model(bad, tmp_path / "m", "hf")
     assert not (tmp_path / "m").exists()
+
+
+# Llama 4 ---------------------------------------------------------------------------------------------------------
+LLAMA4_CONFIG = {
+    "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "hidden_size": 64, "intermediate_size": 32,
+    "intermediate_size_mlp": 96, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 16, "vocab_size": 512, "num_local_experts": 4, "interleave_moe_layer_step": 2,
+    "attention_chunk_size": 16, "rope_theta": 500000.0,
+}  # fmt: skip
+
+
+def test_llama4_config_defaults_and_lists() -> None:
+    c = hf.config_from_hf_llama4(LLAMA4_CONFIG, "config.json")
+    assert c.n_experts == 4 and c.moe_every == 2 and c.moe_hidden_dim == 32 and c.ffn_hidden_dim == 96
+    assert c.nope_layer_interval == 4 and c.use_qk_norm and c.attn_temperature_tuning
+    assert [c.is_moe_layer(i) for i in range(8)] == [False, True] * 4
+    explicit = {**LLAMA4_CONFIG, "moe_layers": [2, 5], "no_rope_layers": [1, 1, 0, 1, 1, 0, 1, 1]}
+    c = hf.config_from_hf_llama4(explicit, "config.json")
+    assert c.moe_every == 3 and c.nope_layer_interval == 3
+    assert hf.config_from_hf_llama4({**LLAMA4_CONFIG, "moe_layers": []}, "x").n_experts == 0
+    assert hf.config_from_hf_llama4({**LLAMA4_CONFIG, "no_rope_layers": [1] * 8}, "x").nope_layer_interval is None
+    unstated = {k: v for k, v in LLAMA4_CONFIG.items() if k != "head_dim"}
+    assert hf.config_from_hf_llama4(unstated, "x").dim_per_head == 128  # Llama4TextConfig's default
+    back = hf.config_to_hf_llama4(c, torch.float32)
+    assert hf.config_from_hf_llama4(back, "x").replace(name="", extra={}) == c.replace(name="", extra={})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("moe_layers", [1, 2, 6], "moe_layers .* are not every n-th layer"),
+    ("no_rope_layers", [1, 0, 1, 1, 1, 1, 1, 0], "no_rope_layers .* do not mark every n-th layer"),
+    ("no_rope_layers", [1, 0], "no_rope_layers must list a 0/1 flag for each of the 8 layers"),
+    ("layer_types", ["full_attention"] * 7 + ["chunked_attention"], "layer_types puts chunked attention on "
+                                                                      "layers \\[7\\]"),
+])  # fmt: skip
+def test_llama4_config_refuses_irregular_layers(field: str, value, message: str) -> None:
+    with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+        hf.config_from_hf_llama4({**LLAMA4_CONFIG, field: value}, "config.json")
+
+
+def test_llama4_write_read_and_layout(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny-moe")).eval()
+    save_model(model, tmp_path / "m", "hf")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["Llama4ForCausalLM"] and config["moe_layers"] == [1, 3]
+    assert config["no_rope_layers"] == [1, 1, 1, 0] and config["attention_chunk_size"] == 16
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        gate_up = f.get_tensor("model.layers.1.feed_forward.experts.gate_up_proj")
+        q = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+        assert "model.layers.0.feed_forward.gate_proj.weight" in f.keys()  # noqa: SIM118
+        assert "model.layers.1.feed_forward.shared_expert.down_proj.weight" in f.keys()  # noqa: SIM118
+    experts = model.layers[1].feed_forward.experts
+    assert torch.equal(gate_up, torch.cat([experts.w1, experts.w3], dim=-1))
+    assert torch.equal(q, model.layers[0].attention.wq.weight)  # Llama 4 stores q and k unpermuted
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.replace(name="", extra={}) == model.config.replace(name="", extra={})
+    assert_same_tensors(model, loaded)
+
+
+def test_llama4_unknown_tensor_names_the_key_and_file(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    save_model(build_model(get_preset("tiny-moe")), tmp_path / "m", "hf")
+    file = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(file)
+    tensors["model.layers.1.feed_forward.experts.gate_bias"] = torch.zeros(4)
+    save_file(tensors, file)
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: unexpected tensor "
+        r"'model\.layers\.1\.feed_forward\.experts\.gate_bias' \(not a weight of Llama4ForCausalLM\)",
+    ):
+        load_model(tmp_path / "m")

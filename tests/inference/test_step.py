@@ -199,3 +199,29 @@ def test_compiled_step_matches():
     logits, tokens = _run(select_step(model, compile=True).forward, model, prompt, 4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens, ref_tokens)
+
+
+# Per layer, the types of wq, wk, wv, wo, w1, w3, w2: q, k and v (and w1, w3) of different types and activation
+# kinds (per 256 columns for K-quants, per 32 with and without Q8_1 sums) run as one multi-part projection.
+MIXED_GGUF = [("Q4_K", "Q4_1", "Q6_K", "Q8_0", "Q5_K", "Q4_0", "Q6_K"),
+              ("Q8_0", "Q8_0", "Q4_K", "Q5_1", "Q5_0", "Q3_K", "Q2_K")]  # fmt: skip
+
+
+def test_mixed_gguf_projections_match_model():
+    from gguf import GGMLQuantizationType
+
+    from llamaforge.quantize import GGUFLinear
+
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny", dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2)).eval()
+    for layer, types in zip(model.layers, MIXED_GGUF):
+        att, ffn = layer.attention, layer.feed_forward
+        for owner, name, qtype in zip([att] * 4 + [ffn] * 3, ["wq", "wk", "wv", "wo", "w1", "w3", "w2"], types):
+            setattr(owner, name, GGUFLinear.from_float(getattr(owner, name).weight, GGMLQuantizationType[qtype]))
+    prompt = torch.randint(0, 512, (2, 9))
+    ref_logits, ref_tokens = _run(model, model, prompt, 10)  # every linear alone (kernels.linear)
+    fast = FastForward(model)
+    assert fast.native
+    logits, tokens = _run(fast, model, prompt, 10)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, ref_tokens)

@@ -31,9 +31,10 @@ CORPUS = [
 ]
 
 
-def make_tiny_model_dir(directory: Path, seed: int = 0, vocab_size: int = 384, max_seq_len: int = 512) -> Path:
+def make_tiny_model_dir(directory: Path, seed: int = 0, vocab_size: int = 384, max_seq_len: int = 512,
+                        extra_special: tuple[str, ...] = ()) -> Path:  # fmt: skip
     """A random `tiny` llamaforge model in Hugging Face format with a byte-level BPE tokenizer and a ChatML
-    chat template (<|im_end|> ends a turn)."""
+    chat template (<|im_end|> ends a turn); `extra_special`: more special tokens (e.g. fill-in-the-middle ones)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from llamaforge.checkpoint import save_model
@@ -45,7 +46,7 @@ def make_tiny_model_dir(directory: Path, seed: int = 0, vocab_size: int = 384, m
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -112,9 +112,9 @@ def test_bad_records_are_reported_by_line(tmp_path: Path, tok: ChatByteTokenizer
     examples, report = load_examples(path, tok, seq_len=256, template="chat")
     assert [e.line for e in examples] == [1, 8]
     assert report.total == 9 and report.kept == 2 and report.n_skipped == 7
-    lines = {reason: [n for n, _ in items] for reason, items in report.skipped.items()}
-    assert lines == {"missing field": [2], "empty response": [4, 7], "invalid JSON": [5], "too long": [6],
-                     "bad field": [9], "not an object": [10]}  # fmt: skip
+    lines = {reason: [where for where, _ in items] for reason, items in report.skipped.items()}
+    assert lines == {"missing field": ["line 2"], "empty response": ["line 4", "line 7"], "invalid JSON": ["line 5"],
+                     "too long": ["line 6"], "bad field": ["line 9"], "not an object": ["line 10"]}  # fmt: skip
     text = report.summary()
     assert "line 6" in text and "too long (1)" in text
 
@@ -135,9 +135,9 @@ def test_json_array_line_numbers(tmp_path: Path, tok: ChatByteTokenizer) -> None
     path.write_text(json.dumps(records, indent=2))  # each record spans several lines
     parsed = list(read_records(path))
     starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip() == "{"]
-    assert [n for n, _ in parsed] == starts
+    assert [r.line for r in parsed] == starts and [r.index for r in parsed] == [0, 1, 2]
     examples, report = load_examples(path, tok, seq_len=512, template="alpaca")
-    assert len(examples) == 2 and report.skipped["missing field"][0][0] == starts[1]
+    assert len(examples) == 2 and report.skipped["missing field"][0][0] == f"record 2 (line {starts[1]})"
     broken = tmp_path / "broken.json"
     broken.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": \n')
     with pytest.raises(UserError, match="line 4"):
@@ -148,7 +148,7 @@ def _examples(lengths: list[int]) -> list[Example]:
     out = []
     for n, length in enumerate(lengths):
         toks = [(n * 7 + j) % 250 for j in range(length)]
-        out.append(Example(n + 1, toks, [False] * (length // 2) + [True] * (length - length // 2)))
+        out.append(Example(n, toks, [False] * (length // 2) + [True] * (length - length // 2), line=n + 1))
     return out
 
 
@@ -224,6 +224,6 @@ def test_split_is_deterministic_and_disjoint() -> None:
     exs = _examples([4] * 100)
     train, val = split_examples(exs, 0.1, seed=0)
     again = split_examples(exs, 0.1, seed=0)
-    assert [e.line for e in val] == [e.line for e in again[1]] and len(val) == 10
-    assert not {e.line for e in train} & {e.line for e in val}
+    assert [e.index for e in val] == [e.index for e in again[1]] and len(val) == 10
+    assert not {e.index for e in train} & {e.index for e in val}
     assert split_examples(exs[:1], 0.5)[1] == []
