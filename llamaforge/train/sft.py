@@ -559,6 +559,9 @@ def prepare_model(model: torch.nn.Module, recipe: FinetuneRecipe) -> dict[str, i
     else:
         if f.method == "qlora":
             quantize_base(model, f.quant)
+        # A's initial values come from train.seed: the same on every rank (FSDP2 does not broadcast them) and in
+        # every run (torch seeds each process differently)
+        torch.manual_seed(recipe.train.seed)
         apply_lora(model, recipe.lora_config())
     unique = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in unique if p.requires_grad)
