@@ -500,6 +500,11 @@ class FinetuneRecipe(Recipe):
                                 "switch off): use auto or precompute")  # fmt: skip
             if f.dpo_beta is not None and not f.dpo_beta > 0:
                 problems.append(f"finetune.dpo_beta must be positive, got {f.dpo_beta}")
+            split = " and ".join(f"parallel.{k} {v}" for k, v in (("tp", self.parallel.tp), ("pp", self.parallel.pp))
+                                 if v > 1)  # fmt: skip
+            if split:  # pipelines and tensor parallelism compute the next-token loss only (train/parallel.py)
+                problems.append(f"finetune.objective dpo runs under data parallelism only (train.parallel ddp or "
+                                f"fsdp), not with {split}: set parallel.tp and parallel.pp to 1")  # fmt: skip
         if f.epochs is not None and not f.epochs > 0:
             problems.append(f"finetune.epochs must be positive, got {f.epochs}")
         if f.method != "full":
