@@ -46,6 +46,11 @@ class ParallelDims:
         """Whether the run needs a DeviceMesh (FSDP2, tensor or pipeline parallel); DDP and one process do not."""
         return self.dp_mode == "fsdp" or self.tp > 1 or self.pp > 1
 
+    def data_rank(self, rank: int) -> int:
+        """The data-parallel rank of global rank ``rank`` in ``build_layout``'s mesh (pp, dp, tp): which share of
+        the batch it reads (its tensor- and pipeline-parallel peers read the same one)."""
+        return rank // self.tp % self.dp
+
     def describe(self) -> str:
         parts = [f"{self.dp_mode} {self.dp}" if self.dp_mode != "none" else "", f"tp {self.tp}" if self.tp > 1 else "",
                  f"pp {self.pp} ({self.pp_schedule}, {self.n_stages} stages)" if self.pp > 1 else ""]  # fmt: skip

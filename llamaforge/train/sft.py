@@ -621,6 +621,8 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
         return finetune_dpo(recipe, llm=llm, callbacks=callbacks, progress=progress)
     f, d, t = recipe.finetune, recipe.data, recipe.train
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dims = recipe.parallel_dims(world)  # tensor- and pipeline-parallel peers read the same batches
+    data_rank, data_world = dims.data_rank(rank), dims.dp
     device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", str(rank))))
     llm = load_finetune_model(recipe, llm)
     tokenizer = llm.tokenizer
@@ -637,8 +639,8 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
     else:
         train_ex, val_ex = split_examples(examples, f.val_fraction, t.seed)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = SFTLoader(train_ex, d.seq_len, d.micro_batch_size, d.grad_accum_steps, rank=rank, world_size=world,
-                       seed=t.seed, pack=f.pack, pad_id=pad_id, device=device)  # fmt: skip
+    loader = SFTLoader(train_ex, d.seq_len, d.micro_batch_size, d.grad_accum_steps, rank=data_rank,
+                       world_size=data_world, seed=t.seed, pack=f.pack, pad_id=pad_id, device=device)  # fmt: skip
     say(plan_steps(recipe, loader.steps_per_epoch))
     if report.n_skipped and rank == 0:
         warnings.warn(report.summary(), stacklevel=2)  # skipped lines are reported, the run goes on
@@ -649,7 +651,7 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
     adapts_head = f.method != "full" and "output" in recipe.lora_config().targets
     if adapts_head and f.lora_dropout > 0:  # the fused loss reads the merged head weight, without dropout
         recipe.train.fused_loss = False
-    val = SFTValidation(val_ex, d.seq_len, d.micro_batch_size, rank=rank, world_size=world, pack=f.pack,
+    val = SFTValidation(val_ex, d.seq_len, d.micro_batch_size, rank=data_rank, world_size=data_world, pack=f.pack,
                         pad_id=pad_id, device=device) if val_ex else None  # fmt: skip
     counts = prepare_model(llm.model, recipe)
     n_tokens = sum(len(e.tokens) for e in train_ex)

@@ -164,3 +164,22 @@ def test_training_checkpoint_loads_and_converts(prepared: Path, tmp_path: Path) 
     assert fmt == "gguf" and torch.equal(again.output.weight, final.output.weight)
     with pytest.raises(CheckpointError, match="written by training"):
         save_model(llm.model, tmp_path / "x", "dcp")
+
+
+def test_data_rank_is_the_mesh_coordinate() -> None:
+    """``ParallelDims.data_rank`` (what the fine-tuning loaders read) is ``build_layout``'s dp coordinate on every
+    rank of a pp 2 x dp 2 x tp 2 mesh (built on torch's fake process group, one rank at a time)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from llamaforge.train.mesh import build_layout
+
+    dims = ParallelDims(2, 2, 2, "fsdp")
+    for rank in range(dims.world_size):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+        try:
+            layout = build_layout(dims, torch.device("cpu"), rank)
+        finally:
+            dist.destroy_process_group()
+        assert dims.data_rank(rank) == layout.dp_rank, rank
+    assert [ParallelDims(4, 1, 1, "ddp").data_rank(r) for r in range(4)] == [0, 1, 2, 3]
