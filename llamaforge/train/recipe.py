@@ -442,11 +442,11 @@ class Trainer:
             if len(val_data) == 0:
                 if info.is_main:
                     have = len(val_data.stream)
-                    need = d.micro_batch_size * info.world_size * d.seq_len + 1
+                    need = d.micro_batch_size * layout.dp_size * d.seq_len + 1
                     warnings.warn(f"{d.path}: {have:,} validation tokens, fewer than one validation batch needs "
-                                  f"({need:,} = data.micro_batch_size x processes x data.seq_len + 1): this run "
-                                  "reports no validation loss. Rerun `llamaforge prepare-data` with a larger "
-                                  "--val-fraction (e.g. 0.1), or set data.val_batches=0 to train without "
+                                  f"({need:,} = data.micro_batch_size x data-parallel processes x data.seq_len + 1): "
+                                  "this run reports no validation loss. Rerun `llamaforge prepare-data` with a "
+                                  "larger --val-fraction (e.g. 0.1), or set data.val_batches=0 to train without "
                                   "validation", stacklevel=2)  # fmt: skip
                 val_data = None
 
