@@ -46,6 +46,8 @@ def render_chat(
     llama3/llama4 formats, whose tool prompt also takes ``date_string`` and ``tools_in_user_message``."""
     _check_messages(messages)
     tools, tool_format = kwargs.pop("tools", None), kwargs.pop("tool_format", None)
+    # a named format's own jinja form (what `convert --to hf` writes) is that format, tool calling included
+    template = _named_format_of(template)
     if template in ("llama2", "codellama"):
         if tools:
             raise ValueError(f"the {template} chat format has no tool calling; use a template that takes tools")
@@ -184,6 +186,15 @@ _LLAMA2_TEMPLATE = (
     "{{- '<s>[INST] ' + text(t) | trim + ' [/INST]' }}{%- else %}{{- ' ' + text(t) | trim + ' </s>' }}{%- endif %}"
     "{%- endfor %}"
 )
+
+
+@lru_cache(maxsize=1)
+def _named_templates() -> dict[str, str]:
+    return {named_template(name): name for name in reversed(NAMED_FORMATS)}  # llama2 before codellama
+
+
+def _named_format_of(template: str) -> str:
+    return _named_templates().get(template, template) if "{" in template else template
 
 
 def named_template(name: str) -> str:
