@@ -51,6 +51,8 @@ def render_chat(
     llama3/llama4 formats, whose tool prompt also takes ``date_string`` and ``tools_in_user_message``."""
     _check_messages(messages)
     tools, tool_format = kwargs.pop("tools", None), kwargs.pop("tool_format", None)
+    # a named format's own jinja form (what `convert --to hf` writes) is that format, tool calling included
+    template = _named_format_of(template)
     if template in ("llama2", "codellama"):
         if tools:
             raise ValueError(f"the {template} chat format has no tool calling; use a template that takes tools")
@@ -161,6 +163,61 @@ def _headers(
     if add_generation_prompt:
         parts += header("assistant")
     return parts
+
+
+# --- the named formats as jinja templates (for exports that other engines read) -----------------------------
+_TEXT_MACRO = (
+    "{%- macro text(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- elif m['content'] is not none -%}"
+    "{%- for c in m['content'] -%}{%- if c is mapping -%}{{ c.get('text', '') }}{%- else -%}{{ c }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+)
+_HEADERS_TEMPLATE = (
+    _TEXT_MACRO + "{{- '<|begin_of_text|>' }}{%- for m in messages %}"
+    "{{- '{start}' + ('ipython' if m['role'] == 'tool' else m['role']) + '{end}\n\n' + text(m) }}"
+    "{%- if m['role'] in ['assistant', 'tool'] and ({tool_eom}m.get('stop_reason') == 'end_of_message' or m.get('eom'))"
+    " %}{{- '{eom}' }}{%- else %}{{- '{eot}' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '{start}assistant{end}\n\n' }}{%- endif %}"
+)
+_LLAMA2_TEMPLATE = (
+    _TEXT_MACRO + "{%- set turns = messages %}{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- if messages | length < 2 %}{{ raise_exception('llama2 chat format: a system message must be followed by a "
+    "user message') }}{%- endif %}{%- set turns = [{'role': messages[1]['role'], 'content': '<<SYS>>\n' + "
+    "text(messages[0]) + '\n<</SYS>>\n\n' + text(messages[1])}] + messages[2:] %}{%- endif %}"
+    "{%- for t in turns %}{%- if t['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') %}"
+    "{{ raise_exception('llama2 chat format: roles must alternate user/assistant (after an optional system "
+    "message)') }}{%- endif %}{%- if loop.index0 % 2 == 0 %}"
+    "{%- if loop.last and not add_generation_prompt %}{{ raise_exception('llama2 chat format: a conversation that "
+    "ends with a user message always ends with the prompt for the answer') }}{%- endif %}"
+    "{{- '<s>[INST] ' + text(t) | trim + ' [/INST]' }}{%- else %}{{- ' ' + text(t) | trim + ' </s>' }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+@lru_cache(maxsize=1)
+def _named_templates() -> dict[str, str]:
+    return {named_template(name): name for name in reversed(NAMED_FORMATS)}  # llama2 before codellama
+
+
+def _named_format_of(template: str) -> str:
+    return _named_templates().get(template, template) if "{" in template else template
+
+
+def named_template(name: str) -> str:
+    """A jinja chat template that renders named format ``name`` to the same text as ``format_chat``, for model
+    directories read by other engines (transformers, vLLM, llama.cpp), which know templates, not names."""
+    if name in ("llama2", "codellama"):
+        return _LLAMA2_TEMPLATE
+    marks = {  # header start, header end, end of turn, end of message, when a message always ends with the latter
+        "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", ""),
+        "llama4": ("<|header_start|>", "<|header_end|>", "<|eot|>", "<|eom|>", "m['role'] == 'tool' or "),
+    }
+    if name not in marks:
+        raise ValueError(f"unknown chat format {name!r}; choose one of {', '.join(NAMED_FORMATS)}")
+    start, end, eot, eom, tool_eom = marks[name]
+    template = _HEADERS_TEMPLATE
+    for key, value in (("{start}", start), ("{end}", end), ("{eot}", eot), ("{eom}", eom), ("{tool_eom}", tool_eom)):
+        template = template.replace(key, value)
+    return template
 
 
 # --- jinja templates ----------------------------------------------------------------------------------
@@ -401,5 +458,5 @@ def _compile(template: str) -> Any:
         raise ChatTemplateError(f"chat template syntax error at line {exc.lineno}: {exc.message}") from None
 
 
-__all__ = ["NAMED_FORMATS", "TIME_LIMIT", "ChatTemplateError", "format_chat", "render_chat", "render_jinja",
-           "template_limits"]  # fmt: skip
+__all__ = ["NAMED_FORMATS", "TIME_LIMIT", "ChatTemplateError", "format_chat", "named_template", "render_chat",
+           "render_jinja", "template_limits"]  # fmt: skip

@@ -105,9 +105,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
                 cache: KVCacheView | None) -> Tensor:  # fmt: skip
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # Heads counted from the projections: under tensor parallelism each rank holds a slice of them.
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.qk_norm_eps is not None:
@@ -118,7 +119,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # generation: store the new keys/values and attend over the cached ones
             k, v = cache.update(self.layer_id, positions, k, v)
-        gqa = self.n_kv_heads != self.n_heads
+        gqa = q.shape[1] != k.shape[1]
         if mask is None:  # plain causal attention over the given tokens (training, scoring)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -222,7 +223,7 @@ class Transformer(nn.Module):
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers, e.g. after building on the meta device and loading weights."""
-        device = self.tok_embeddings.weight.device
+        device = next((p.device for p in self.parameters()), self.rope_freqs.device)
         self.rope_freqs = rope_frequencies(self.config).to(device)
 
     @torch.no_grad()
@@ -242,14 +243,17 @@ class Transformer(nn.Module):
                 attn_mask: Tensor | None = None, return_hidden: bool = False) -> Tensor:  # fmt: skip
         """Logits [B, T, vocab] for tokens [B, T].
 
+        A pipeline stage (``llamaforge.train.pipeline``) holds some of the blocks: without ``tok_embeddings`` it
+        takes hidden states [B, T, dim] instead of tokens; without ``norm`` and ``output`` it returns hidden states.
+
         Without a cache: causal attention over ``tokens`` alone at positions 0..T-1 (training, scoring); an
         ``attn_mask`` [B, 1, T, T] (True = attend) may replace the causal mask, e.g. for packed documents.
         With ``cache`` (a ``KVCacheView``): the tokens sit at absolute positions ``input_pos`` [B, T] (or [T]);
         their keys and values go into the cache, and each attends to every cached position at or before its own.
         """
-        B, T = tokens.shape
+        B, T = tokens.shape[:2]
         device = tokens.device
-        x = self.tok_embeddings(tokens)
+        x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if cache is None:
             if input_pos is not None:
                 raise ValueError("input_pos without a cache: pass cache= (llamaforge.inference.cache)")
@@ -267,8 +271,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer_mask = chunked if (chunked is not None and layer.attention.use_rope) else mask
             x = layer(x, cos, sin, positions, layer_mask, cache)
+        if self.norm is None:
+            return x
         x = self.norm(x)
-        return x if return_hidden else self.output(x)
+        return x if return_hidden or self.output is None else self.output(x)
 
     def _chunked_mask(self, positions: Tensor, mask: Tensor | None) -> Tensor | None:
         """Llama 4 local attention: RoPE layers see only keys in the query's chunk of the context."""

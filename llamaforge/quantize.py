@@ -39,7 +39,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -750,7 +750,8 @@ def is_quantized_gguf(path: str | os.PathLike) -> bool:
 
 @torch.no_grad()
 def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | None = None,
-                        dtype: torch.dtype = torch.float32, mmap: bool = False) -> Transformer:  # fmt: skip
+                        dtype: torch.dtype = torch.float32, mmap: bool = False,
+                        part: Callable[[Any], Any] | None = None) -> Transformer:  # fmt: skip
     """Load a GGUF file keeping its quantized matrices in their blocks: every type in ``GGUF_BLOCK_TYPES`` runs as
     stored (``GGUFLinear``; the embedding table as a ``GGUFEmbedding`` whose rows are dequantized when looked up, a
     tied output head sharing its blocks). Norms and float matrices become `dtype`, the activations' dtype. On a
@@ -760,6 +761,10 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
     copied (resident once, as llama.cpp's CPU backend copies Q4_0/Q4_K into its own buffers): decoding streams
     them ~13% faster than page-cache pages (benchmarks/RESULTS.md). ``mmap=True`` keeps them memory-mapped
     instead: instant loading, and pages shared with other processes mapping the same file.
+
+    ``part(tensor)``: each ``GGUFTensor``, once checked against the model's shape, is replaced by what it returns
+    (a tensor-parallel rank's whole rows or whole blocks of columns, ``inference.tensor_parallel``); only that
+    part is read into memory.
     """
     from gguf import GGMLQuantizationType as Q
 
@@ -787,12 +792,16 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
         want = (want[0], want[2], want[1]) if expert else want  # GGUF keeps each expert as [out, in]
         if tuple(t.shape) != want:
             raise CheckpointError(f"{path}: tensor {t.gguf_name!r} has shape {list(t.shape)}, expected {list(want)}")
+        mapped = t.data.untyped_storage().data_ptr()
+        if part is not None:
+            t = part(t)
         owner, _, attr = name.rpartition(".")
         blocks = t.qtype not in (Q.F32, Q.F16, Q.BF16)
         if blocks and t.qtype.name not in GGUF_BLOCK_TYPES:
             raise CheckpointError(f"{path}: tensor {t.gguf_name!r} is {t.qtype.name}, which llamaforge cannot run; "
                                   f"supported block types: {', '.join(GGUF_BLOCK_TYPES)}")  # fmt: skip
-        if blocks and device.type == "cpu" and not mmap:
+        # a part that is already a copy (columns) needs no second one
+        if blocks and device.type == "cpu" and not mmap and t.data.untyped_storage().data_ptr() == mapped:
             t = replace(t, data=gguf_format.into_memory(t.data))
         if expert:
             if blocks:
@@ -802,7 +811,7 @@ def load_gguf_quantized(path: str | os.PathLike, device: torch.device | str | No
                 mods = [_float_linear(w) for w in weight.to(device=device, dtype=dtype).unbind(0)]
             experts.setdefault(owner, {})[attr] = mods
         elif blocks and name == "tok_embeddings.weight":
-            emb = GGUFEmbedding(config.vocab_size, config.dim, t.qtype, t.data.to(device), dtype)
+            emb = GGUFEmbedding(t.shape[0], t.shape[1], t.qtype, t.data.to(device), dtype)
             model.tok_embeddings = emb
             if tied:
                 model.output = emb.table if device.type == "cpu" else gguf_linear(t.data, t.qtype, t.shape).to(device)

@@ -1,4 +1,5 @@
-"""Checkpoint formats behind one ``load``: Hugging Face directories, Meta directories, GGUF files.
+"""Checkpoint formats behind one ``load``: Hugging Face directories, Meta directories, GGUF files, and (to read
+only) training checkpoints written with ``torch.distributed.checkpoint`` under any device mesh.
 
 Each format module (``hf``, ``meta``, ``gguf``) provides the same four functions:
 
@@ -21,7 +22,7 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -32,11 +33,12 @@ from torch import nn
 from ..errors import CheckpointError
 from ..model import Transformer
 
-FORMATS = ("hf", "meta", "gguf")
+FORMATS = ("hf", "meta", "gguf")  # read and written
+READ_ONLY_FORMATS = ("dcp",)  # training checkpoints: read (and converted), written by training only
 
 
 def format_module(name: str) -> ModuleType:
-    if name not in FORMATS:
+    if name not in FORMATS + READ_ONLY_FORMATS:
         raise ValueError(f"unknown checkpoint format {name!r}; choose one of {', '.join(FORMATS)}")
     return importlib.import_module(f"{__name__}.{name}")
 
@@ -45,21 +47,26 @@ def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
-    for name in FORMATS:
+    for name in FORMATS + READ_ONLY_FORMATS:
         if format_module(name).detect(path):
             return name
     raise CheckpointError(
         f"{path}: not a checkpoint llamaforge can read (expected a Hugging Face directory with config.json "
-        "and *.safetensors, a Meta directory with params.json and consolidated.*.pth, or a .gguf file)"
+        "and *.safetensors, a Meta directory with params.json and consolidated.*.pth, a .gguf file, or a "
+        "training checkpoint step_N/ with .metadata and trainer_state.json)"
     )
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, fmt: str | None = None) -> tuple[Transformer, str]:  # fmt: skip
+Transform = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+               fmt: str | None = None, transform: Transform | None = None) -> tuple[Transformer, str]:  # fmt: skip
     """Read a checkpoint into a Transformer, materializing each tensor once, directly on `device`.
 
     Returns the model and the format name. ``dtype=None`` keeps the dtype the checkpoint stores
-    (float32 for quantized GGUF tensors, which are dequantized).
+    (float32 for quantized GGUF tensors, which are dequantized). ``transform(name, tensor)`` replaces each tensor
+    as it is read, e.g. by a tensor-parallel rank's slice of it (the expected shapes are transformed alike).
     """
     path = Path(path)
     fmt = fmt or detect_format(path)
@@ -71,9 +78,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str | None = None
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
+    if transform is not None:
+        expected = {name: transform(name, tensor) for name, tensor in expected.items()}
     optional = {"output.weight"} if config.tie_embeddings else set()
     seen: set[str] = set()
     for name, tensor in itertools.chain([first] if first is not None else [], tensors):
+        if transform is not None and name in expected:
+            tensor = transform(name, tensor)
         if name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for a {config.n_layers}-layer model")
         if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -202,5 +213,5 @@ def atomic_output(path: str | os.PathLike, is_dir: bool) -> Iterator[Path]:
         raise
 
 
-__all__ = ["FORMATS", "atomic_output", "check_tensors", "detect_format", "format_module", "load_model", "model_tensors",
-           "save_model"]  # fmt: skip
+__all__ = ["FORMATS", "READ_ONLY_FORMATS", "atomic_output", "check_tensors", "detect_format", "format_module",
+           "load_model", "model_tensors", "save_model"]  # fmt: skip

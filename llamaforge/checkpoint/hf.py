@@ -522,6 +522,9 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Te
         _token_ids_from_tokenizer(hf_config, tokenizer)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id") if key in hf_config}
+        stops = sorted(set(getattr(tokenizer, "stop_ids", None) or ()) - {generation.get("eos_token_id")})
+        if stops:  # end of turn as well as end of text (Llama 3's <|eot_id|>): serving engines stop on every one
+            generation["eos_token_id"] = [generation["eos_token_id"], *stops] if "eos_token_id" in generation else stops
         (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **generation}, indent=2))
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)

@@ -48,7 +48,14 @@ def run(args: argparse.Namespace) -> int:
     if dst.exists() and not args.force and not (dst.is_dir() and not any(dst.iterdir())):
         raise UserError(f"{dst} already exists; pass --force to replace it")
     dtype = args.quantize or (getattr(torch, args.dtype) if args.dtype else None)
-    llm = llamaforge.load(args.src, device="cpu")
+    load_dtype = None
+    if args.fmt != "gguf":  # Hugging Face and Meta files hold floating-point weights: GGUF blocks are dequantized
+        from llamaforge.llm import resolve_source
+        from llamaforge.quantize import is_quantized_gguf
+
+        if is_quantized_gguf(resolve_source(args.src)):
+            load_dtype = dtype or torch.float32
+    llm = llamaforge.load(args.src, device="cpu", dtype=load_dtype)
     save_model(llm.model, dst, args.fmt, tokenizer=llm.tokenizer, dtype=dtype)
     config = llm.config
     print(f"wrote {dst} ({args.fmt}{', ' + args.quantize if args.quantize else ''}): {config.n_layers} layers, "

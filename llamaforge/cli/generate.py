@@ -48,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(written by an earlier run with the same model), that part is not computed again; the "
                         "prompt's cache is saved there for the next run")  # fmt: skip
     p.add_argument("--verbose", "-v", action="store_true", help="print token counts and speed to stderr")
+    add_tensor_parallel_argument(p)
     p.set_defaults(handler=_generate)
 
     p = subparsers.add_parser("chat", help="talk with a model in its chat format",
@@ -84,6 +85,39 @@ def add_model_arguments(p: argparse.ArgumentParser, compile: bool = True) -> Non
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                        help="torch.compile the decode step (slow start, faster decode)")  # fmt: skip
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+
+
+def add_tensor_parallel_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes (tensor parallel; each reads and holds 1/N of the weights "
+                        "and of the KV cache): torchrun --nproc-per-node N -m llamaforge ... --tp N")  # fmt: skip
+
+
+def start_tensor_parallel(args: argparse.Namespace) -> Any:
+    """``--tp N``: check the options that do not combine with it and join the torchrun job (None without it)."""
+    if getattr(args, "tp", 1) == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    from ..inference.tensor_parallel import start
+
+    unsupported = {"--quantize": args.quantize, "--compile": getattr(args, "compile", False),
+                   "--draft-model": getattr(args, "draft_model", None),
+                   "--speculative-ngram": getattr(args, "speculative_ngram", False),
+                   "--prompt-cache": getattr(args, "prompt_cache", None),
+                   "--slot-save-path": getattr(args, "slot_save_path", None)}  # fmt: skip
+    given = [name for name, value in unsupported.items() if value]
+    if given:
+        raise UserError(f"--tp {args.tp} does not combine with {', '.join(given)}")
+    return start(args.tp, args.device)
+
+
+def load_sharded_for_cli(args: argparse.Namespace, tp: Any):
+    """This rank's part of --model (``--tp``), in --dtype."""
+    import torch
+
+    from ..inference.tensor_parallel import load_sharded
+
+    _setup_threads(getattr(args, "threads", None))
+    return load_sharded(args.model, tp, getattr(torch, _DTYPES[args.dtype]) if args.dtype else None)
 
 
 def add_speculative_arguments(p: argparse.ArgumentParser) -> None:
@@ -224,8 +258,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args, logprobs=args.logprobs)
     constraint = _constraint(args)
+    tp = start_tensor_parallel(args)
+    if tp is not None and not tp.is_leader:  # the other ranks run rank 0's steps on their part of the model
+        from ..inference.tensor_parallel import follow
+
+        follow(load_sharded_for_cli(args, tp).model)
+        return 0
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    llm = load_for_cli(args)
+    llm = load_for_cli(args) if tp is None else load_sharded_for_cli(args, tp)
     params = params.replace(logits_processors=_constraint_processor(llm, constraint))
     engine = llm.engine(compile=args.compile, **speculative_options(args))
     if args.suffix is not None:

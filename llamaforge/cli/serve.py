@@ -36,10 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "/detokenize, /health and /metrics (Prometheus), and a chat page for the browser at "
                               "/ (--no-webui turns it off). Binds to 127.0.0.1 unless told otherwise; --api-key (or "
                               "LLAMAFORGE_API_KEY) requires 'Authorization: Bearer KEY' on the API.")  # fmt: skip
-    from .generate import add_model_arguments, add_speculative_arguments
+    from .generate import add_model_arguments, add_speculative_arguments, add_tensor_parallel_argument
 
     add_model_arguments(p)
     add_speculative_arguments(p)
+    add_tensor_parallel_argument(p)
     p.add_argument("--served-model-name", help="the model id clients use (default: the --model value)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -116,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..serve import ServerConfig, create_app, server_state
-    from .generate import load_for_cli
+    from .generate import load_for_cli, load_sharded_for_cli, start_tensor_parallel
 
     for name in ("max_batch", "max_seq_len", "prefill_budget", "port"):
         value = getattr(args, name)
@@ -134,6 +135,12 @@ def _serve(args: argparse.Namespace) -> int:
             cache_memory = parse_size(args.cache_memory)
         except ValueError as exc:
             raise UserError(f"--cache-memory: {exc}") from None
+    tp = start_tensor_parallel(args)
+    if tp is not None and not tp.is_leader:  # rank 0 serves; the other ranks run its steps on their part
+        from ..inference.tensor_parallel import follow
+
+        follow(load_sharded_for_cli(args, tp).model)
+        return 0
     if args.slot_save_path is not None:
         Path(args.slot_save_path).mkdir(parents=True, exist_ok=True)
     warning = bind_warning(args.host, args.api_key)
@@ -159,7 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
                           limits=limits)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     draft_loader = (lambda: load_for_cli(args, model=args.draft_model)) if args.draft_model else None
-    app = create_app(config, loader=lambda: load_for_cli(args), draft_loader=draft_loader)
+    loader = (lambda: load_for_cli(args)) if tp is None else (lambda: load_sharded_for_cli(args, tp))
+    app = create_app(config, loader=loader, draft_loader=draft_loader)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=args.drain_timeout + 10, access_log=False)  # fmt: skip
     server = _make_server(uv_config, server_state(app))

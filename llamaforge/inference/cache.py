@@ -68,6 +68,11 @@ def cache_storage(cache_type: str | torch.dtype) -> tuple[str, torch.dtype]:
     return name, torch.int8 if name == "q8_0" else getattr(torch, name)
 
 
+def _kv_heads(model: torch.nn.Module) -> int:
+    """The KV heads the model's attention layers hold: all of them, or a tensor-parallel rank's share."""
+    return model.layers[0].attention.n_kv_heads
+
+
 @dataclass(eq=False)
 class Sequence:
     """One sequence's place in the cache: its block table and how many of its positions hold valid keys."""
@@ -141,7 +146,7 @@ class PagedKVCache:
         ref = model.tok_embeddings.weight
         dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
         num_blocks = -(-num_tokens // block_size) + 1
-        return cls(config.n_layers, config.kv_heads, config.dim_per_head, num_blocks, block_size=block_size,
+        return cls(config.n_layers, _kv_heads(model), config.dim_per_head, num_blocks, block_size=block_size,
                    dtype=dtype, device=ref.device, prefix_caching=prefix_caching)  # fmt: skip
 
     # Sizes ------------------------------------------------------------------------------------------------
@@ -160,7 +165,7 @@ class PagedKVCache:
         c = model.config
         name, storage = cache_storage(dtype)
         row = c.dim_per_head + c.dim_per_head // 16 if name == "q8_0" else c.dim_per_head
-        return 2 * c.n_layers * c.kv_heads * row * torch.empty((), dtype=storage).element_size()
+        return 2 * c.n_layers * _kv_heads(model) * row * torch.empty((), dtype=storage).element_size()
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

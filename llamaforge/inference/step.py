@@ -214,7 +214,11 @@ def select_step(model: Transformer, compile: bool = False, block_size: int = 16)
     """The step for `model`, chosen once (see the module docstring) and logged."""
     device = model.tok_embeddings.weight.device
     reason = unsupported_reason(model)
-    if compile:
+    if getattr(model, "tensor_parallel", None) is not None:  # split over processes: rank 0 leads the others
+        from .tensor_parallel import leader_step
+
+        step = leader_step(model)
+    elif compile:
         on_gpu = device.type == "cuda"
         mode = os.environ.get("LLAMAFORGE_COMPILE_MODE") or ("reduce-overhead" if on_gpu else None)
         compiled = torch.compile(model, mode=mode, fullgraph=False, dynamic=None if on_gpu else False)

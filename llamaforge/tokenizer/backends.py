@@ -271,6 +271,17 @@ class TiktokenTokenizer(BaseTokenizer):
     def _files_for_save(self) -> tuple[str, bytes, str]:
         return "tokenizer.model", self.path.read_bytes(), "PreTrainedTokenizerFast"
 
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Meta's tokenizer.model (read back by llamaforge, exactly) and a tokenizer.json with the special tokens,
+        which is what transformers, vLLM and llama.cpp's converter read in a Hugging Face directory."""
+        from ..checkpoint import atomic_output
+
+        directory = super().save_pretrained(directory)
+        tk, _ = fmt.hf_from_gguf_bpe(self.gguf_metadata(), str(self.path))
+        with atomic_output(directory / "tokenizer.json", is_dir=False) as tmp:
+            tmp.write_text(tk.to_str(pretty=True), encoding="utf-8")
+        return directory
+
 
 # --- Hugging Face tokenizers ----------------------------------------------------------------------
 class HFTokenizer(BaseTokenizer):
@@ -392,6 +403,9 @@ def load_tokenizer(source: str | os.PathLike) -> BaseTokenizer:
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     if path.is_dir():
+        meta_file = path / "tokenizer.model"
+        if meta_file.is_file() and fmt.is_tiktoken_file(meta_file):  # Meta's own file beside a derived tokenizer.json
+            return load_tokenizer(meta_file)
         for name in ("tokenizer.json", "tokenizer.model"):
             if (path / name).is_file():
                 return load_tokenizer(path / name)

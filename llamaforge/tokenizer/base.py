@@ -327,8 +327,13 @@ class BaseTokenizer:
             "eos_token": self.eos_token,
             "clean_up_tokenization_spaces": False,
         }
-        if self.chat_template:
-            config["chat_template"] = self.chat_template
+        template = self.chat_template
+        if not template and self.chat_format:  # other engines know templates, not llamaforge's format names
+            from ..chat import named_template
+
+            template = named_template(self.chat_format)
+        if template:
+            config["chat_template"] = template
         with atomic_output(directory / "tokenizer_config.json", is_dir=False) as tmp:
             tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         return directory

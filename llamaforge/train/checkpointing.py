@@ -3,7 +3,8 @@
 A checkpoint is a directory ``step_00000100/`` holding
 
 - the DCP files of ``{"model": ..., "optim": ...}`` (each rank writes its own shards; model and optimizer
-  state are taken with ``get_state_dict`` so DDP, FSDP2 and single-process runs use the same names);
+  state are taken with ``get_state_dict`` so DDP, FSDP2, tensor- and pipeline-parallel and single-process runs
+  use the same names and whole-tensor shapes: a checkpoint saved under one mesh loads under any other);
 - ``trainer_state.json``: step, scheduler, data position, recipe and last metrics (rank 0);
 - ``rng/rank_<r>.pt``: every rank's random number generator states.
 
@@ -71,8 +72,10 @@ def _model_and_optim(module: nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 
 def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], rank: int = 0, keep_last: int | None = None) -> Path:  # fmt: skip
-    """Write checkpoint ``step`` under ``root`` (collective: every rank calls it); return its path."""
+                    trainer_state: dict[str, Any], rank: int = 0, keep_last: int | None = None,
+                    tokenizer: Any = None) -> Path:  # fmt: skip
+    """Write checkpoint ``step`` under ``root`` (collective: every rank calls it); return its path. Rank 0 adds
+    ``tokenizer``'s files (when it can save them), so the checkpoint loads and converts as a model directory."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.tmp"
@@ -88,6 +91,8 @@ def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: t
     barrier()
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, default=_json_default))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run): replace it whole
             shutil.rmtree(final)
         tmp.rename(final)
@@ -98,14 +103,18 @@ def save_checkpoint(root: str | Path, step: int, module: nn.Module, optimizer: t
     return final
 
 
-def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer,
-                    rank: int = 0) -> dict[str, Any]:  # fmt: skip
-    """Restore model, optimizer and this rank's RNG from ``path``; return the trainer state (JSON)."""
+def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
+                    model_names: set[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Restore model, optimizer and this rank's RNG from ``path``; return the trainer state (JSON).
+
+    ``model_names``: the whole model's state-dict names (a pipeline stage holds only some), to refuse a
+    checkpoint with tensors the model lacks."""
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.exists():
         raise CheckpointError(f"{path}: not a training checkpoint (no {STATE_FILE})")
     state = _model_and_optim(module, optimizer)
+    check_shapes(path, state["model"], model_names)
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -115,12 +124,58 @@ def load_checkpoint(path: str | Path, module: nn.Module, optimizer: torch.optim.
     return json.loads(state_file.read_text())
 
 
-def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded model state on CPU (rank 0 gets tensors; collective under FSDP)."""
+def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Whole-tensor shapes of the model tensors in DCP checkpoint ``path`` (from its metadata; no data read)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: not a DCP checkpoint (no .metadata)") from exc
+    prefix = "model."
+    return {key[len(prefix) :]: tuple(item.size) for key, item in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)}  # fmt: skip
+
+
+def check_shapes(path: str | Path, model_state: dict[str, Any], model_names: set[str] | None = None) -> None:
+    """Refuse a checkpoint of another model shape, naming the tensor and both shapes (before DCP reads it)."""
+    saved = saved_shapes(path)
+    extra = sorted(set(saved) - (model_names if model_names is not None else set(model_state)))
+    if extra:
+        more = " ..." if len(extra) > 3 else ""
+        raise CheckpointError(f"{path}: the checkpoint has tensor(s) this model lacks ({', '.join(extra[:3])}"
+                              f"{more}): it was saved from another model shape")  # fmt: skip
+    for name, tensor in model_state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if name not in saved:
+            raise CheckpointError(f"{path}: the checkpoint has no tensor {name!r}: it holds another model "
+                                  f"({len(saved)} tensors, e.g. {', '.join(sorted(saved)[:3])})")  # fmt: skip
+        if tuple(tensor.shape) != saved[name]:  # a DTensor's shape is the whole tensor's
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {saved[name]} in the checkpoint but "
+                                  f"{tuple(tensor.shape)} in this model (saved from another model shape)")  # fmt: skip
+
+
+def full_model_state(module: nn.Module, layout: Any = None) -> dict[str, torch.Tensor]:
+    """The unsharded model state on CPU: rank 0 gets every tensor, other ranks may get none (collective).
+
+    Under pipeline parallelism (``layout``: a ``mesh.Layout``) each stage's first data- and tensor-parallel rank
+    sends its stage's tensors to rank 0.
+    """
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(module, options=options)
+    if layout is None or layout.dims.pp == 1:
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    sender = layout.dp_rank == 0 and layout.tp_rank == 0
+    state = {k: v.detach().cpu() for k, v in state.items()} if sender else {}
+    parts: list[Any] = [None] * dist.get_world_size() if dist.get_rank() == 0 else []
+    dist.gather_object(state, parts if dist.get_rank() == 0 else None, dst=0)
+    merged: dict[str, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged
 
 
 def find_resume_point(out_dir: str | Path, resume: str | bool) -> Path | None:

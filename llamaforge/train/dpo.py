@@ -248,11 +248,13 @@ def finetune_dpo(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence
                  progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Preference-tune ``recipe.model.from_checkpoint`` on the pairs of ``recipe.finetune.data``; returns the
     run's summary (``finetune`` calls this when ``finetune.objective`` is dpo)."""
-    from .parallel import resolve_device
+    from ..distributed import resolve_device
     from .sft import load_finetune_model
 
     f, d, t = recipe.finetune, recipe.data, recipe.train
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dims = recipe.parallel_dims(world)  # tensor- and pipeline-parallel peers read the same batches
+    data_rank, data_world = dims.data_rank(rank), dims.dp
     device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", str(rank))))
     llm = load_finetune_model(recipe, llm)
     tokenizer = llm.tokenizer
@@ -269,7 +271,7 @@ def finetune_dpo(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence
     else:
         train_pairs, val_pairs = split_by_index(pairs, f.val_fraction, t.seed)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = PairLoader(train_pairs, d.micro_batch_size, d.grad_accum_steps, rank=rank, world_size=world,
+    loader = PairLoader(train_pairs, d.micro_batch_size, d.grad_accum_steps, rank=data_rank, world_size=data_world,
                         seed=t.seed, pad_id=pad_id, device=device)  # fmt: skip
     say(plan_steps(recipe, loader.steps_per_epoch))
     if report.n_skipped and rank == 0:
@@ -278,7 +280,7 @@ def finetune_dpo(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence
         say(report.summary(noun="pairs"))
     if f.val_data:
         say(val_report.summary(noun="pairs"))
-    val = PairValidation(val_pairs, d.micro_batch_size, rank=rank, world_size=world, pad_id=pad_id,
+    val = PairValidation(val_pairs, d.micro_batch_size, rank=data_rank, world_size=data_world, pad_id=pad_id,
                          device=device) if val_pairs else None  # fmt: skip
     counts = prepare_model(llm.model, recipe)
     reference = resolve_reference(recipe)

@@ -1,9 +1,9 @@
 """Training recipes (YAML + command-line overrides) and the training loop.
 
-A recipe has five sections — ``model``, ``data``, ``optim``, ``train``, ``logging`` — whose defaults are the
-LLaMA paper's choices where it makes one (AdamW β2 0.95, weight decay 0.1, warm-up 2000 steps, cosine to
-10%, clipping 1.0). Every field can be overridden on the command line as ``--optim.lr 3e-4`` or
-``--set optim.lr=3e-4``.
+A recipe has six sections — ``model``, ``data``, ``optim``, ``train``, ``logging``, ``parallel`` — whose defaults
+are the LLaMA paper's choices where it makes one (AdamW β2 0.95, weight decay 0.1, warm-up 2000 steps, cosine
+to 10%, clipping 1.0). ``parallel`` lays the processes out as a mesh (``dp_shard`` x ``tp`` x ``pp``). Every
+field can be overridden on the command line as ``--optim.lr 3e-4`` or ``--set optim.lr=3e-4``.
 
 ``Trainer`` runs the loop and is meant to be reused: pass your own ``model`` (e.g. with LoRA adapters and
 frozen base weights: only parameters with ``requires_grad`` are optimized), ``train_data`` (any object with
@@ -102,12 +102,25 @@ class LoggingSection:
 
 
 @dataclass
+class ParallelSection:
+    """The device mesh: dp_shard x tp x pp processes (see ``train/mesh.py``); train.parallel picks DDP or FSDP2
+    for the data-parallel dimension ("auto": FSDP2 once tp, pp or dp_shard is set)."""
+
+    dp_shard: int = -1  # data-parallel ranks, FSDP2 shards over them; -1: the world size / (tp x pp)
+    tp: int = 1  # tensor-parallel ranks: heads, FFN width and vocabulary split, sequence-parallel norms
+    pp: int = 1  # pipeline ranks: the blocks split into stages; each step's grad_accum_steps are its micro-batches
+    pp_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B
+    pp_stages_per_rank: int | None = None  # default: 2 for Interleaved1F1B, else 1
+
+
+@dataclass
 class Recipe:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     # Construction ---------------------------------------------------------------------------------
     @classmethod
@@ -175,8 +188,38 @@ class Recipe:
             problems.append(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
         if self.model.preset is None and self.model.config is None and self.model.from_checkpoint is None:
             problems.append("model: give a preset, a custom config or from_checkpoint")
+        problems.extend(self._parallel_problems())
         if problems:
             raise UserError(f"{where}: " + "; ".join(problems))
+
+    def _parallel_problems(self) -> list[str]:
+        from .mesh import PP_SCHEDULES
+
+        p, problems = self.parallel, []
+        for name in ("tp", "pp"):
+            if getattr(p, name) < 1:
+                problems.append(f"parallel.{name} must be at least 1, got {getattr(p, name)}")
+        if p.dp_shard == 0 or p.dp_shard < -1:
+            problems.append(f"parallel.dp_shard must be positive or -1 (the rest of the world), got {p.dp_shard}")
+        if p.pp_schedule not in PP_SCHEDULES:
+            problems.append(f"parallel.pp_schedule {p.pp_schedule!r} must be one of {', '.join(PP_SCHEDULES)}")
+        if p.pp_stages_per_rank is not None and p.pp_stages_per_rank < 1:
+            problems.append(f"parallel.pp_stages_per_rank must be at least 1, got {p.pp_stages_per_rank}")
+        if p.tp > 1 and self.train.compile and self.train.activation_checkpointing:
+            # measured on torch 2.13 (CPU, gloo): compiled tensor-parallel parts recomputed under checkpointing
+            # give wrong gradients; each of the two alone with tensor parallelism matches one process
+            problems.append("train.compile with train.activation_checkpointing and parallel.tp > 1 computes wrong "
+                            "gradients in torch 2.13; turn one of them off")  # fmt: skip
+        return problems
+
+    def parallel_dims(self, world_size: int):
+        """The concrete ``mesh.ParallelDims`` of this recipe on ``world_size`` processes (UserError if they
+        do not fit)."""
+        from .mesh import resolve_dims
+
+        p = self.parallel
+        return resolve_dims(world_size, self.train.parallel, p.dp_shard, p.tp, p.pp, p.pp_schedule,
+                            p.pp_stages_per_rank)  # fmt: skip
 
     def model_config(self) -> ModelConfig:
         m = self.model
@@ -297,6 +340,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # every step's metrics (every rank)
         self.val_history: list[dict[str, Any]] = []
         self.module: nn.Module | None = None  # the (parallelized) training module, after fit()
+        self.runner: Any = None  # runs its steps (parallel.LocalRunner or pipeline.PipelineRunner), after fit()
+        self.layout: Any = None  # this rank's place in the device mesh (mesh.Layout), after fit()
+        self._tokenizer_tried = False
 
     # Setup --------------------------------------------------------------------------------------------
     def _build_model(self, device: torch.device) -> nn.Module:
@@ -327,7 +373,7 @@ class Trainer:
 
     # Run ------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        from .parallel import destroy_distributed, init_distributed
+        from ..distributed import destroy_distributed, init_distributed
 
         info = init_distributed(self.recipe.train.device, self.recipe.train.timeout_s)
         try:
@@ -335,29 +381,46 @@ class Trainer:
         finally:
             destroy_distributed(info)
 
+    def _model_config(self) -> ModelConfig:
+        """The model's shape, known before any weight is allocated."""
+        if self._model is not None:
+            return self._model.config
+        source = self.recipe.model.from_checkpoint
+        if source:
+            from ..checkpoint import detect_format, format_module
+
+            return format_module(detect_format(source)).read_config(source)
+        return self.recipe.model_config()
+
     def _fit(self, info) -> dict[str, Any]:
         from . import checkpointing as ckpt
         from .data import PackedLoader, ValidationSet
         from .logging import MetricsLogger, flops_per_token, format_train_line, peak_flops
+        from .mesh import build_layout, check_model
         from .optim import build_optimizer, build_scheduler
-        from .parallel import all_reduce_sum, apply_activation_checkpointing, apply_compile, gradient_sync, parallelize
+        from .parallel import all_reduce_sum, clip_grad_norm, parallelize_model
 
         r, t, d, o = self.recipe, self.recipe.train, self.recipe.data, self.recipe.optim
         out_dir = Path(t.out_dir)
         device = info.device
+        # The layout is checked against the world and the model's shape before any weight exists.
+        dims = r.parallel_dims(info.world_size)
+        check_model(dims, self._model_config(), d.seq_len, d.grad_accum_steps)
+        layout = self.layout = build_layout(dims, device, info.rank)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = self._build_model(device)
         config: ModelConfig = model.config
+        self._config = config
         if d.seq_len > config.max_seq_len:
             raise UserError(f"data.seq_len {d.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        if t.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if t.compile:
-            apply_compile(model)
-        loss_module = self._loss_module(model, device)
-        module = parallelize(loss_module, t.parallel, info)
-        self.module = module
+        model_names = {f"model.{name}" for name in model.state_dict()}  # before a pipeline keeps some of them
+        autocast = self._autocast(device)
+        runner = parallelize_model(model, layout, device, self._loss_module(model, device),
+                                   activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                                   autocast=autocast, microbatches=d.grad_accum_steps)  # fmt: skip
+        module = runner.module
+        self.module, self.runner = module, runner
         optimizer = build_optimizer(module, o.lr, (o.beta1, o.beta2), o.eps, o.weight_decay, o.fused)
         scheduler = build_scheduler(optimizer, o.warmup_steps, o.decay_steps or t.steps, o.min_lr_ratio)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -367,34 +430,35 @@ class Trainer:
             if not d.path:
                 raise UserError("data.path is empty: point it at a directory made by `llamaforge prepare-data`")
             train_data = PackedLoader(d.path, d.seq_len, d.micro_batch_size, d.grad_accum_steps,
-                                      rank=info.rank, world_size=info.world_size, seed=t.seed, mix=d.mix,
+                                      rank=layout.dp_rank, world_size=layout.dp_size, seed=t.seed, mix=d.mix,
                                       doc_mask=d.doc_mask, device=device)  # fmt: skip
             if train_data.meta["vocab_size"] > config.vocab_size:
                 raise UserError(f"{d.path}: tokenizer vocabulary ({train_data.meta['vocab_size']}) is larger than "
                                 f"the model's vocab_size ({config.vocab_size})")  # fmt: skip
         val_data = self._val_data
         if val_data is None and d.path and d.val_batches > 0:
-            val_data = ValidationSet(d.path, d.seq_len, d.micro_batch_size, d.val_batches, rank=info.rank,
-                                     world_size=info.world_size, doc_mask=d.doc_mask, device=device)  # fmt: skip
+            val_data = ValidationSet(d.path, d.seq_len, d.micro_batch_size, d.val_batches, rank=layout.dp_rank,
+                                     world_size=layout.dp_size, doc_mask=d.doc_mask, device=device)  # fmt: skip
             if len(val_data) == 0:
                 if info.is_main:
                     have = len(val_data.stream)
-                    need = d.micro_batch_size * info.world_size * d.seq_len + 1
+                    need = d.micro_batch_size * layout.dp_size * d.seq_len + 1
                     warnings.warn(f"{d.path}: {have:,} validation tokens, fewer than one validation batch needs "
-                                  f"({need:,} = data.micro_batch_size x processes x data.seq_len + 1): this run "
-                                  "reports no validation loss. Rerun `llamaforge prepare-data` with a larger "
-                                  "--val-fraction (e.g. 0.1), or set data.val_batches=0 to train without "
+                                  f"({need:,} = data.micro_batch_size x data-parallel processes x data.seq_len + 1): "
+                                  "this run reports no validation loss. Rerun `llamaforge prepare-data` with a "
+                                  "larger --val-fraction (e.g. 0.1), or set data.val_batches=0 to train without "
                                   "validation", stacklevel=2)  # fmt: skip
                 val_data = None
 
         logger = MetricsLogger(out_dir, info.rank, tensorboard=r.logging.tensorboard,
                                wandb_project=r.logging.wandb_project, run_name=r.logging.run_name,
                                config=r.to_dict(), console=r.logging.console)  # fmt: skip
+        self._logger = logger
         try:
             start = 0
             resume_from = ckpt.find_resume_point(out_dir, t.resume)
             if resume_from is not None:
-                state = ckpt.load_checkpoint(resume_from, module, optimizer, info.rank)
+                state = ckpt.load_checkpoint(resume_from, module, optimizer, info.rank, model_names)
                 scheduler.load_state_dict(state["scheduler"])
                 # the learning rate follows this recipe's schedule (unchanged recipe: the same values)
                 scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
@@ -408,32 +472,26 @@ class Trainer:
                 (out_dir / "recipe.yaml").write_text(r.to_yaml())
             fpt = flops_per_token(config, d.seq_len, n_params)
             peak = t.peak_flops or peak_flops(device)
-            autocast = self._autocast(device)
             world = info.world_size
             bad_in_a_row, skipped = 0, 0
             window_tokens, window_start = 0, time.perf_counter()
-            logger.print(f"training {n_params / 1e6:.1f}M parameters on {world} process(es) ({device}), "
-                         f"steps {start}->{t.steps}")  # fmt: skip
+            logger.print(f"training {n_params / 1e6:.1f}M parameters on {world} process(es) ({device}; "
+                         f"{dims.describe()}), steps {start}->{t.steps}")  # fmt: skip
             last_metrics: dict[str, Any] = {}
             for step in range(start, t.steps):
                 batches = train_data.next_step()
+                # Tensor- and pipeline-parallel peers read the same batch: one of them counts it.
                 counts = torch.tensor([sum(self._loss_units(b) for b in batches),
                                        sum(b["tokens"].numel() for b in batches)], dtype=torch.float64)  # fmt: skip
-                n_targets, n_tokens = (int(x) for x in all_reduce_sum(counts.to(device)).tolist())
-                # Gradients are averaged over ranks by DDP/FSDP, so scale by world / global target count:
-                # the step's gradient is that of the mean loss over every target in the global batch.
-                scale = world / max(n_targets, 1.0)
-                loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-                sums: dict[str, torch.Tensor] = {}
-                for i, batch in enumerate(batches):
-                    with gradient_sync(module, i == len(batches) - 1), autocast:
-                        part, _, *more = module(**batch)
-                    (part * scale).backward()
-                    loss_sum += part.detach().float()
-                    _add_sums(sums, more[0] if more else {})
-                loss = all_reduce_sum(loss_sum).item() / max(n_targets, 1.0)
-                extra = _global_means(sums, n_targets, device)
-                grad_norm = _clip_grad_norm(params, o.grad_clip)
+                n_targets, n_tokens = (int(x) for x in all_reduce_sum(counts.to(device) * layout.owns_data).tolist())
+                # Gradients are averaged over the data-parallel ranks by DDP/FSDP, so scale by dp / global target
+                # count: the step's gradient is that of the mean loss over every target in the global batch.
+                scale = layout.dp_size / max(n_targets, 1.0)
+                loss_sum, sums = runner.forward_backward(batches, scale)
+                loss_sum = loss_sum.reshape(()).to(device, torch.float32)
+                loss = all_reduce_sum(loss_sum * layout.owns_loss).item() / max(n_targets, 1.0)
+                extra = _global_means({k: v * layout.owns_loss for k, v in sums.items()}, n_targets, device)
+                grad_norm = clip_grad_norm(params, o.grad_clip, layout.pp_group)
                 lr = optimizer.param_groups[0]["lr"]
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     optimizer.step()
@@ -493,20 +551,36 @@ class Trainer:
                  device: torch.device | None = None) -> float:  # fmt: skip
         """Mean loss over ``val_data`` (all ranks together); the means of the loss module's other metrics go to
         ``self.last_val_metrics``."""
-        from .parallel import all_reduce_sum
+        from .loss import IGNORE_INDEX
+        from .parallel import LocalRunner, add_sums, all_reduce_sum
 
+        if self.runner is not None and module is self.module:  # the run's own layout (e.g. a pipeline)
+            runner, owns_loss = self.runner, self.layout.owns_loss
+        else:
+            runner, owns_loss = LocalRunner(module, autocast=autocast), True
         device = device or next(module.parameters()).device
         totals = torch.zeros(2, dtype=torch.float64, device=device)
         sums: dict[str, torch.Tensor] = {}
+
+        def add(group: list[dict[str, torch.Tensor]]) -> None:
+            part, count, more = runner.loss_sum(group)
+            # tensor-parallel peers hold copies of the same sums, and only a pipeline's last stage has them
+            totals[0] += part.double().to(device) * owns_loss
+            totals[1] += count.double().to(device) * owns_loss
+            add_sums(sums, {k: v * owns_loss for k, v in more.items()})
+
         was_training = module.training
         module.eval()  # no dropout (e.g. LoRA's) while measuring
         try:
+            group: list[dict[str, torch.Tensor]] = []
             for batch in val_data:
-                with autocast or contextlib.nullcontext():
-                    part, count, *more = module(**batch)
-                totals[0] += part.double()
-                totals[1] += count.double()
-                _add_sums(sums, more[0] if more else {})
+                group.append(batch)
+                if len(group) == runner.batches_per_call:
+                    add(group)
+                    group = []
+            if group:  # a pipeline takes a fixed number of micro-batches: pad with batches that do not count
+                filler = {**group[-1], "targets": torch.full_like(group[-1]["targets"], IGNORE_INDEX)}
+                add(group + [filler] * (runner.batches_per_call - len(group)))
         finally:
             module.train(was_training)
         all_reduce_sum(totals)
@@ -522,9 +596,12 @@ class Trainer:
         from .loss import CausalLMLoss
 
         t = self.recipe.train
+        # Tensor parallelism and pipelines compute the loss from logits (split over the vocabulary under tensor
+        # parallelism, with loss_parallel): the fused chunked loss needs the whole output matrix on one rank.
+        split = self.layout is not None and (self.layout.dims.tp > 1 or self.layout.dims.pp > 1)
         # The loss's per-chunk softmax is compiled on accelerators only: on CPU its chunks stay in cache and the
         # compiled pass measured no faster (stories15M's head: 1.49 s vs 1.42 s eager per 2048 tokens).
-        return CausalLMLoss(model, fused=t.fused_loss, compile=t.compile and device.type != "cpu")
+        return CausalLMLoss(model, fused=t.fused_loss and not split, compile=t.compile and device.type != "cpu")
 
     def _loss_units(self, batch: dict[str, torch.Tensor]) -> int:
         """How many units the loss of ``batch`` sums over (the step's loss is their mean): target tokens."""
@@ -552,9 +629,11 @@ class Trainer:
             raise TrainingDiverged(f"step {step}: the weights contain NaN/Inf; refusing to write a checkpoint")
         state = {"step": step, "scheduler": scheduler.state_dict(), "data": train_data.state_dict(),
                  "metrics": {k: v for k, v in metrics.items() if v is not None}, "world_size": info.world_size,
-                 "recipe": self.recipe.to_dict()}  # fmt: skip
+                 "recipe": self.recipe.to_dict(), "model_config": self._config.to_dict()}  # fmt: skip
+        # the tokenizer's files too, so that the checkpoint converts to a complete model directory
+        tokenizer = self._export_tokenizer(self._logger) if info.is_main else None
         ckpt.save_checkpoint(out_dir / "checkpoints", step, module, optimizer, state, info.rank,
-                             self.recipe.train.keep_last)  # fmt: skip
+                             self.recipe.train.keep_last, tokenizer=tokenizer)  # fmt: skip
 
     def _export(self, module: nn.Module, out_dir: Path, info, config: ModelConfig, logger) -> Path | None:
         """Write the final weights as a Hugging Face directory (rank 0), tokenizer included when known."""
@@ -565,7 +644,7 @@ class Trainer:
 
         t = self.recipe.train
         target = Path(t.export_dir) if t.export_dir else out_dir / "final"
-        state = full_model_state(module)  # collective under FSDP
+        state = full_model_state(module, self.layout)  # collective under FSDP, TP and PP
         if info.is_main:
             prefix = "model."
             weights = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
@@ -584,8 +663,12 @@ class Trainer:
         return target if info.is_main else None
 
     def _export_tokenizer(self, logger) -> Any:
-        if self.tokenizer is not None:
-            return self.tokenizer
+        if self.tokenizer is None and not self._tokenizer_tried:
+            self._tokenizer_tried = True
+            self.tokenizer = self._find_tokenizer(logger)
+        return self.tokenizer
+
+    def _find_tokenizer(self, logger) -> Any:
         source = self.recipe.train.export_tokenizer
         if source is None and self.recipe.data.path:
             from .data import read_meta
@@ -602,12 +685,6 @@ class Trainer:
             return None
 
 
-def _add_sums(sums: dict[str, torch.Tensor], more: dict[str, torch.Tensor]) -> None:
-    for key, value in more.items():
-        value = value.detach().double()
-        sums[key] = sums[key] + value if key in sums else value
-
-
 def _global_means(sums: dict[str, torch.Tensor], units: float, device: torch.device) -> dict[str, float]:
     """Metric sums of every rank added up and divided by the global unit count (keys in the same order on every
     rank: the loss module returns the same ones)."""
@@ -622,17 +699,6 @@ def _global_means(sums: dict[str, torch.Tensor], units: float, device: torch.dev
 
 def _lambda_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:
     return [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-
-
-def _clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
-    """Clip the global gradient norm (across ranks for sharded parameters); return the norm before clipping."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 def train(recipe: Recipe, **kwargs: Any) -> dict[str, Any]:

@@ -500,6 +500,11 @@ class FinetuneRecipe(Recipe):
                                 "switch off): use auto or precompute")  # fmt: skip
             if f.dpo_beta is not None and not f.dpo_beta > 0:
                 problems.append(f"finetune.dpo_beta must be positive, got {f.dpo_beta}")
+            split = " and ".join(f"parallel.{k} {v}" for k, v in (("tp", self.parallel.tp), ("pp", self.parallel.pp))
+                                 if v > 1)  # fmt: skip
+            if split:  # pipelines and tensor parallelism compute the next-token loss only (train/parallel.py)
+                problems.append(f"finetune.objective dpo runs under data parallelism only (train.parallel ddp or "
+                                f"fsdp), not with {split}: set parallel.tp and parallel.pp to 1")  # fmt: skip
         if f.epochs is not None and not f.epochs > 0:
             problems.append(f"finetune.epochs must be positive, got {f.epochs}")
         if f.method != "full":
@@ -537,7 +542,7 @@ class FinetuneTrainer(Trainer):
         if r.finetune.method == "full":
             return super()._export(module, out_dir, info, config, logger)
         target = Path(r.train.export_dir) if r.train.export_dir else out_dir / "adapter"
-        state = full_model_state(module)  # collective under FSDP
+        state = full_model_state(module, self.layout)  # collective under FSDP and PP
         if info.is_main:
             lora_state = {k: v for k, v in state.items() if k.endswith((".lora_A", ".lora_B"))}
             save_adapter(lora_state, target, r.lora_config(), config, base_model=self.base_model,
@@ -559,6 +564,9 @@ def prepare_model(model: torch.nn.Module, recipe: FinetuneRecipe) -> dict[str, i
     else:
         if f.method == "qlora":
             quantize_base(model, f.quant)
+        # A's initial values come from train.seed: the same on every rank (FSDP2 does not broadcast them) and in
+        # every run (torch seeds each process differently)
+        torch.manual_seed(recipe.train.seed)
         apply_lora(model, recipe.lora_config())
     unique = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in unique if p.requires_grad)
@@ -605,7 +613,7 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
 
     ``llm``: an already loaded ``LLM`` to fine-tune in place (its model is modified), instead of loading one.
     """
-    from .parallel import resolve_device
+    from ..distributed import resolve_device
 
     if recipe.finetune.objective == "dpo":
         from .dpo import finetune_dpo
@@ -613,6 +621,8 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
         return finetune_dpo(recipe, llm=llm, callbacks=callbacks, progress=progress)
     f, d, t = recipe.finetune, recipe.data, recipe.train
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dims = recipe.parallel_dims(world)  # tensor- and pipeline-parallel peers read the same batches
+    data_rank, data_world = dims.data_rank(rank), dims.dp
     device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", str(rank))))
     llm = load_finetune_model(recipe, llm)
     tokenizer = llm.tokenizer
@@ -629,8 +639,8 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
     else:
         train_ex, val_ex = split_examples(examples, f.val_fraction, t.seed)
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    loader = SFTLoader(train_ex, d.seq_len, d.micro_batch_size, d.grad_accum_steps, rank=rank, world_size=world,
-                       seed=t.seed, pack=f.pack, pad_id=pad_id, device=device)  # fmt: skip
+    loader = SFTLoader(train_ex, d.seq_len, d.micro_batch_size, d.grad_accum_steps, rank=data_rank,
+                       world_size=data_world, seed=t.seed, pack=f.pack, pad_id=pad_id, device=device)  # fmt: skip
     say(plan_steps(recipe, loader.steps_per_epoch))
     if report.n_skipped and rank == 0:
         warnings.warn(report.summary(), stacklevel=2)  # skipped lines are reported, the run goes on
@@ -641,7 +651,7 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
     adapts_head = f.method != "full" and "output" in recipe.lora_config().targets
     if adapts_head and f.lora_dropout > 0:  # the fused loss reads the merged head weight, without dropout
         recipe.train.fused_loss = False
-    val = SFTValidation(val_ex, d.seq_len, d.micro_batch_size, rank=rank, world_size=world, pack=f.pack,
+    val = SFTValidation(val_ex, d.seq_len, d.micro_batch_size, rank=data_rank, world_size=data_world, pack=f.pack,
                         pad_id=pad_id, device=device) if val_ex else None  # fmt: skip
     counts = prepare_model(llm.model, recipe)
     n_tokens = sum(len(e.tokens) for e in train_ex)

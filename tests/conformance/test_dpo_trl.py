@@ -155,11 +155,12 @@ def test_full_tuning_loss_gradient_and_metrics_equal_trl(tmp_path: Path, models:
 
     hf_params = dict(trainer.model.named_parameters())
     config = policy.config
+    hf_names = _Layout(config)
     for name, param in policy.named_parameters():
         grad = param.grad
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             grad = permute_to_hf(grad, config.n_heads if ".wq." in name else config.kv_heads)
-        theirs_grad = hf_params[_Layout(config).to_hf(name)].grad
+        theirs_grad = hf_params[hf_names.to_hf(name)].grad
         _assert_grad_close(grad, theirs_grad, f"{name} gradient")
 
 

@@ -19,6 +19,7 @@ from llamaforge.model import build_model
 from llamaforge.train.dpo import PreferenceLoss, precompute_reference, preference_losses, sequence_logps
 from llamaforge.train.lora import LoraConfig, adapters_disabled, apply_lora, lora_modules
 from llamaforge.train.loss import IGNORE_INDEX
+from llamaforge.train.mesh import Layout, ParallelDims
 from llamaforge.train.preference import PairLoader, PairValidation, collate_pairs, load_pairs, record_pair
 from llamaforge.train.sft import FinetuneRecipe
 
@@ -252,6 +253,22 @@ def test_recipe_checks() -> None:
         FinetuneRecipe.load(None, {**base, "finetune.dpo_loss": "kto"})
     with pytest.raises(UserError, match="objective 'rlhf'"):
         FinetuneRecipe.load(None, {"model.from_checkpoint": "m", "finetune.objective": "rlhf"})
+    with pytest.raises(UserError, match=r"dpo runs under data parallelism only .* not with parallel.tp 2 and "
+                                        r"parallel.pp 2: set parallel.tp and parallel.pp to 1"):  # fmt: skip
+        FinetuneRecipe.load(None, {**base, "parallel.tp": "2", "parallel.pp": "2"})
+
+
+@pytest.mark.parametrize("dims", [ParallelDims(1, 2, 1), ParallelDims(1, 1, 2)])
+def test_mesh_refuses_preference_loss_under_tensor_or_pipeline_parallel(tiny_model: torch.nn.Module,
+                                                                        dims: ParallelDims) -> None:  # fmt: skip
+    """The runner drives any loss module under data parallelism; tensor and pipeline parallelism compute the
+    next-token loss only, and say so (before any weight is split)."""
+    from llamaforge.train.parallel import parallelize_model
+
+    what = "parallel.tp 2" if dims.tp > 1 else "parallel.pp 2"
+    with pytest.raises(UserError, match=f"{what}: the PreferenceLoss objective runs under data parallelism only"):
+        parallelize_model(tiny_model, Layout(dims), torch.device("cpu"), PreferenceLoss(tiny_model))
+    assert len(tiny_model.layers) == tiny_model.config.n_layers  # untouched
 
 
 # The verb ---------------------------------------------------------------------------------------------------

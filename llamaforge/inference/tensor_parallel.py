@@ -1,0 +1,302 @@
+"""Tensor-parallel inference: one model split over the processes of a torchrun job, each holding 1/N of it.
+
+    torchrun --nproc-per-node N -m llamaforge generate --tp N --model M --prompt ...
+    torchrun --nproc-per-node N -m llamaforge serve --tp N --model M
+
+Each rank reads only its slices of the checkpoint (``load_sharded``): the query, key and value projections and
+the FFN's w1/w3 by output features (whole heads, so the KV cache is split by KV head), wo and w2 by input
+features, the embedding by columns and the output projection by vocabulary rows (by columns when it is the tied
+embedding). Norms are whole. Forward hooks add the collectives, outside the model: an all-reduce after wo and
+w2 (and after a tied output), an all-gather after the embedding and the output. ``model.py`` runs unchanged: its
+attention counts heads from its projections.
+
+Rank 0 runs the engine (batching, sampling, the cache's block allocation, the HTTP server) and is the only
+rank that tokenizes or prints. Its step (``leader_step``, which ``select_step`` picks for a split model) first
+broadcasts what it runs — tokens, positions and block tables, or the rows for the output head — and every other
+rank runs the same forward on its shard of the model and of the KV cache (``follow``). The cache's geometry
+(blocks, block size, type) travels with each step, so the other ranks mirror its growth. Speculative decoding
+and prompt-cache files are not supported with ``--tp``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..errors import UserError
+from .cache import CACHE_TYPES, PagedKVCache, PagedView
+
+# How each tensor is split over the ranks: 0 = output features (rows), 1 = input features (columns); norms whole.
+SPLITS = {
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w3.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "tok_embeddings.weight": 1,
+    "output.weight": 0,
+}
+_FORWARD, _HEAD, _FREE, _STOP = 1, 2, 3, 4
+_HEADER = 10  # int64 fields of every message's header
+_ACTIVATIONS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(eq=False)
+class TensorParallel:
+    """This process's place in a tensor-parallel model: set on the model as ``model.tensor_parallel``."""
+
+    rank: int
+    world: int
+    device: torch.device
+    group: Any = None  # the process group (None: the default one)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one message + its collectives at a time
+    _ids: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
+    _next: Any = field(default_factory=lambda: itertools.count(1))
+    _freed: list = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def part(self, size: int) -> slice:
+        """This rank's share of a dimension of `size` (divisible by the world size)."""
+        n = size // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    # Messages from rank 0 ---------------------------------------------------------------------------------
+    def _send(self, header: list[int], *tensors: Tensor) -> None:
+        head = torch.tensor(header + [0] * (_HEADER - len(header)), dtype=torch.int64, device=self.device)
+        dist.broadcast(head, 0, group=self.group)
+        for t in tensors:
+            dist.broadcast(t.contiguous(), 0, group=self.group)
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        dist.broadcast(t, 0, group=self.group)
+        return t
+
+    def cache_id(self, cache: PagedKVCache) -> int:
+        """A number naming `cache` in messages; when the leader drops the cache, the other ranks drop theirs."""
+        cid = self._ids.get(cache)
+        if cid is None:
+            cid = self._ids[cache] = next(self._next)
+            weakref.finalize(cache, self._freed.append, cid)
+        return cid
+
+    def flush_freed(self) -> None:
+        while self._freed:
+            self._send([_FREE, self._freed.pop()])
+
+    def stop(self) -> None:
+        """Tell the other ranks to leave ``follow`` (rank 0, once, e.g. at exit)."""
+        if self.is_leader and not self.stopped and dist.is_initialized():
+            self.stopped = True
+            with self.lock:
+                self._send([_STOP])
+
+
+def check_shape(config: ModelConfig, world: int, where: str = "--tp") -> None:
+    """Refuse a model that cannot be split `world` ways, naming the sizes (before any weight is read)."""
+    sizes = {"n_heads": config.n_heads, "n_kv_heads": config.kv_heads, "the FFN width": config.ffn_hidden_dim,
+             "dim": config.dim, "vocab_size": config.vocab_size}  # fmt: skip
+    problems = [f"{name} ({value}) is not divisible by {world}" for name, value in sizes.items() if value % world]
+    if config.n_experts:
+        problems.append("mixture-of-experts layers are not split (expert parallelism is not supported)")
+    if problems:
+        raise UserError(f"{where} {world}: " + "; ".join(problems))
+
+
+def _split_dim(config: ModelConfig, name: str) -> int | None:
+    """How tensor `name` is split (see ``SPLITS``): 0 by rows, 1 by columns, None whole."""
+    key = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    if key == "output.weight" and config.tie_embeddings:
+        return 1  # the tied output is the embedding matrix, split by columns like it
+    return SPLITS.get(key)
+
+
+def slicer(config: ModelConfig, tp: TensorParallel):
+    """(name, tensor) -> this rank's slice of it, a copy: the rank keeps 1/N of each tensor, not the whole."""
+
+    def take(name: str, tensor: Tensor) -> Tensor:
+        dim = _split_dim(config, name)
+        if dim is None:
+            return tensor
+        part = tp.part(tensor.shape[dim])
+        return (tensor[part] if dim == 0 else tensor[:, part]).clone()
+
+    return take
+
+
+def block_slicer(path: Any, config: ModelConfig, tp: TensorParallel):
+    """GGUFTensor -> this rank's part of it, still in its blocks: whole rows (a view of the memory-mapped file), or
+    whole blocks of columns (a copy). A split that would cut a block is refused, naming the tensor and sizes."""
+    from dataclasses import replace
+
+    def take(t: Any) -> Any:
+        dim = _split_dim(config, t.name)
+        if dim is None:
+            return t
+        rows, cols = t.shape
+        if dim == 0:
+            part = tp.part(rows)
+            return replace(t, shape=(part.stop - part.start, cols), data=t.data[part])
+        block, size = t.block_size, t.type_size
+        n = cols // tp.world
+        if n % block:
+            raise UserError(f"{path}: --tp {tp.world} would split tensor {t.gguf_name!r} ({t.qtype.name}, "
+                            f"{block} weights per block) into {n} columns per rank, which cuts its blocks; "
+                            "load it dequantized (--dtype float32) or use another --tp")  # fmt: skip
+        width = n // block * size
+        return replace(t, shape=(rows, n), data=t.data[:, tp.rank * width : (tp.rank + 1) * width].clone())
+
+    return take
+
+
+def start(tp: int, device: str | torch.device | None = None) -> TensorParallel:
+    """Join the torchrun job of `tp` processes (``--tp``): a UserError if it was not launched that way."""
+    from ..distributed import init_distributed
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if tp < 1:
+        raise UserError(f"--tp must be >= 1, got {tp}")
+    if tp == 1 and world > 1:
+        raise UserError(f"this is a torchrun job of {world} processes: add --tp {world} to split the model over them")
+    if world != tp:
+        raise UserError(f"--tp {tp} needs {tp} processes, this job has {world}: launch with "
+                        f"torchrun --nproc-per-node {tp} -m llamaforge ... --tp {tp}")  # fmt: skip
+    info = init_distributed(str(device) if device else "auto")
+    tp_state = TensorParallel(info.rank, info.world_size, info.device)
+    if tp_state.is_leader:
+        atexit.register(tp_state.stop)
+    return tp_state
+
+
+def load_sharded(source: str, tp: TensorParallel, dtype: torch.dtype | None = None) -> Any:
+    """This rank's part of the model at `source` as an ``LLM`` whose forward runs with the other ranks'.
+
+    As ``llamaforge.load``: a quantized GGUF file stays in its blocks (each rank holds its rows or whole blocks of
+    columns) unless `dtype` is given; other checkpoints load in their own dtype unless `dtype` is given.
+    """
+    from ..checkpoint import detect_format, format_module, load_model
+    from ..llm import LLM, _load_tokenizer_if_present, resolve_source
+    from ..quantize import is_quantized_gguf, load_gguf_quantized
+
+    path = resolve_source(source)
+    fmt = detect_format(path)
+    config = format_module(fmt).read_config(path)
+    check_shape(config, tp.world)
+    if dtype is None and is_quantized_gguf(path):
+        model = load_gguf_quantized(path, device=tp.device, part=block_slicer(path, config, tp))
+    else:
+        model, fmt = load_model(path, device=tp.device, dtype=dtype, fmt=fmt, transform=slicer(config, tp))
+    split_model(model, tp)
+    model.eval()
+    return LLM(model=model, tokenizer=_load_tokenizer_if_present(path), config=model.config, source=str(source),
+               format=fmt, info={"tensor_parallel": f"rank {tp.rank} of {tp.world}"})  # fmt: skip
+
+
+def _in_features(m: nn.Module) -> int:
+    # nn.Linear keeps its constructor's in_features when its weight is replaced by a slice: ask the weight
+    return m.weight.shape[1] if isinstance(m, nn.Linear) else m.in_features
+
+
+def split_model(model: nn.Module, tp: TensorParallel) -> None:
+    """Make `model` (holding this rank's slices, see ``SPLITS``) compute the whole model's function with the
+    other ranks: local head counts on the attention layers, collectives as forward hooks."""
+    group = tp.group
+    for layer in model.layers:
+        att = layer.attention
+        att.n_heads, att.n_kv_heads = att.n_heads // tp.world, att.n_kv_heads // tp.world
+        att.wo.register_forward_hook(lambda m, i, out: _all_reduce(out, group))
+        layer.feed_forward.w2.register_forward_hook(lambda m, i, out: _all_reduce(out, group))
+    model.tok_embeddings.register_forward_hook(lambda m, i, out: _all_gather(out, tp))
+    if _in_features(model.output) != model.config.dim:  # tied: the embedding's columns, a part of every logit
+        cols = tp.part(model.config.dim)
+        model.output.register_forward_pre_hook(lambda m, args: (args[0][..., cols].contiguous(),))
+        model.output.register_forward_hook(lambda m, i, out: _all_reduce(out, group))
+    else:
+        model.output.register_forward_hook(lambda m, i, out: _all_gather(out, tp))
+    model.tensor_parallel = tp
+
+
+def _all_reduce(x: Tensor, group: Any) -> Tensor:
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: Tensor, tp: TensorParallel) -> Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(tp.world)]
+    dist.all_gather(parts, x, group=tp.group)
+    return torch.cat(parts, dim=-1)
+
+
+def leader_step(model: nn.Module) -> Any:
+    """Rank 0's engine step: each forward and output head is announced to the other ranks, then run with them."""
+    from .step import Step
+
+    tp: TensorParallel = model.tensor_parallel
+
+    def forward(tokens: Tensor, positions: Tensor, cache: PagedView, return_hidden: bool = False) -> Tensor:
+        with tp.lock:
+            tp.flush_freed()
+            c = cache.cache
+            B, T = tokens.shape
+            header = [_FORWARD, tp.cache_id(c), B, T, cache.table.shape[1], c.num_blocks, c.block_size,
+                      CACHE_TYPES.index(c.cache_type), int(return_hidden)]  # fmt: skip
+            tp._send(header, tokens.to(torch.int64), positions.expand(B, T).to(torch.int64), cache.table.long())
+            return model(tokens, positions, cache=cache, return_hidden=return_hidden)
+
+    def head(x: Tensor) -> Tensor:
+        with tp.lock:
+            rows = x.reshape(-1, x.shape[-1])
+            tp._send([_HEAD, *rows.shape, _ACTIVATIONS.index(x.dtype)], rows)
+            return model.output(rows).view(*x.shape[:-1], -1)
+
+    detail = f"the model's forward on {tp.world} tensor-parallel ranks (rank 0 leads)"
+    return Step("tensor-parallel", detail, forward, head)
+
+
+@torch.inference_mode()
+def follow(model: nn.Module) -> None:
+    """Run rank 0's forwards on this rank's part of the model and KV cache, until rank 0 stops."""
+    tp: TensorParallel = model.tensor_parallel
+    config = model.config
+    caches: dict[int, PagedKVCache] = {}
+    while True:
+        h = tp._recv((_HEADER,), torch.int64).tolist()
+        op = h[0]
+        if op == _STOP:
+            return
+        if op == _FREE:
+            caches.pop(h[1], None)
+        elif op == _FORWARD:
+            cid, B, T, width, num_blocks, block_size, cache_type, return_hidden = h[1:9]
+            cache = caches.get(cid)
+            if cache is None:
+                cache = caches[cid] = PagedKVCache(config.n_layers, model.layers[0].attention.n_kv_heads,
+                                                   config.dim_per_head, num_blocks, block_size=block_size,
+                                                   dtype=CACHE_TYPES[cache_type], device=tp.device)  # fmt: skip
+            cache.grow(num_blocks)
+            tokens = tp._recv((B, T), torch.int64)
+            positions = tp._recv((B, T), torch.int64)
+            table = tp._recv((B, width), torch.int64)
+            model(tokens, positions, cache=PagedView(cache, table), return_hidden=bool(return_hidden))
+        elif op == _HEAD:
+            n, d, dtype = h[1:4]
+            model.output(tp._recv((n, d), _ACTIVATIONS[dtype]))
+        else:
+            raise RuntimeError(f"tensor-parallel rank {tp.rank}: unknown message {op} from rank 0")

@@ -1,0 +1,110 @@
+"""Tensor parallelism (Megatron-style) applied to a llamaforge Transformer from outside, with
+``torch.distributed.tensor.parallel.parallelize_module``.
+
+In each block the projections that open a computation are split by output features (``ColwiseParallel``: wq,
+wk, wv by heads, w1 and w3 by FFN width) and those that close it by input features (``RowwiseParallel``: wo,
+w2), so a block needs one reduction in the attention and one in the FFN. Between them the activations are
+split along the sequence (``SequenceParallel`` on the RMSNorms): the reductions become reduce-scatters and the
+norms, residual adds and their activations cost 1/tp per rank. The embedding is split by vocabulary rows, the
+output projection by vocabulary columns, and its logits stay split for ``loss_parallel`` (the cross-entropy
+over a vocabulary no rank holds whole).
+
+The attention and the FFN take their gathered input as a plain tensor (``use_local_output``), so that
+``torch.compile`` of either sees no DTensor at its boundary: with a DTensor input the compiled backward gave wrong
+gradients (torch 2.13, CPU), with a plain one the same as eager.
+
+A pipeline stage sends and receives whole activations [B, T, dim]: its first block takes them in and its last
+block gives them back whole, so the stage code never sees a sequence shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from ..errors import UserError
+
+# The block's (and the attention's) forward arguments after x: cos, sin, positions, mask, cache (left as they are).
+_BLOCK_EXTRA_ARGS = (None,) * 5
+
+
+def _require(module: nn.Module, name: str, kind: type) -> None:
+    sub = module.get_submodule(name)
+    if type(sub) is not kind:
+        raise UserError(f"tensor parallelism needs plain {kind.__name__} layers; {name} is a {type(sub).__name__} "
+                        "(LoRA and quantized layers are not split; use data or pipeline parallelism)")  # fmt: skip
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, blocks: Sequence[nn.Module], *, whole_input: bool = False,
+                          whole_output: bool = False) -> None:  # fmt: skip
+    """Split ``model``'s parameters over ``tp_mesh`` in place (``blocks``: the blocks this rank holds, in order).
+
+    ``model.tok_embeddings``, ``model.norm`` and ``model.output`` are split when present (a pipeline stage may
+    lack them). ``whole_input`` / ``whole_output``: the first block takes / the last block gives whole activations
+    (pipeline stage boundaries) instead of sequence shards.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    root_plan = {}
+    if getattr(model, "tok_embeddings", None) is not None:
+        _require(model, "tok_embeddings", nn.Embedding)
+        root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if getattr(model, "norm", None) is not None:
+        root_plan["norm"] = SequenceParallel()
+    if getattr(model, "output", None) is not None:
+        _require(model, "output", nn.Linear)
+        root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    if root_plan:
+        parallelize_module(model, tp_mesh, root_plan)
+    for i, block in enumerate(blocks):
+        if not hasattr(block.feed_forward, "w1"):
+            raise UserError("tensor parallelism of mixture-of-experts layers (expert parallelism) is not supported")
+        for name in ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                     "feed_forward.w2", "feed_forward.w3"):  # fmt: skip
+            _require(block, name, nn.Linear)
+        plan = {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), *_BLOCK_EXTRA_ARGS), use_local_output=True,
+                                            desired_input_layouts=(Replicate(), *_BLOCK_EXTRA_ARGS)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                               use_local_output=True),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        }  # fmt: skip
+        parallelize_module(block, tp_mesh, plan)
+        if whole_input and i == 0:  # whole activations in, this rank's sequence shard on into the block
+            whole = PrepareModuleInput(input_layouts=(Replicate(), *_BLOCK_EXTRA_ARGS), use_local_output=True,
+                                       desired_input_layouts=(Shard(1), *_BLOCK_EXTRA_ARGS))  # fmt: skip
+            parallelize_module(block, tp_mesh, whole)
+        if whole_output and i == len(blocks) - 1:  # the sequence shards gathered for the next stage
+            gather = PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate())
+            parallelize_module(block, tp_mesh, gather)
+
+
+@contextlib.contextmanager
+def maybe_loss_parallel(enabled: bool) -> Iterator[None]:
+    """``torch.distributed.tensor.parallel.loss_parallel`` when the logits are split over the vocabulary: the
+    cross-entropy and its backward run on the shards (both must run inside)."""
+    if not enabled:
+        yield
+        return
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with loss_parallel():
+        yield
