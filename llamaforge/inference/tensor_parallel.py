@@ -3,10 +3,11 @@
     torchrun --nproc-per-node N -m llamaforge generate --tp N --model M --prompt ...
     torchrun --nproc-per-node N -m llamaforge serve --tp N --model M
 
-Each rank reads only its slices of the checkpoint (``load_sharded``): the query, key and value projections and
-the FFN's w1/w3 by output features (whole heads, so the KV cache is split by KV head), wo and w2 by input
-features, the embedding by columns and the output projection by vocabulary rows (by columns when it is the tied
-embedding). Norms are whole. Forward hooks add the collectives, outside the model: an all-reduce after wo and
+Each rank cuts its slices from each tensor as the checkpoint is read, one tensor at a time (``load_sharded``;
+a quantized GGUF stays in its blocks, ``block_slicer``): the query, key and value projections and the FFN's w1/w3
+by output features (whole heads, so the KV cache is split by KV head), wo and w2 by input features, the
+embedding by columns and the output projection by vocabulary rows (by columns when it is the tied embedding).
+Norms are whole. Forward hooks add the collectives, outside the model: an all-reduce after wo and
 w2 (and after a tied output), an all-gather after the embedding and the output. ``model.py`` runs unchanged: its
 attention counts heads from its projections.
 
