@@ -96,6 +96,7 @@ def _worker(rank: int, port: int, path: str, cache_type: str | None, result_file
     if not tp.is_leader:
         follow(model)
         torch.save(mine, f"{result_file}.{rank}")
+        torch.distributed.destroy_process_group()  # gloo's threads joined before exit (else: terminate called)
         return
     done = llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, cache_type=cache_type)
     engine = llm.engine(cache_type=cache_type)
@@ -103,6 +104,7 @@ def _worker(rank: int, port: int, path: str, cache_type: str | None, result_file
                 cache_heads=engine.cache.n_kv_heads)  # fmt: skip
     tp.stop()
     torch.save(mine, f"{result_file}.{rank}")
+    torch.distributed.destroy_process_group()
 
 
 def _two_ranks(path: Path, tmp_path: Path, cache_type: str | None = None) -> list[dict]:
