@@ -56,8 +56,9 @@ def test_passing_and_failing_programs(sandbox: Sandbox) -> None:
 def test_infinite_loop_and_sleep_time_out(sandbox: Sandbox) -> None:
     for source in ("while True:\n    pass", "import time\ntime.sleep(60)"):
         result = run(sandbox, source)
-        assert not result.passed and result.returncode is None
-        assert result.reason in ("timed out after 3 s", "CPU time limit exceeded")
+        assert not result.passed
+        # On an idle machine the loop reaches its CPU limit before the wall clock (SIGXCPU: exit status 152).
+        assert (result.reason, result.returncode) in (("timed out after 3 s", None), ("CPU time limit exceeded", 152))
 
 
 def test_huge_allocations_fail(sandbox: Sandbox) -> None:
