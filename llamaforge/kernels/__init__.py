@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "blocks.cpp")]
-HEADERS = [Path(__file__).with_name("blocks.h")]
+HEADERS = [Path(__file__).with_name(n) for n in ("blocks.h", "parallel.h")]
 MAX_ROWS = 16  # matmuls with up to this many rows of x use the native kernels; more rows: torch's GEMM
 _CFLAGS = [
     "-O3",

@@ -22,6 +22,7 @@
 // - reference: plain loops over the canonical form, on any CPU (the vector kernels are tested against it).
 
 #include "blocks.h"
+#include "parallel.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -332,20 +333,6 @@ inline int group_blocks(int64_t K, int64_t g) {
   return T::BLOCK == 32 ? static_cast<int>(std::min<int64_t>(8, K / 32 - 8 * g)) : 1;
 }
 
-// Rows of W in chunks handed to threads as they come free (as kernels.cpp's parallel_rows).
-template <class F>
-void parallel_chunks(int64_t N, int64_t grain, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max(grain, (N + 8 * threads - 1) / (8 * threads));
-  const int64_t n_chunks = (N + chunk - 1) / chunk;
-  if (threads == 1 || n_chunks == 1 || at::in_parallel_region()) return f(0, N);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n_chunks;)
-      f(c * chunk, std::min(N, (c + 1) * chunk));
-  });
-}
-
 // Activations ---------------------------------------------------------------------------------------------------
 // Rows of x rounded to int8 with one scale per `span` columns, as llama.cpp rounds them: 32 for the 32-weight types
 // (its Q8_0 blocks, whose scale is stored as float16), 256 for the K-quants (its Q8_K, a float scale: their integer
@@ -452,7 +439,7 @@ inline void put(float* y, float v, bool accumulate) { *y = accumulate ? *y + v :
 template <class T>
 void matmul_reference(const uint8_t* w, int64_t N, int64_t K, const XRows& x, float* y, int64_t ldy, bool acc) {
   const int64_t row_bytes = K / T::BLOCK * T::BYTES, groups = x.Kp / QK, nd = x.Kp / x.span, n16 = x.Kp / 16;
-  parallel_chunks(N, 1, [&](int64_t n0, int64_t n1) {
+  parallel_rows(N, 1, [&](int64_t n0, int64_t n1) {
     uint8_t u[QK];
     float a[16], b[16];
     std::vector<float> out(x.M);
@@ -857,7 +844,7 @@ inline int64_t decode_grain(int64_t row_bytes) { return std::max<int64_t>(1, 163
 
 template <class T>
 void matmul_decode(const uint8_t* w, int64_t N, int64_t K, const XRows& x, float* y, int64_t ldy, bool accumulate) {
-  parallel_chunks(N, decode_grain(K / T::BLOCK * T::BYTES),
+  parallel_rows(N, decode_grain(K / T::BLOCK * T::BYTES),
                   [&](int64_t n0, int64_t n1) { decode_rows<T>(w, K, x, y, ldy, accumulate, n0, n1); });
 }
 #endif  // LF_AVX2
@@ -955,7 +942,7 @@ void panel_tile(const uint8_t* codes, const float* a, const float* b, const XRow
 template <class T>
 void matmul_gemm(const uint8_t* w, int64_t N, int64_t K, const XRows& x, float* y, int64_t ldy, bool acc) {
   const int64_t Kp = x.Kp, panels = (N + PANEL - 1) / PANEL, M = x.M;
-  parallel_chunks(panels, 1, [&](int64_t p0, int64_t p1) {
+  parallel_rows(panels, 1, [&](int64_t p0, int64_t p1) {
     thread_local std::vector<uint8_t> buf;
     const size_t code_bytes = static_cast<size_t>(Kp) * PANEL, scale_floats = static_cast<size_t>(Kp / T::SB) * PANEL;
     buf.resize(code_bytes + 2 * 4 * scale_floats + 128);
@@ -1068,7 +1055,7 @@ void gguf_matmul_parts(const GGUFPart* parts, int64_t n_parts, int64_t K, const 
       });
     }
     // One parallel region for all the parts' rows (a region per part waits for its slowest thread each time).
-    parallel_chunks(static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    parallel_rows(static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& task = tasks[t];
         const GGUFPart& part = parts[task.part];

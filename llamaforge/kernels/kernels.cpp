@@ -20,9 +20,11 @@
 #include <torch/library.h>
 
 #include "blocks.h"
+#include "parallel.h"
 
 using llamaforge::gguf_matmul;
 using llamaforge::gguf_row_bytes;
+using llamaforge::parallel_rows;
 
 #include <algorithm>
 #include <atomic>
@@ -41,21 +43,6 @@ using at::Tensor;
 
 // Rows of W per task: at least ~32K weights so that a thread's share is worth waking it for.
 int64_t row_grain(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
-
-// Rows 0..N of a matmul in chunks handed out to the threads as they come free: with static shares, the step
-// waits for the slower thread whenever one core is busier (a VM neighbour, the Python thread).
-template <class F>
-void parallel_rows(int64_t N, int64_t grain, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max(grain, (N + 8 * threads - 1) / (8 * threads));
-  const int64_t n_chunks = (N + chunk - 1) / chunk;
-  if (threads == 1 || n_chunks == 1 || at::in_parallel_region()) return f(0, N);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < n_chunks;)
-      f(c * chunk, std::min(N, (c + 1) * chunk));
-  });
-}
 
 // Integer and 16-bit kernels prefetch the weights this many bytes ahead: a thread's rows are one sequential
 // stream, and the hardware prefetcher alone leaves them at about half the memory bandwidth.
