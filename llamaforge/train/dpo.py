@@ -248,20 +248,11 @@ def finetune_dpo(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence
                  progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Preference-tune ``recipe.model.from_checkpoint`` on the pairs of ``recipe.finetune.data``; returns the
     run's summary (``finetune`` calls this when ``finetune.objective`` is dpo)."""
-    from ..distributed import resolve_device
-    from .sft import load_finetune_model
+    from .sft import start_process
 
     f, d, t = recipe.finetune, recipe.data, recipe.train
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dims = recipe.parallel_dims(world)  # tensor- and pipeline-parallel peers read the same batches
-    data_rank, data_world = dims.data_rank(rank), dims.dp
-    device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", str(rank))))
-    llm = load_finetune_model(recipe, llm)
+    rank, data_rank, data_world, device, llm, say = start_process(recipe, llm)
     tokenizer = llm.tokenizer
-
-    def say(msg: str) -> None:
-        if rank == 0 and recipe.logging.console:
-            print(msg, flush=True)
 
     pairs, report = load_pairs(f.data, tokenizer, d.seq_len, f.template, f.system_prompt,
                                progress=progress and rank == 0)  # fmt: skip

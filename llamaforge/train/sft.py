@@ -606,6 +606,24 @@ def load_finetune_model(recipe: FinetuneRecipe, llm: Any = None) -> Any:
     return llm
 
 
+def start_process(recipe: FinetuneRecipe, llm: Any = None) -> tuple[int, int, int, torch.device, Any, Any]:
+    """This process's part in a fine-tuning run (every objective): its rank, its data-parallel rank and the number of
+    data-parallel ranks (tensor- and pipeline-parallel peers read the same batches), its device, the model to tune
+    and ``say(msg)``, which prints on rank 0 when the recipe's console logging is on."""
+    from ..distributed import resolve_device
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dims = recipe.parallel_dims(world)
+    device = resolve_device(recipe.train.device, int(os.environ.get("LOCAL_RANK", str(rank))))
+    llm = load_finetune_model(recipe, llm)
+
+    def say(msg: str) -> None:
+        if rank == 0 and recipe.logging.console:
+            print(msg, flush=True)
+
+    return rank, dims.data_rank(rank), dims.dp, device, llm, say
+
+
 def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any] = (),
              progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Fine-tune ``recipe.model.from_checkpoint`` on ``recipe.finetune.data``; returns the run's summary.
@@ -613,23 +631,13 @@ def finetune(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence[Any
 
     ``llm``: an already loaded ``LLM`` to fine-tune in place (its model is modified), instead of loading one.
     """
-    from ..distributed import resolve_device
-
     if recipe.finetune.objective == "dpo":
         from .dpo import finetune_dpo
 
         return finetune_dpo(recipe, llm=llm, callbacks=callbacks, progress=progress)
     f, d, t = recipe.finetune, recipe.data, recipe.train
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    dims = recipe.parallel_dims(world)  # tensor- and pipeline-parallel peers read the same batches
-    data_rank, data_world = dims.data_rank(rank), dims.dp
-    device = resolve_device(t.device, int(os.environ.get("LOCAL_RANK", str(rank))))
-    llm = load_finetune_model(recipe, llm)
+    rank, data_rank, data_world, device, llm, say = start_process(recipe, llm)
     tokenizer = llm.tokenizer
-
-    def say(msg: str) -> None:
-        if rank == 0 and recipe.logging.console:
-            print(msg, flush=True)
 
     examples, report = load_examples(f.data, tokenizer, d.seq_len, f.template, f.system_prompt,
                                      progress=progress and rank == 0)  # fmt: skip
