@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,26 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         return prefix_main(model, args, tokenizer, logs, argv)
     rows: list[dict] = []
     notes: list[str] = []
-    for name in args.servers:
-        if name == "llama.cpp" and (missing := llamacpp_missing()):
-            notes.append(f"llama.cpp rows skipped: {missing}.")
-            continue
-        port = _free_port()
-        start = (llamaforge_server if name == "llamaforge" else llamacpp_server)(
-            model, port, args, logs / f"{name}.log"
-        )
-        print(f"starting {name} ...", file=sys.stderr)
-        with start:
-            for c in args.concurrency:
-                level = asyncio.run(run_level(name, f"http://127.0.0.1:{port}", c, args, eos_ids))
-                row = level.row()
-                rows.append(row)
-                print(
-                    f"  {name:10s} c={c:3d}: {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']:.2f}s "
-                    f"p99 {row['ttft_p99']:.2f}s  ITL p50 {row['itl_p50'] * 1e3:.0f}ms p99 {row['itl_p99'] * 1e3:.0f}ms"
-                    f"  ({row['requests']} requests, {row['errors']} errors)",
-                    file=sys.stderr,
-                )
+    for name, url in each_server(model, args, logs, notes):
+        for c in args.concurrency:
+            level = asyncio.run(run_level(name, url, c, args, eos_ids))
+            row = level.row()
+            rows.append(row)
+            print(
+                f"  {name:10s} c={c:3d}: {row['tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50']:.2f}s "
+                f"p99 {row['ttft_p99']:.2f}s  ITL p50 {row['itl_p50'] * 1e3:.0f}ms p99 {row['itl_p99'] * 1e3:.0f}ms"
+                f"  ({row['requests']} requests, {row['errors']} errors)",
+                file=sys.stderr,
+            )
     ours = {r["clients"]: r["tok_s"] for r in rows if r["server"] == "llamaforge"}
     theirs = {r["clients"]: r["tok_s"] for r in rows if r["server"] == "llama.cpp"}
     checks = []
@@ -407,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prefix_main(model: Path, args: argparse.Namespace, tokenizer, logs: Path, argv: list[str] | None) -> int:
-    rows, notes = [], []
+def each_server(model: Path, args: argparse.Namespace, logs: Path, notes: list[str]) -> Iterator[tuple[str, str]]:
+    """Start each of ``--servers`` in turn and yield (name, base URL) while it runs; llama.cpp is skipped, with a
+    note, when llama-cpp-python's server extras are missing."""
     for name in args.servers:
         if name == "llama.cpp" and (missing := llamacpp_missing()):
             notes.append(f"llama.cpp rows skipped: {missing}.")
@@ -419,7 +412,13 @@ def prefix_main(model: Path, args: argparse.Namespace, tokenizer, logs: Path, ar
         )
         print(f"starting {name} ...", file=sys.stderr)
         with start:
-            rows.append(asyncio.run(run_prefix(name, f"http://127.0.0.1:{port}", args, tokenizer)))
+            yield name, f"http://127.0.0.1:{port}"
+
+
+def prefix_main(model: Path, args: argparse.Namespace, tokenizer, logs: Path, argv: list[str] | None) -> int:
+    rows, notes = [], []
+    for name, url in each_server(model, args, logs, notes):
+        rows.append(asyncio.run(run_prefix(name, url, args, tokenizer)))
     ours = next((r for r in rows if r["server"] == "llamaforge"), None)
     checks = []
     if ours is not None:
