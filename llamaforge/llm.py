@@ -17,6 +17,7 @@ from .config import ModelConfig
 from .inference import Completion, Engine
 from .model import Transformer
 from .tokenizer import Tokenizer, load_tokenizer
+from .vision import VisionAdapter
 
 ENGINE_BATCH = 32  # requests the Python API's engine runs together (more are queued)
 
@@ -35,6 +36,7 @@ class LLM:
     source: str = ""
     format: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    vision: VisionAdapter | None = None  # an image model's image side (``llamaforge.vision``)
     _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
     _engine_key: tuple = field(default=(), init=False, repr=False, compare=False)
 

@@ -240,8 +240,11 @@ class Transformer(nn.Module):
 
     # Forward --------------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, cache: KVCacheView | None = None,
-                attn_mask: Tensor | None = None, return_hidden: bool = False) -> Tensor:  # fmt: skip
+                attn_mask: Tensor | None = None, return_hidden: bool = False,
+                input_embeds: Tensor | None = None) -> Tensor:  # fmt: skip
         """Logits [B, T, vocab] for tokens [B, T].
+
+        ``input_embeds`` [B, T, dim] replaces the token embeddings (early-fused images: ``llamaforge.vision``).
 
         A pipeline stage (``llamaforge.train.pipeline``) holds some of the blocks: without ``tok_embeddings`` it
         takes hidden states [B, T, dim] instead of tokens; without ``norm`` and ``output`` it returns hidden states.
@@ -253,7 +256,10 @@ class Transformer(nn.Module):
         """
         B, T = tokens.shape[:2]
         device = tokens.device
-        x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if input_embeds is not None:
+            x = input_embeds
+        else:
+            x = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if cache is None:
             if input_pos is not None:
                 raise ValueError("input_pos without a cache: pass cache= (llamaforge.inference.cache)")

@@ -48,6 +48,7 @@ from torch import Tensor
 from ..model import Transformer
 from ..quantize import kv_cache_dtype
 from ..tokenizer import Tokenizer
+from ..vision import Image, ImageState, VisionAdapter, cache_keys
 from .cache import BLOCK_SIZE, PagedKVCache, Sequence
 from .prompts import check_fits, check_ids, encode_prompt, stop_token_ids
 from .sampling import SamplingBatch, SamplingParams, TokenHistory, sample_from_probs, token_logprobs
@@ -141,9 +142,11 @@ class StopStringMatcher:
 # One request's state -------------------------------------------------------------------------------------
 class _Request:
     def __init__(self, handle: int, prompt_ids: list[int], params: SamplingParams, max_len: int,
-                 tokenizer: Tokenizer | None, stop_ids: set[int], device: torch.device) -> None:  # fmt: skip
+                 tokenizer: Tokenizer | None, stop_ids: set[int], device: torch.device,
+                 images: ImageState | None = None) -> None:  # fmt: skip
         self.handle = handle
         self.prompt_ids = prompt_ids
+        self.images = images  # what the model's vision adapter prepared for this request's images
         self.params = params
         self.generator = params.make_generator(device)
         self.max_new = min(params.max_new_tokens, max_len - len(prompt_ids))
@@ -165,6 +168,10 @@ class _Request:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def cache_ids(self, ids: list[int]) -> list[Any]:
+        """The prefix-cache keys of `ids` (this request's tokens): image requests key their images too."""
+        return ids if self.images is None else cache_keys(ids, self.images)
 
     @property
     def next_pos(self) -> int:  # where the last sampled token goes in the cache
@@ -237,6 +244,7 @@ class Engine:
         quantized weights, else the model's dtype."""
         model = llm if isinstance(llm, Transformer) else llm.model
         self.model = model
+        self.vision: VisionAdapter | None = getattr(llm, "vision", None)  # an image model's image side
         self.tokenizer = tokenizer if tokenizer is not None or isinstance(llm, Transformer) else llm.tokenizer
         self.config = model.config
         if max_batch < 1:
@@ -307,13 +315,21 @@ class Engine:
     def step_name(self) -> str:
         return self.step_fn.name
 
-    def add(self, prompt: str | Seq[int], params: SamplingParams | None = None) -> int:
-        """Queue a request; returns its handle. Raises ValueError when the prompt cannot fit."""
+    def add(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+            images: Seq[Image] | None = None) -> int:  # fmt: skip
+        """Queue a request; returns its handle. Raises ValueError when the prompt cannot fit, or when `images`
+        (one per image placeholder of the prompt, in order; ``llamaforge.vision``) do not suit this model."""
         params = params or SamplingParams()
         ids = check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, self.config.vocab_size)
+        state = None
+        if images:
+            if self.vision is None:
+                raise ValueError("this model takes no images (it has no vision encoder)")
+            state = self.vision.prepare(ids, images)  # encodes the images once, expands their placeholders
+            ids = state.prompt_ids
         check_fits(ids, self.max_seq_len)
         handle = next(self._handles)
-        req = _Request(handle, ids, params, self.max_seq_len, self.tokenizer, self.stop_ids, self.device)
+        req = _Request(handle, ids, params, self.max_seq_len, self.tokenizer, self.stop_ids, self.device, state)
         self.requests[handle] = req
         self.waiting.append(req)
         return handle
@@ -392,12 +408,13 @@ class Engine:
             req = self.waiting[0]
             need = len(req.prompt_ids) + req.max_new
             reuse = req.params.prompt_logprobs is None  # prompt logprobs need every position's hidden state
-            seq = self.cache.admit(req.prompt_ids, need, reuse=reuse) if need <= self.cache.capacity else None
+            keys = req.cache_ids(req.prompt_ids)
+            seq = self.cache.admit(keys, need, reuse=reuse) if need <= self.cache.capacity else None
             if seq is None and self.cache.capacity < self.cache_limit:  # a growing cache: double it (at least)
                 grown = max(2 * self.cache.capacity, self.cache.capacity + need)
                 self.cache.grow(self.cache.blocks_for(min(grown, self.cache_limit)) + 1)
                 self._static_pools()
-                seq = self.cache.admit(req.prompt_ids, need, reuse=reuse)
+                seq = self.cache.admit(keys, need, reuse=reuse)
             if seq is None:
                 break  # the cache is busy: wait for running requests to leave
             self.waiting.popleft()
@@ -420,7 +437,16 @@ class Engine:
     @staticmethod
     def _can_speculate(req: _Request) -> bool:
         p = req.params
-        return not p.uses_penalties and not p.logits_processors
+        return not p.uses_penalties and not p.logits_processors and req.images is None  # drafts cannot see images
+
+    def _hidden(self, reqs: Seq[_Request], tokens: Tensor, pos: Tensor, view: Any) -> Tensor:
+        """The step's hidden states for a batch, with the vision adapter's inputs when a request has images."""
+        tokens, pos = tokens.to(self.device), pos.to(self.device)
+        inputs: dict[str, Any] = {}
+        if self.vision is not None and any(r.images is not None for r in reqs):
+            states = [r.images for r in reqs] + [None] * (len(tokens) - len(reqs))  # padding rows have none
+            inputs = self.vision.forward_inputs(states, tokens, pos)
+        return self.step_fn.hidden(tokens, pos, view, **inputs)
 
     def _width(self, positions: Tensor) -> int:
         """Block-table width for a forward reaching `positions` (a multiple of the step's granularity)."""
@@ -461,13 +487,13 @@ class Engine:
         # Each row at its own positions; its padding goes on past its last real token.
         pos = torch.tensor([req.prefilled for req, _ in plan])[:, None] + torch.arange(T)
         view = self.cache.view([req.seq for req, _ in plan], pos, self._width(pos))
-        hidden = self.step_fn.hidden(tokens.to(self.device), pos.to(self.device), view)
+        hidden = self._hidden([req for req, _ in plan], tokens, pos, view)
         done: list[int] = []
         for i, (req, n) in enumerate(plan):
             if req.prompt_logprobs is not None:
                 self._score_prompt(req, hidden[i, :n])
             req.prefilled += n
-            self.cache.commit(req.seq, req.prompt_ids, req.prefilled)
+            self.cache.commit(req.seq, req.cache_ids(req.prompt_ids), req.prefilled)
             if req.prefilled == len(req.prompt_ids):
                 done.append(i)
         if not done:
@@ -528,7 +554,7 @@ class Engine:
             pos = torch.cat([pos, torch.arange(T).expand(padded - B, T)])
             seqs += [Sequence()] * (padded - B)
         view = self.cache.view(seqs, pos, self._width(pos))
-        hidden = self.step_fn.hidden(tokens.to(self.device), pos.to(self.device), view)[:B]
+        hidden = self._hidden(running, tokens, pos, view)[:B]
         plain = [i for i, d in enumerate(drafts) if not d.tokens]
         events = []
         if plain:
@@ -617,7 +643,7 @@ class Engine:
         if req.seq is None:
             return
         if valid // self.cache.block_size > len(req.seq.hashes):
-            self.cache.commit(req.seq, req.all_ids, valid)
+            self.cache.commit(req.seq, req.cache_ids(req.all_ids), valid)
         else:
             req.seq.num_tokens = valid
 

@@ -25,6 +25,7 @@ import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,16 +144,18 @@ class FastForward(nn.Module):
         return _stamp(self.model) == self._stamp
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, cache: PagedView | None = None,
-                attn_mask: Tensor | None = None, return_hidden: bool = False) -> Tensor:  # fmt: skip
+                attn_mask: Tensor | None = None, return_hidden: bool = False,
+                input_embeds: Tensor | None = None) -> Tensor:  # fmt: skip
         model = self.model
         if cache is None or attn_mask is not None:
-            return model(tokens, input_pos, cache=cache, attn_mask=attn_mask, return_hidden=return_hidden)
+            return model(tokens, input_pos, cache=cache, attn_mask=attn_mask, return_hidden=return_hidden,
+                         input_embeds=input_embeds)  # fmt: skip
         assert input_pos is not None, "a cached forward needs input_pos"
         B, T = tokens.shape
         positions = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        x = model.tok_embeddings(tokens) if input_embeds is None else input_embeds
         if B * T <= kernels.MAX_ROWS and self.native:
-            return self._native_step(model, tokens, positions, cache, return_hidden)
-        x = model.tok_embeddings(tokens)
+            return self._native_step(model, x, positions, cache, return_hidden)
         keys = torch.arange(cache.key_length, device=tokens.device)
         mask = keys[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
         bias = None
@@ -164,12 +167,11 @@ class FastForward(nn.Module):
         x = model.norm(x)
         return x if return_hidden else self.head(x)
 
-    def _native_step(self, model: Transformer, tokens: Tensor, positions: Tensor, cache: PagedView,
+    def _native_step(self, model: Transformer, embeddings: Tensor, positions: Tensor, cache: PagedView,
                      return_hidden: bool) -> Tensor:  # fmt: skip
         assert self._native is not None
         params, parts = self._native
-        B, T = tokens.shape
-        embeddings = model.tok_embeddings(tokens)
+        B, T = positions.shape
         dtype = embeddings.dtype  # the activations' (a GGUF embedding table is blocks of uint8)
         rows = positions.reshape(B * T)
         cos, sin = rope_cos_sin(model.rope_freqs, rows.view(B * T, 1))
@@ -200,8 +202,9 @@ class Step:
     table_multiple: int = 1  # block tables are padded to a multiple of this many blocks
     fast: FastForward | None = None
 
-    def hidden(self, tokens: Tensor, positions: Tensor, cache: PagedView) -> Tensor:
-        return self.forward(tokens, positions, cache=cache, return_hidden=True)
+    def hidden(self, tokens: Tensor, positions: Tensor, cache: PagedView, **inputs: Any) -> Tensor:
+        """Hidden states [B, T, dim]; `inputs`: a vision adapter's extra forward arguments (``llamaforge.vision``)."""
+        return self.forward(tokens, positions, cache=cache, return_hidden=True, **inputs)
 
     def is_current(self, model: Transformer) -> bool:
         return self.fast is None or (self.fast.model is model and self.fast.is_current())
