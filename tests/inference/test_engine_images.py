@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+from test_engine import tiny_llm
 from torch import Tensor
 
 from llamaforge.inference import Engine, SamplingParams
 from llamaforge.llm import LLM
 from llamaforge.vision import Image, ImageState
-
-from test_engine import tiny_llm
 
 PLACEHOLDER = 300  # the image placeholder id of the test adapter
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
