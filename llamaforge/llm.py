@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .inference import Completion, Engine
 from .model import Transformer
 from .tokenizer import Tokenizer, load_tokenizer
-from .vision import VisionAdapter
+from .vision import VisionAdapter, load_vision
 
 ENGINE_BATCH = 32  # requests the Python API's engine runs together (more are queued)
 
@@ -152,7 +152,8 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
     (``quantize.GGUF_BLOCK_TYPES``); giving a ``dtype`` dequantizes its weights to that dtype instead (the memory
     that takes is printed first). Other checkpoints load in their own dtype unless ``dtype`` is given.
     ``quantize``: "int8", "int4" or "int4-g32/64/128" quantizes the weights on load; "gguf" keeps a GGUF file's
-    blocks whatever ``dtype`` says (then the dtype of the activations). A directory written by
+    blocks whatever ``dtype`` says (then the dtype of the activations). An image checkpoint (Llama 4 with its vision
+    encoder) also loads its image side into ``llm.vision`` (``llamaforge.vision``). A directory written by
     ``llamaforge.quantize.save_quantized`` loads quantized as it was saved. ``adapter``: a LoRA adapter
     directory (PEFT or llamaforge layout) applied unmerged on top of the base. A model that cannot fit in the
     memory available is refused before loading (``memory.InsufficientMemoryError``, with the numbers).
@@ -184,7 +185,8 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
         apply_adapter(model, adapter)
     model.eval()
     tokenizer = _load_tokenizer_if_present(path)
-    return LLM(model=model, tokenizer=tokenizer, config=model.config, source=str(source), format=fmt)
+    vision = load_vision(path, model, tokenizer, dtype) if fmt == "hf" else None  # an image model's encoder
+    return LLM(model=model, tokenizer=tokenizer, config=model.config, source=str(source), format=fmt, vision=vision)
 
 
 def _load_tokenizer_if_present(path: Path) -> Tokenizer | None:

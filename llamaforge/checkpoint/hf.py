@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,8 +74,8 @@ _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 # Buffers some old exports carry; they are recomputed, never loaded.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-# Llama4ForConditionalGeneration's image side: llamaforge runs its language model only (text in, text out), so these
-# are skipped with a note, as llama.cpp keeps them out of the text model's GGUF (in a separate mmproj file).
+# Llama4ForConditionalGeneration's image side: not the language model's; ``llamaforge.vision.llama4`` reads them
+# (``read_prefixed``), as llama.cpp keeps them out of the text model's GGUF (in a separate mmproj file).
 _VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -380,7 +379,6 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
     layout = _Layout(config, _prefixes(config.extra.get("architecture")))
     q_rows, k_rows = config.n_heads * config.dim_per_head, config.kv_heads * config.dim_per_head
     multimodal = config.extra.get("architecture") == "Llama4ForConditionalGeneration"
-    skipped = 0
     for file in weight_files(path):
         with _open(file) as handle:
             names = list(handle.keys())
@@ -388,7 +386,6 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
             if _IGNORED.fullmatch(hf_name):
                 continue
             if multimodal and hf_name.startswith(_VISION_PREFIXES):
-                skipped += 1
                 continue
             name = layout.from_hf(hf_name)
             if name is None:
@@ -418,9 +415,22 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
                     tensor = permute_from_hf(tensor, config.kv_heads)
             yield name, tensor
             del tensor
-    if skipped:
-        print(f"llamaforge: {path}: loaded the language model of this Llama4ForConditionalGeneration checkpoint; its "
-              f"{skipped} vision tensors are not used (image input is not supported yet)", file=sys.stderr)  # fmt: skip
+
+
+def read_prefixed(path: str | os.PathLike, prefixes: tuple[str, ...]) -> Iterator[tuple[str, Path, Tensor]]:
+    """The tensors of a checkpoint directory whose names start with one of `prefixes` (an image model's encoder),
+    as (name, file, tensor), read lazily."""
+    for file in weight_files(Path(path)):
+        with _open(file) as handle:
+            names = list(handle.keys())
+        for name in (n for n in names if n.startswith(prefixes)):
+            with _open(file) as handle:
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as exc:
+                    raise CheckpointError(f"{file}: cannot read tensor {name!r} ({exc})") from None
+            yield name, file, tensor
+            del tensor
 
 
 def _open(file: Path) -> Any:
@@ -581,4 +591,4 @@ def _token_ids_from_tokenizer(data: dict[str, Any], tokenizer: Any) -> None:
 
 
 __all__ = ["config_from_hf", "config_from_hf_llama4", "config_to_hf", "config_to_hf_llama4", "detect",
-           "permute_from_hf", "permute_to_hf", "read_config", "read_tensors", "write"]  # fmt: skip
+           "permute_from_hf", "permute_to_hf", "read_config", "read_prefixed", "read_tensors", "write"]  # fmt: skip

@@ -61,4 +61,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {dst} ({args.fmt}{', ' + args.quantize if args.quantize else ''}): {config.n_layers} layers, "
           f"dim {config.dim}, vocab {config.vocab_size}{'' if llm.tokenizer is not None else ', no tokenizer'}",
           file=sys.stderr)  # fmt: skip
+    if llm.vision is not None:  # as llama.cpp does, the vision encoder stays out of the text model's files
+        print(f"note: {args.src}'s vision encoder is not written: {dst} holds its language model only",
+              file=sys.stderr)  # fmt: skip
     return 0

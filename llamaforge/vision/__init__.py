@@ -68,3 +68,26 @@ def cache_keys(ids: Sequence[int], state: ImageState | None) -> list[Any]:
     if state is not None and state.first_position < len(keys):
         keys[state.first_position] = (keys[state.first_position], state.digests)
     return keys
+
+
+# The image models, by config.json's model_type: each module has load_adapter(path, model, tokenizer, dtype).
+ADAPTERS = {"llama4": "llamaforge.vision.llama4"}
+
+
+def load_vision(path: Any, model: Any, tokenizer: Any = None, dtype: Any = None) -> VisionAdapter | None:
+    """The image side of the checkpoint directory `path` whose language model is `model`, or None for a text model
+    (or a file: GGUF and Meta checkpoints carry no image side here)."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None  # the text loader has already refused a broken config.json
+    if model_type not in ADAPTERS:
+        return None
+    return importlib.import_module(ADAPTERS[model_type]).load_adapter(path, model, tokenizer=tokenizer, dtype=dtype)

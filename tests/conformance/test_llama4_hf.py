@@ -126,10 +126,10 @@ def test_convert_round_trips_are_bit_exact(checkpoint, tmp_path: Path) -> None:
         torch.testing.assert_close(gguf.model(x), llm.model(x), atol=1e-5, rtol=0)
 
 
-def test_conditional_generation_checkpoint_runs_its_language_model(tmp_path: Path, capfd) -> None:
+def test_conditional_generation_checkpoint_runs_its_language_model(tmp_path: Path) -> None:
     """A ``Llama4ForConditionalGeneration`` directory (Scout and Maverick as released: a vision tower beside the
-    language model) loads its language model, with text-only logits equal to transformers'; the vision tensors are
-    skipped with a note."""
+    language model) loads its language model, with text-only logits equal to transformers', and its image side into
+    ``llm.vision`` (images: ``test_llama4_vision_hf.py``)."""
     torch.manual_seed(0)
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128, image_size=56,
                   patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
@@ -138,7 +138,7 @@ def test_conditional_generation_checkpoint_runs_its_language_model(tmp_path: Pat
     model = transformers.Llama4ForConditionalGeneration(config).float().eval()
     model.save_pretrained(tmp_path)
     llm = llamaforge.load(tmp_path, dtype=torch.float32)
-    assert "vision tensors are not used" in capfd.readouterr().err
+    assert llm.vision is not None and llm.vision.kind == "fusion"
     x = tokens(30, 1, seed=6)
     with torch.inference_mode():
         diff = (llm.model(x) - model(input_ids=x).logits).abs().max().item()
