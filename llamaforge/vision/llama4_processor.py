@@ -17,6 +17,7 @@ In the prompt, each ``<|image|>`` placeholder becomes ``<|image_start|>``, each 
 from __future__ import annotations
 
 import math
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -82,7 +83,12 @@ class Processor:
 
 
 def _to_tensor(image: Any) -> Tensor:
-    """uint8 [3, H, W] of a PIL image (converted to RGB)."""
+    """uint8 [3, H, W] of a PIL image, converted to RGB (transparency over white, as the reference does)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        from PIL import Image as PILImage
+
+        image = image.convert("RGBA")
+        image = PILImage.alpha_composite(PILImage.new("RGBA", image.size, (255, 255, 255, 255)), image)
     if image.mode != "RGB":
         image = image.convert("RGB")
     width, height = image.size
@@ -91,11 +97,14 @@ def _to_tensor(image: Any) -> Tensor:
 
 
 def _resize(pixels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Antialiased bilinear resize of uint8 [3, H, W], in uint8 (the reference's resize of uint8 images)."""
+    """Antialiased bilinear resize of uint8 [3, H, W], as the reference's (torchvision's) resize of uint8 images: in
+    uint8 where the CPU has a native uint8 kernel (AVX2, AVX-512, ARM), else in float32 and rounded."""
     if tuple(pixels.shape[-2:]) == tuple(size):
         return pixels
-    out = F.interpolate(pixels[None], size=list(size), mode="bilinear", align_corners=False, antialias=True)
-    return out[0]
+    native = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in ("aarch64", "arm64")
+    x = pixels[None] if native else pixels[None].float()
+    out = F.interpolate(x, size=list(size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return out if native else out.round().to(torch.uint8)
 
 
 @lru_cache(maxsize=8)
