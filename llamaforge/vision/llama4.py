@@ -152,8 +152,8 @@ def vision_rope(c: VisionConfig) -> tuple[Tensor, Tensor]:
 
 
 def pixel_shuffle(x: Tensor, ratio: float) -> Tensor:
-    """[N, side^2, C] -> [N, (side * ratio)^2, C / ratio^2]: neighbouring patches folded into the channels, in the
-    reference's order (columns first, then rows)."""
+    """[N, side^2, C] -> [N, (side * ratio)^2, C / ratio^2]: each block of neighbouring patches (2 x 2 for the ratio
+    0.5) folded into one position's channels, blocks and the patches within them in row-major order."""
     N, P, C = x.shape
     side = math.isqrt(P)
     x = x.view(N, side, int(side * ratio), int(C / ratio))
