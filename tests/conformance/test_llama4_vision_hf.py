@@ -182,3 +182,18 @@ def test_bad_image_requests_are_refused(llm) -> None:
     many = [1] + [IMAGE] * (llm.vision.max_images + 1)
     with pytest.raises(ValueError, match=f"takes at most {llm.vision.max_images}"):
         engine.add(many, GREEDY, images=[IMAGES[1]] * (llm.vision.max_images + 1))
+
+
+def test_prefix_reuse_keys_the_images(checkpoint, llm) -> None:
+    """Two images of the same size expand to the same tokens: the cached blocks past the first patch are reused only
+    for the same image, and the other image's answer is transformers' own."""
+    model, _ = checkpoint
+    other = picture(150, 70, seed=3)
+    prompt = [1] * 32 + PROMPT + [27] * 40  # full blocks before and after the images
+    engine = Engine(llm, max_batch=1)
+    first = engine.run([engine.add(prompt, GREEDY, images=list(IMAGES))])[0]
+    again = engine.run([engine.add(prompt, GREEDY, images=list(IMAGES))])[0]
+    assert again.token_ids == first.token_ids and again.cached_tokens > 64
+    swapped = engine.run([engine.add(prompt, GREEDY, images=[other, IMAGES[1]])])[0]
+    assert swapped.cached_tokens <= llm.vision.prepare(prompt, [other, IMAGES[1]]).first_position
+    assert swapped.token_ids == hf_greedy(model, llm.vision, prompt, [other, IMAGES[1]], 12)
