@@ -29,6 +29,8 @@ from . import Image, ImageState
 from .llama4_processor import MAX_TILES, MEAN, STD, ImageTokens, Processor, expand_prompt, image_prompt
 
 MAX_IMAGES = 8  # per request: each is up to 17 tiles of patches in the prompt
+_MAX_LAYERS, _MAX_GRID = 512, 256  # sanity bounds of a config.json (Scout: 34 layers, a 24 x 24 grid)
+_MAX_TILES_BOUND = 64  # of preprocessor_config.json's max_patches (Llama 4: 16)
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,25 @@ def vision_config_from_hf(data: Mapping[str, Any], text_dim: int, file: Path | s
         )
     except KeyError as exc:
         raise CheckpointError(f"{file}: vision_config lacks {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as exc:  # int("x"), int(None), int(inf), ...
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{file}: vision_config: {exc}") from None
     c = config
+    sizes = {"hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+             "intermediate_size": c.hidden_dim, "image_size": c.image_size, "patch_size": c.patch_size,
+             "num_channels": c.channels, "projector_output_dim": c.adapter_dim}  # fmt: skip
+    bad = [f"{key}={value}" for key, value in sizes.items() if value < 1]
+    if c.channels != 3:  # the processor gives RGB
+        bad.append(f"num_channels={c.channels}")
+    if not 0 < c.pixel_shuffle_ratio <= 1:
+        bad.append(f"pixel_shuffle_ratio={c.pixel_shuffle_ratio}")
+    if bad:
+        raise CheckpointError(f"{file}: vision_config: {', '.join(bad)} out of range")
+    grid = c.image_size // c.patch_size
+    if c.n_layers > _MAX_LAYERS or grid > _MAX_GRID:  # a damaged config must not build a giant
+        raise CheckpointError(f"{file}: vision_config: {c.n_layers} layers over a {grid}-patch grid is beyond any "
+                              f"Llama 4 encoder (at most {_MAX_LAYERS} layers, {_MAX_GRID} patches)")  # fmt: skip
     problems = []
     if c.image_size % c.patch_size:
         problems.append(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
@@ -317,11 +333,14 @@ _TOKEN_OFFSETS = {"end": 1, "tile_x": 4, "tile_y": 5, "image": 10, "patch": 12}
 def image_tokens(data: Mapping[str, Any], tokenizer: Any, file: Path | str) -> ImageTokens:
     """The image tokens' ids: the tokenizer's, else config.json's (``boi_token_index``, ``eoi_token_index``,
     ``image_token_index`` = ``<|patch|>``) and llama-models' fixed order for the others."""
-    start = int(data.get("boi_token_index", 200080))
-    found = {key: start + offset for key, offset in _TOKEN_OFFSETS.items()}
-    found["start"] = start
-    found["end"] = int(data.get("eoi_token_index", found["end"]))
-    found["patch"] = int(data.get("image_token_index", found["patch"]))
+    try:
+        start = int(data.get("boi_token_index", 200080))
+        found = {key: start + offset for key, offset in _TOKEN_OFFSETS.items()}
+        found["start"] = start
+        found["end"] = int(data.get("eoi_token_index", found["end"]))
+        found["patch"] = int(data.get("image_token_index", found["patch"]))
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise CheckpointError(f"{file}: the image token indices: {exc}") from None
     if tokenizer is not None:
         for key, piece in _TOKEN_NAMES.items():
             token = tokenizer.token_id(piece)
@@ -386,7 +405,7 @@ def _processor(path: Path, config: VisionConfig) -> Processor:
     if not isinstance(size, dict) or size.get("width", tile) != tile or tile != config.image_size:
         raise CheckpointError(f"{file}: size {size!r} is not square tiles of the encoder's {config.image_size} pixels")
     try:
-        return Processor(
+        processor = Processor(
             tile=int(tile),
             max_tiles=int(data.get("max_patches", MAX_TILES)),
             resize_to_max_canvas=bool(data.get("resize_to_max_canvas", False)),
@@ -394,5 +413,12 @@ def _processor(path: Path, config: VisionConfig) -> Processor:
             mean=tuple(float(v) for v in data.get("image_mean", MEAN)),
             std=tuple(float(v) for v in data.get("image_std", STD)),
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise CheckpointError(f"{file}: {exc}") from None
+    p = processor
+    if not 1 <= p.max_tiles <= _MAX_TILES_BOUND:
+        raise CheckpointError(f"{file}: max_patches={p.max_tiles} out of range (1 to {_MAX_TILES_BOUND})")
+    if len(p.mean) != 3 or len(p.std) != 3 or not all(math.isfinite(v) and v > 0 for v in p.std):
+        raise CheckpointError(f"{file}: image_mean {list(p.mean)} / image_std {list(p.std)} must be 3 values each, "
+                              "the std positive")  # fmt: skip
+    return processor

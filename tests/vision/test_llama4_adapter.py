@@ -215,3 +215,38 @@ def test_preprocessor_config_sets_the_tiling(checkpoint, tmp_path) -> None:
     (path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 336, "width": 336}}))
     with pytest.raises(CheckpointError, match=r"preprocessor_config\.json: size .* encoder's 28 pixels"):
         load_adapter(path, model)
+
+
+BAD_VALUES = [None, "x", -1, 0, 10**12, 1e300, float("inf"), float("nan"), [], {}, [3, 4], True]
+
+
+def test_damaged_configs_are_refused_by_name(checkpoint, tmp_path) -> None:
+    """Every field of vision_config and preprocessor_config.json, and the image token indices, given a bad value:
+    a CheckpointError naming the file (or a working adapter where the value is harmless), never another error."""
+    import llamaforge
+
+    model = llamaforge.load(checkpoint).model
+    path = copy_with(checkpoint, tmp_path / "c", lambda t: None)
+    original = json.loads((checkpoint / "config.json").read_text())
+    outcomes = set()
+    for field in [*(f"vision_config.{k}" for k in original["vision_config"]), "boi_token_index", "image_token_index"]:
+        for value in BAD_VALUES:
+            data = json.loads(json.dumps(original))
+            owner, key = (data["vision_config"], field.split(".")[1]) if "." in field else (data, field)
+            owner[key] = value
+            (path / "config.json").write_text(json.dumps(data))
+            try:
+                load_adapter(path, model)
+                outcomes.add("loaded")
+            except CheckpointError as exc:  # config.json's field, or a tensor that does not fit it
+                assert str(path) in str(exc), (field, value, exc)
+                outcomes.add("refused")
+    (path / "config.json").write_text(json.dumps(original))
+    for key in ("size", "max_patches", "image_mean", "image_std", "rescale_factor"):
+        for value in BAD_VALUES:
+            (path / "preprocessor_config.json").write_text(json.dumps({key: value}))
+            try:
+                load_adapter(path, model)
+            except CheckpointError as exc:
+                assert "preprocessor_config.json" in str(exc), (key, value, exc)
+    assert outcomes == {"loaded", "refused"}
