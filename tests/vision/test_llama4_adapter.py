@@ -250,3 +250,13 @@ def test_damaged_configs_are_refused_by_name(checkpoint, tmp_path) -> None:
             except CheckpointError as exc:
                 assert "preprocessor_config.json" in str(exc), (key, value, exc)
     assert outcomes == {"loaded", "refused"}
+
+
+def test_convert_notes_that_the_vision_encoder_is_not_written(checkpoint, tmp_path, capsys) -> None:
+    import llamaforge
+    from llamaforge.cli import main
+
+    assert main(["convert", str(checkpoint), str(tmp_path / "text.gguf"), "--to", "gguf"]) == 0
+    assert "vision encoder is not written" in capsys.readouterr().err
+    converted = llamaforge.load(tmp_path / "text.gguf")
+    assert converted.vision is None and converted.config.n_layers == 1
