@@ -7,7 +7,9 @@ w2), so a block needs one reduction in the attention and one in the FFN. Between
 split along the sequence (``SequenceParallel`` on the RMSNorms): the reductions become reduce-scatters and the
 norms, residual adds and their activations cost 1/tp per rank. The embedding is split by vocabulary rows, the
 output projection by vocabulary columns, and its logits stay split for ``loss_parallel`` (the cross-entropy
-over a vocabulary no rank holds whole).
+over a vocabulary no rank holds whole). Both split the [vocab, dim] matrix by rows, so a tied model keeps one
+matrix for the two: ``parallelize_module`` distributes each module's parameter on its own, which would leave two
+copies that each receive only their own part of the gradient, so the tie is restored afterwards.
 
 The attention and the FFN take their gathered input as a plain tensor (``use_local_output``), so that
 ``torch.compile`` of either sees no DTensor at its boundary: with a DTensor input the compiled backward gave wrong
@@ -56,16 +58,20 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, blocks: Sequence[nn.Module]
     )
 
     root_plan = {}
-    if getattr(model, "tok_embeddings", None) is not None:
+    embedding, output = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    tied = embedding is not None and output is not None and output.weight is embedding.weight
+    if embedding is not None:
         _require(model, "tok_embeddings", nn.Embedding)
         root_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     if getattr(model, "norm", None) is not None:
         root_plan["norm"] = SequenceParallel()
-    if getattr(model, "output", None) is not None:
+    if output is not None:
         _require(model, "output", nn.Linear)
         root_plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     if root_plan:
         parallelize_module(model, tp_mesh, root_plan)
+    if tied:  # parallelize_module gave each module its own copy (both Shard(0)): share the embedding's again
+        output.weight = embedding.weight
     for i, block in enumerate(blocks):
         if not hasattr(block.feed_forward, "w1"):
             raise UserError("tensor parallelism of mixture-of-experts layers (expert parallelism) is not supported")

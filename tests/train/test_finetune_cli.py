@@ -125,8 +125,9 @@ def test_print_recipe(base_dir: Path, data_file: Path, capsys: pytest.CaptureFix
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_torchrun_tensor_parallel_matches_one_process(tmp_path: Path, smollm2_gguf: Path, data_file: Path) -> None:
-    """``torchrun -m llamaforge finetune --parallel.tp 2``: both ranks read the same batches (the loaders split
-    the data over the data-parallel ranks only), so the run gives one process's losses."""
+    """``torchrun -m llamaforge finetune --parallel.tp 2`` of a model with tied embeddings (as SmolLM2 and Llama 3.2
+    have): both ranks read the same batches (the loaders split the data over the data-parallel ranks only), so the
+    run gives one process's losses and gradient norms."""
     import os
     import socket
     import subprocess
@@ -136,7 +137,7 @@ def test_torchrun_tensor_parallel_matches_one_process(tmp_path: Path, smollm2_gg
 
     torch.manual_seed(0)
     tok = load_tokenizer(smollm2_gguf)
-    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256))
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256, tie_embeddings=True))
     base_dir = save_model(model, tmp_path / "base", "hf", tokenizer=tok)
 
     def run(out: Path, *launch: str, extra: tuple[str, ...] = ()) -> list[dict]:
@@ -154,8 +155,11 @@ def test_torchrun_tensor_parallel_matches_one_process(tmp_path: Path, smollm2_gg
     two = run(tmp_path / "two", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
               "--master_addr", "127.0.0.1", "--master_port", str(port), extra=("--parallel.tp", "2"))  # fmt: skip
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
-    # the first step's loss and gradient are one process's; later steps see weights that Adam's near-sign first
-    # updates move by lr wherever a gradient element is at rounding level (the tensor-parallel loss is unfused)
+    # The first step's loss and gradient are one process's (before the tie was kept under tensor parallelism the
+    # first gradient norm was 3.85 for 4.02: the output's share of the shared matrix's gradient was lost). Later
+    # steps see weights that Adam's near-sign first updates move by lr wherever a gradient element is at rounding
+    # level (the tensor-parallel loss is unfused), hence the looser bound on their gradient norms.
     assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-3)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
