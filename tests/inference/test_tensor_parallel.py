@@ -297,3 +297,108 @@ def test_torchrun_serve_tp2_answers_as_one_process(tmp_path: Path) -> None:
         proc.terminate()
         proc.communicate(timeout=60)
     assert proc.returncode is not None  # both ranks ended with torchrun (the follower does not hang on)
+
+
+# A rank that dies or hangs: the others end within seconds, saying so ---------------------------------------------
+_RANK_SCRIPT = """
+import sys, time
+from llamaforge.errors import PeerLostError
+from llamaforge.inference.tensor_parallel import follow, load_sharded, start
+
+tp = start(2, "cpu", timeout_s=float(sys.argv[2]))
+llm = load_sharded(sys.argv[1], tp)
+if tp.is_leader:
+    time.sleep(float(sys.argv[3]))  # idle for longer than the timeout: the heartbeat keeps the follower
+    done = llm.generate([[5, 17, 42]], max_new_tokens=4, temperature=0, ignore_eos=True)
+    print("generated", done[0].token_ids, flush=True)
+    time.sleep(300)  # until the test kills one of the ranks
+else:
+    try:
+        follow(llm.model)
+    except PeerLostError as exc:
+        print("lost:", exc, flush=True)
+        sys.exit(3)
+"""
+
+
+def _start_ranks(model: Path, timeout_s: float, idle_s: float) -> list[subprocess.Popen]:
+    """Two ranks of a job launched without torchrun (as on two hosts: no agent ends one when the other dies)."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port),
+               "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(model), str(timeout_s), str(idle_s)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        assert line or proc.poll() is None, f"rank exited ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+    raise AssertionError(f"no {prefix!r} line within {timeout_s} s")
+
+
+def _time_to_exit(proc: subprocess.Popen, limit_s: float) -> float:
+    start = time.monotonic()
+    proc.wait(timeout=limit_s)
+    return time.monotonic() - start
+
+
+@pytest.mark.timeout(180)
+def test_follower_outlives_idle_leader_and_ends_when_it_dies(tmp_path: Path) -> None:
+    """Rank 0 idle for twice the ranks' timeout: its heartbeat keeps the follower, which then runs its forwards;
+    rank 0 killed: the follower ends within seconds with an error naming what happened."""
+    _tiny(tmp_path / "m", "hf")
+    leader, follower = _start_ranks(tmp_path / "m", timeout_s=2.0, idle_s=4.0)
+    try:
+        assert _wait_for_line(leader, "generated", 150)
+        assert follower.poll() is None
+        leader.kill()
+        assert _time_to_exit(follower, 30) < 5
+        out, err = follower.communicate()
+        assert follower.returncode == 3, err[-3000:]
+        assert "lost: tensor-parallel rank 1 of 2: lost contact with rank 0 (" in out
+        assert "it crashed, was stopped or hangs: see its log" in out
+    finally:
+        for p in (leader, follower):
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_hung_leader_or_a_dead_follower_ends_the_job(tmp_path: Path) -> None:
+    """Rank 0 stopped (SIGSTOP, as a hung process or a vanished host): the follower gives up after the timeout.
+    A follower killed: rank 0 exits within seconds (its forwards cannot run any more), saying why."""
+    import signal
+
+    _tiny(tmp_path / "m", "hf")
+    leader, follower = _start_ranks(tmp_path / "m", timeout_s=3.0, idle_s=0.0)
+    try:
+        _wait_for_line(leader, "generated", 150)
+        leader.send_signal(signal.SIGSTOP)
+        assert _time_to_exit(follower, 60) < 3.0 + 5
+        out, _ = follower.communicate()
+        assert follower.returncode == 3 and "lost contact with rank 0 (Timed out" in out
+    finally:
+        for p in (leader, follower):
+            p.kill()
+            p.communicate()
+
+    leader, follower = _start_ranks(tmp_path / "m", timeout_s=3.0, idle_s=0.0)
+    try:
+        _wait_for_line(leader, "generated", 150)
+        follower.kill()
+        assert _time_to_exit(leader, 60) < 5
+        _, err = leader.communicate()
+        assert leader.returncode == 1
+        assert "llamaforge: error: tensor-parallel rank 0 of 2: lost contact with a follower rank (" in err
+    finally:
+        for p in (leader, follower):
+            p.kill()
+            p.communicate()
