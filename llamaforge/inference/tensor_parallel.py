@@ -60,7 +60,7 @@ SPLITS = {
     "tok_embeddings.weight": 1,
     "output.weight": 0,
 }
-_FORWARD, _HEAD, _FREE, _STOP, _PING = 1, 2, 3, 4, 5
+_FORWARD, _HEAD, _FREE, _STOP, _PING, _COPY = 1, 2, 3, 4, 5, 6
 _HEADER = 10  # int64 fields of every message's header
 CONTROL_TIMEOUT_S = 10.0  # a follower that hears nothing from rank 0 for this long gives up (as rank 0 on a follower)
 _ACTIVATIONS = (torch.float32, torch.float16, torch.bfloat16)
@@ -149,6 +149,11 @@ class TensorParallel:
             cid = self._ids[cache] = next(self._next)
             weakref.finalize(cache, self._freed.append, cid)
         return cid
+
+    def copy_block(self, cache: PagedKVCache, src: int, dst: int) -> None:
+        """Repeat a block copy of rank 0's ``cache`` (``PagedKVCache.on_copy``) on the other ranks' copies of it."""
+        with self.lock, _peers_checked(self):
+            self._send([_COPY, *_geometry(self, cache), src, dst])
 
     def flush_freed(self) -> None:
         while self._freed:
@@ -311,6 +316,11 @@ def _all_gather(x: Tensor, tp: TensorParallel) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def _geometry(tp: TensorParallel, cache: PagedKVCache) -> list[int]:
+    """What a follower needs to make or grow its copy of rank 0's ``cache``: its number, blocks, block size, type."""
+    return [tp.cache_id(cache), cache.num_blocks, cache.block_size, CACHE_TYPES.index(cache.cache_type)]
+
+
 def leader_step(model: nn.Module) -> Any:
     """Rank 0's engine step: each forward and output head is announced to the other ranks, then run with them."""
     from .step import Step
@@ -320,10 +330,8 @@ def leader_step(model: nn.Module) -> Any:
     def forward(tokens: Tensor, positions: Tensor, cache: PagedView, return_hidden: bool = False) -> Tensor:
         with tp.lock, _peers_checked(tp):
             tp.flush_freed()
-            c = cache.cache
             B, T = tokens.shape
-            header = [_FORWARD, tp.cache_id(c), B, T, cache.table.shape[1], c.num_blocks, c.block_size,
-                      CACHE_TYPES.index(c.cache_type), int(return_hidden)]  # fmt: skip
+            header = [_FORWARD, *_geometry(tp, cache.cache), B, T, cache.table.shape[1], int(return_hidden)]
             tp._send(header, tokens.to(torch.int64), positions.expand(B, T).to(torch.int64), cache.table.long())
             return model(tokens, positions, cache=cache, return_hidden=return_hidden)
 
@@ -371,14 +379,18 @@ def _follow(model: nn.Module, tp: TensorParallel) -> None:
             continue
         if op == _FREE:
             caches.pop(h[1], None)
-        elif op == _FORWARD:
-            cid, B, T, width, num_blocks, block_size, cache_type, return_hidden = h[1:9]
+        elif op in (_FORWARD, _COPY):
+            cid, num_blocks, block_size, cache_type = h[1:5]
             cache = caches.get(cid)
             if cache is None:
                 cache = caches[cid] = PagedKVCache(config.n_layers, model.layers[0].attention.n_kv_heads,
                                                    config.dim_per_head, num_blocks, block_size=block_size,
                                                    dtype=CACHE_TYPES[cache_type], device=tp.device)  # fmt: skip
             cache.grow(num_blocks)
+            if op == _COPY:
+                cache.copy_block(*h[5:7])
+                continue
+            B, T, width, return_hidden = h[5:9]
             tokens = tp._recv((B, T), torch.int64)
             positions = tp._recv((B, T), torch.int64)
             table = tp._recv((B, width), torch.int64)

@@ -21,12 +21,15 @@ from llamaforge.checkpoint import gguf as G
 from llamaforge.checkpoint import model_tensors, save_model
 from llamaforge.config import get_preset
 from llamaforge.errors import UserError
+from llamaforge.evaluate.scoring import Scorer
 from llamaforge.inference.tensor_parallel import TensorParallel, check_shape, slicer
 from llamaforge.model import build_model
 from llamaforge.quantize import GGUFEmbedding, GGUFLinear
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 250, 11, 64], [7, 7, 300, 2]]
 NEW_TOKENS = 12
+# (context, continuation) pairs for log-likelihood scoring: a shared context, one- and three-token continuations
+REQUESTS = [([5, 17, 42, 8], [99, 3]), ([5, 17, 42, 8], [250]), ([7, 7], [300, 2, 11])]
 
 
 def _free_port() -> int:
@@ -76,7 +79,8 @@ def _one_process(path: Path, cache_type: str | None = None) -> dict:
     with torch.no_grad():
         logits = llm.model(torch.tensor([PROMPTS[0]]))
     done = llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, cache_type=cache_type)
-    return {"logits": logits, "tokens": [c.token_ids for c in done]}
+    scores = Scorer(llm.model, batch_size=2, progress=False).score(REQUESTS)
+    return {"logits": logits, "tokens": [c.token_ids for c in done], "scores": scores}
 
 
 def _worker(rank: int, port: int, path: str, cache_type: str | None, result_file: str) -> None:
@@ -100,8 +104,9 @@ def _worker(rank: int, port: int, path: str, cache_type: str | None, result_file
         return
     done = llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, cache_type=cache_type)
     engine = llm.engine(cache_type=cache_type)
+    scores = Scorer(model, batch_size=2, progress=False).score(REQUESTS)  # with the other ranks, as eval --tp
     mine.update(logits=logits, tokens=[c.token_ids for c in done], step=engine.step_fn.name,
-                cache_heads=engine.cache.n_kv_heads)  # fmt: skip
+                cache_heads=engine.cache.n_kv_heads, scores=scores)  # fmt: skip
     tp.stop()
     torch.save(mine, f"{result_file}.{rank}")
     torch.distributed.destroy_process_group()
@@ -119,6 +124,8 @@ def _assert_same_run(ranks: list[dict], one: dict) -> None:
     assert lead["step"] == "tensor-parallel"
     torch.testing.assert_close(lead["logits"], one["logits"], rtol=1e-4, atol=1e-4)
     assert lead["tokens"] == one["tokens"]
+    assert [s.logprob for s in lead["scores"]] == pytest.approx([s.logprob for s in one["scores"]], abs=1e-4)
+    assert [s.greedy for s in lead["scores"]] == [s.greedy for s in one["scores"]]
 
 
 @pytest.mark.timeout(300)
@@ -402,3 +409,48 @@ def test_a_hung_leader_or_a_dead_follower_ends_the_job(tmp_path: Path) -> None:
         for p in (leader, follower):
             p.kill()
             p.communicate()
+
+
+def test_a_tensor_parallel_scorer_needs_the_kv_cache(tmp_path: Path) -> None:
+    model = _tiny(tmp_path / "m", "hf")
+    model.tensor_parallel = TensorParallel(0, 2, torch.device("cpu"))  # (as load_sharded marks a split model)
+    with pytest.raises(UserError, match="scores through its KV cache: drop --no-prefix-reuse"):
+        Scorer(model, prefix_reuse=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_torchrun_eval_tp2_scores_as_one_process(tmp_path: Path) -> None:
+    """torchrun --nproc-per-node 2 -m llamaforge eval --tp 2: the log-likelihood tasks' scores (and a generative
+    task's answers) are one process's."""
+    import json
+
+    data = Path(__file__).parents[1] / "evaluate" / "data"
+    model_dir = tmp_path / "m"
+    _tiny_with_tokenizer(model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env.pop("LLAMAFORGE_DEBUG", None)
+    args = ["eval", "--model", str(model_dir), "--tasks", "piqa,boolq,mmlu,nq_open", "--data-dir", str(data), "-q",
+            "--batch-size", "4", "--log-samples", "--max-new-tokens", "8", "--threads", "1"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "llamaforge", *args, "-o", str(tmp_path / "one.json")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port()), "-m", "llamaforge"]  # fmt: skip
+    two = subprocess.run([*torchrun, *args, "--tp", "2", "-o", str(tmp_path / "two.json")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "Traceback" not in two.stderr
+    results = [json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two")]
+    assert results[0].keys() == results[1].keys() == {"piqa", "boolq", "mmlu", "nq_open"}
+    for task in ("piqa", "boolq", "mmlu"):
+        a, b = results[0][task], results[1][task]
+        assert b["acc"] == a["acc"]
+        for x, y in zip(a["items"], b["items"], strict=True):
+            for key, value in x.items():
+                floats = isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float))
+                if floats:  # log-likelihoods
+                    assert y[key] == pytest.approx(value, abs=1e-4), (task, key)
+                else:
+                    assert y[key] == value, (task, key)
+    assert results[1]["nq_open"]["items"] == results[0]["nq_open"]["items"]
