@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import PeerLostError
+
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -70,3 +72,16 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
 def destroy_distributed(info: DistInfo) -> None:
     if info.started_here and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peer_lost(exc: BaseException, who: str, peer: str = "another rank") -> PeerLostError | None:
+    """The error to end ``who`` (e.g. "rank 1 of 2") with when ``exc`` is a collective that failed because ``peer``
+    crashed, was stopped or hangs (gloo: the connection closed or a receive timed out; any backend's DistError);
+    None for any other exception."""
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "/gloo/" in text)):
+        return None
+    # gloo's first line, without its source location and its generic advice
+    reason = text.split("\n")[0].split("] ", 1)[-1].split(". This is typically")[0].strip()
+    return PeerLostError(f"{who}: lost contact with {peer} ({reason}); it crashed, was stopped or hangs: see its "
+                         "log. This process stops too.")  # fmt: skip

@@ -11,3 +11,8 @@ class CheckpointError(UserError, ValueError):
 
 class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be read: names the file and what is wrong with it."""
+
+
+class PeerLostError(UserError, RuntimeError):
+    """Another process of a multi-process job crashed, was stopped or hangs: names this rank and what it saw.
+    Not the user's input, but the CLI prints it the same way (no traceback: the cause is in the other's log)."""

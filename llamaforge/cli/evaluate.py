@@ -11,6 +11,8 @@ from ..errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .generate import add_tensor_parallel_argument
+
     p = subparsers.add_parser("perplexity", help="sliding-window perplexity, bits per byte and KL divergence",
                               description="Perplexity of --model on each FILE (UTF-8 text) with sliding windows of "
                               "--context tokens every --stride tokens; every token is scored once. With "
@@ -54,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1234, help="seed for choosing few-shot examples and for "
                    "sampling (sample j: seed + j; default 1234)")  # fmt: skip
     p.add_argument("--output", "-o", metavar="PATH", help="write the results as JSON")
+    add_tensor_parallel_argument(p)
     p.add_argument("--log-samples", action="store_true", help="include every question's scores in the JSON")
     p.add_argument("--samples-file", metavar="PATH", help="write every question (prompt, generations, answers, "
                    "scores, sandbox outcomes) as a line of JSONL")  # fmt: skip
@@ -176,6 +179,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..evaluate.report import generative_table, markdown_table, results_json, write_json, write_samples
     from ..evaluate.runner import evaluate_tasks
     from ..evaluate.sandbox import REQUIREMENTS, Sandbox, SandboxLimits
+    from .generate import load_sharded_for_cli, start_tensor_parallel
 
     choice, generative = split_tasks(args.tasks)
     for name, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1),
@@ -191,7 +195,13 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--pass-k values must be >= 1, got {args.pass_k!r}")
     if args.sandbox_timeout <= 0 or args.sandbox_memory <= 0:
         raise UserError("--sandbox-timeout and --sandbox-memory must be positive")
-    llm = _load(args)
+    tp = start_tensor_parallel(args)
+    if tp is not None and not tp.is_leader:  # rank 0 evaluates; the other ranks run its steps on their part
+        from ..inference.tensor_parallel import follow
+
+        follow(load_sharded_for_cli(args, tp).model)
+        return 0
+    llm = _load(args) if tp is None else load_sharded_for_cli(args, tp)
     results = []
     if choice:
         results += evaluate_tasks(llm, choice, data_dir=args.data_dir, num_fewshot=args.num_fewshot, limit=args.limit,

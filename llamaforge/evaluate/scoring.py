@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..inference.cache import PagedKVCache
 from ..model import Transformer
 
@@ -77,6 +78,9 @@ class Scorer:
 
     Sequences longer than ``max_length`` (default: the model's context) lose tokens from the left of
     the context; a continuation longer than that is an error.
+
+    A tensor-parallel model (``inference.tensor_parallel``, on rank 0) runs its forwards and output head with the
+    other ranks through the engine's step, so it scores through the KV cache (``prefix_reuse``) only.
     """
 
     def __init__(self, model: Transformer, batch_size: int = 16, max_length: int | None = None,
@@ -88,6 +92,15 @@ class Scorer:
         self.max_length = min(max_length or model.config.max_seq_len, model.config.max_seq_len)
         self.prefix_reuse = prefix_reuse
         self.progress = progress
+        # the cached forward and the output head: the model's own, or a tensor-parallel leader's
+        self._forward, self._head = model, model.output
+        if getattr(model, "tensor_parallel", None) is not None:
+            if not prefix_reuse:
+                raise UserError("a tensor-parallel model (--tp) scores through its KV cache: drop --no-prefix-reuse")
+            from ..inference.tensor_parallel import leader_step
+
+            step = leader_step(model)
+            self._forward, self._head = step.forward, step.head
 
     @property
     def device(self) -> torch.device:
@@ -188,7 +201,7 @@ class Scorer:
             cache.ensure(seq, len(ctx))
             seqs.append(seq)
         pos = torch.arange(width).expand(G, width)
-        hidden = self.model(tokens.to(device), pos.to(device), cache=cache.view(seqs, pos), return_hidden=True)
+        hidden = self._forward(tokens.to(device), pos.to(device), cache=cache.view(seqs, pos), return_hidden=True)
         # First continuation token of every request, from its context's last position.
         members = [(g, i, cont) for g, (_, conts) in enumerate(groups) for i, cont in conts]
         first = self._token_scores(hidden, [(g, ctx_len[g] - 1) for g, _, _ in members], [c[0] for _, _, c in members])
@@ -207,7 +220,7 @@ class Scorer:
                 forks.append(fork)
             start = torch.tensor([ctx_len[g] for _, (g, _, _) in longer])
             pos = start[:, None] + torch.arange(T)
-            hidden = self.model(tokens.to(device), pos.to(device), cache=cache.view(forks, pos), return_hidden=True)
+            hidden = self._forward(tokens.to(device), pos.to(device), cache=cache.view(forks, pos), return_hidden=True)
             select = [(r, j) for r, (_, (_, _, c)) in enumerate(longer) for j in range(len(c) - 1)]
             targets = [t for _, (_, _, c) in longer for t in c[1:]]
             scores = self._token_scores(hidden, select, targets)
@@ -229,7 +242,7 @@ class Scorer:
         """Log-probability of each target and whether it is the argmax, for hidden states at `select`."""
         b = torch.tensor([s[0] for s in select], device=hidden.device)
         t = torch.tensor([s[1] for s in select], device=hidden.device)
-        logits = self.model.output(hidden[b, t]).float()
+        logits = self._head(hidden[b, t]).float()
         logprobs = F.log_softmax(logits, dim=-1)
         target = torch.tensor(targets, device=hidden.device)
         chosen = logprobs.gather(-1, target[:, None])[:, 0]

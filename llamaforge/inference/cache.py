@@ -28,6 +28,7 @@ quantizes on write and dequantizes what it gathers (``q8_0_rows`` / ``q8_0_value
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -136,6 +137,8 @@ class PagedKVCache:
         self._reserved = 0
         self.hit_tokens = 0  # prompt tokens served from the prefix cache (for metrics)
         self.query_tokens = 0  # prompt tokens looked up
+        # told of every block copy (cache, src, dst): a tensor-parallel leader repeats it on the other ranks' caches
+        self.on_copy: Callable[[PagedKVCache, int, int], None] | None = None
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, num_tokens: int, *, block_size: int = BLOCK_SIZE,
@@ -146,8 +149,12 @@ class PagedKVCache:
         ref = model.tok_embeddings.weight
         dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
         num_blocks = -(-num_tokens // block_size) + 1
-        return cls(config.n_layers, _kv_heads(model), config.dim_per_head, num_blocks, block_size=block_size,
-                   dtype=dtype, device=ref.device, prefix_caching=prefix_caching)  # fmt: skip
+        cache = cls(config.n_layers, _kv_heads(model), config.dim_per_head, num_blocks, block_size=block_size,
+                    dtype=dtype, device=ref.device, prefix_caching=prefix_caching)  # fmt: skip
+        tp = getattr(model, "tensor_parallel", None)
+        if tp is not None and tp.is_leader:  # a split model's leader: its copies are the other ranks' too
+            cache.on_copy = tp.copy_block
+        return cache
 
     # Sizes ------------------------------------------------------------------------------------------------
     @property
@@ -298,9 +305,15 @@ class PagedKVCache:
                          reserved=need)  # fmt: skip
         if partial:
             self.ensure(child, num_tokens)
-            self.k[:, child.blocks[-1]] = self.k[:, seq.blocks[full]]
-            self.v[:, child.blocks[-1]] = self.v[:, seq.blocks[full]]
+            self.copy_block(seq.blocks[full], child.blocks[-1])
         return child
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Block ``dst`` of every layer's keys and values becomes a copy of block ``src``."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        if self.on_copy is not None:
+            self.on_copy(self, src, dst)
 
     def export_prefix(self, tokens: Seq[int]) -> tuple[int, Tensor, Tensor]:
         """The cached full blocks of the longest prefix of `tokens`: (how many tokens, keys, values), keys and

@@ -373,11 +373,16 @@ class Trainer:
 
     # Run ------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        from ..distributed import destroy_distributed, init_distributed
+        from ..distributed import destroy_distributed, init_distributed, peer_lost
 
         info = init_distributed(self.recipe.train.device, self.recipe.train.timeout_s)
         try:
             return self._fit(info)
+        except RuntimeError as exc:  # a collective failed because another rank died or hangs: say so plainly
+            lost = peer_lost(exc, f"rank {info.rank} of {info.world_size}") if info.distributed else None
+            if lost is None:
+                raise
+            raise lost from exc
         finally:
             destroy_distributed(info)
 

@@ -516,6 +516,10 @@ class FinetuneRecipe(Recipe):
                 problems.append(f"finetune: {exc}")
             if f.method == "qlora" and f.quant not in QUANT_SCHEMES:
                 problems.append(f"finetune.quant {f.quant!r} must be one of {', '.join(QUANT_SCHEMES)}")
+            if f.method == "qlora" and self.parallel.tp > 1:  # train/tensor_parallel.py splits float layers only
+                problems.append(f"finetune.method qlora does not run with parallel.tp {self.parallel.tp} (a "
+                                "quantized base is not split): use --method lora, or parallel.tp 1 (data "
+                                "parallelism)")  # fmt: skip
         if problems:
             raise UserError(f"{where}: " + "; ".join(problems))
 

@@ -21,12 +21,15 @@ from llamaforge.checkpoint import gguf as G
 from llamaforge.checkpoint import model_tensors, save_model
 from llamaforge.config import get_preset
 from llamaforge.errors import UserError
+from llamaforge.evaluate.scoring import Scorer
 from llamaforge.inference.tensor_parallel import TensorParallel, check_shape, slicer
 from llamaforge.model import build_model
 from llamaforge.quantize import GGUFEmbedding, GGUFLinear
 
 PROMPTS = [[5, 17, 42, 8, 99, 3, 250, 11, 64], [7, 7, 300, 2]]
 NEW_TOKENS = 12
+# (context, continuation) pairs for log-likelihood scoring: a shared context, one- and three-token continuations
+REQUESTS = [([5, 17, 42, 8], [99, 3]), ([5, 17, 42, 8], [250]), ([7, 7], [300, 2, 11])]
 
 
 def _free_port() -> int:
@@ -76,7 +79,8 @@ def _one_process(path: Path, cache_type: str | None = None) -> dict:
     with torch.no_grad():
         logits = llm.model(torch.tensor([PROMPTS[0]]))
     done = llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, cache_type=cache_type)
-    return {"logits": logits, "tokens": [c.token_ids for c in done]}
+    scores = Scorer(llm.model, batch_size=2, progress=False).score(REQUESTS)
+    return {"logits": logits, "tokens": [c.token_ids for c in done], "scores": scores}
 
 
 def _worker(rank: int, port: int, path: str, cache_type: str | None, result_file: str) -> None:
@@ -100,8 +104,9 @@ def _worker(rank: int, port: int, path: str, cache_type: str | None, result_file
         return
     done = llm.generate(PROMPTS, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, cache_type=cache_type)
     engine = llm.engine(cache_type=cache_type)
+    scores = Scorer(model, batch_size=2, progress=False).score(REQUESTS)  # with the other ranks, as eval --tp
     mine.update(logits=logits, tokens=[c.token_ids for c in done], step=engine.step_fn.name,
-                cache_heads=engine.cache.n_kv_heads)  # fmt: skip
+                cache_heads=engine.cache.n_kv_heads, scores=scores)  # fmt: skip
     tp.stop()
     torch.save(mine, f"{result_file}.{rank}")
     torch.distributed.destroy_process_group()
@@ -119,6 +124,8 @@ def _assert_same_run(ranks: list[dict], one: dict) -> None:
     assert lead["step"] == "tensor-parallel"
     torch.testing.assert_close(lead["logits"], one["logits"], rtol=1e-4, atol=1e-4)
     assert lead["tokens"] == one["tokens"]
+    assert [s.logprob for s in lead["scores"]] == pytest.approx([s.logprob for s in one["scores"]], abs=1e-4)
+    assert [s.greedy for s in lead["scores"]] == [s.greedy for s in one["scores"]]
 
 
 @pytest.mark.timeout(300)
@@ -297,3 +304,153 @@ def test_torchrun_serve_tp2_answers_as_one_process(tmp_path: Path) -> None:
         proc.terminate()
         proc.communicate(timeout=60)
     assert proc.returncode is not None  # both ranks ended with torchrun (the follower does not hang on)
+
+
+# A rank that dies or hangs: the others end within seconds, saying so ---------------------------------------------
+_RANK_SCRIPT = """
+import sys, time
+from llamaforge.errors import PeerLostError
+from llamaforge.inference.tensor_parallel import follow, load_sharded, start
+
+tp = start(2, "cpu", timeout_s=float(sys.argv[2]))
+llm = load_sharded(sys.argv[1], tp)
+if tp.is_leader:
+    time.sleep(float(sys.argv[3]))  # idle for longer than the timeout: the heartbeat keeps the follower
+    done = llm.generate([[5, 17, 42]], max_new_tokens=4, temperature=0, ignore_eos=True)
+    print("generated", done[0].token_ids, flush=True)
+    time.sleep(300)  # until the test kills one of the ranks
+else:
+    try:
+        follow(llm.model)
+    except PeerLostError as exc:
+        print("lost:", exc, flush=True)
+        sys.exit(3)
+"""
+
+
+def _start_ranks(model: Path, timeout_s: float, idle_s: float) -> list[subprocess.Popen]:
+    """Two ranks of a job launched without torchrun (as on two hosts: no agent ends one when the other dies)."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port),
+               "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(model), str(timeout_s), str(idle_s)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
+
+
+def _wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        assert line or proc.poll() is None, f"rank exited ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+    raise AssertionError(f"no {prefix!r} line within {timeout_s} s")
+
+
+def _time_to_exit(proc: subprocess.Popen, limit_s: float) -> float:
+    start = time.monotonic()
+    proc.wait(timeout=limit_s)
+    return time.monotonic() - start
+
+
+@pytest.mark.timeout(180)
+def test_follower_outlives_idle_leader_and_ends_when_it_dies(tmp_path: Path) -> None:
+    """Rank 0 idle for twice the ranks' timeout: its heartbeat keeps the follower, which then runs its forwards;
+    rank 0 killed: the follower ends within seconds with an error naming what happened."""
+    _tiny(tmp_path / "m", "hf")
+    leader, follower = _start_ranks(tmp_path / "m", timeout_s=2.0, idle_s=4.0)
+    try:
+        assert _wait_for_line(leader, "generated", 150)
+        assert follower.poll() is None
+        leader.kill()
+        assert _time_to_exit(follower, 30) < 5
+        out, err = follower.communicate()
+        assert follower.returncode == 3, err[-3000:]
+        assert "lost: tensor-parallel rank 1 of 2: lost contact with rank 0 (" in out
+        assert "it crashed, was stopped or hangs: see its log" in out
+    finally:
+        for p in (leader, follower):
+            p.kill()
+            p.communicate()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_hung_leader_or_a_dead_follower_ends_the_job(tmp_path: Path) -> None:
+    """Rank 0 stopped (SIGSTOP, as a hung process or a vanished host): the follower gives up after the timeout.
+    A follower killed: rank 0 exits within seconds (its forwards cannot run any more), saying why."""
+    import signal
+
+    _tiny(tmp_path / "m", "hf")
+    leader, follower = _start_ranks(tmp_path / "m", timeout_s=3.0, idle_s=0.0)
+    try:
+        _wait_for_line(leader, "generated", 150)
+        leader.send_signal(signal.SIGSTOP)
+        assert _time_to_exit(follower, 60) < 3.0 + 5
+        out, _ = follower.communicate()
+        assert follower.returncode == 3 and "lost contact with rank 0 (Timed out" in out
+    finally:
+        for p in (leader, follower):
+            p.kill()
+            p.communicate()
+
+    leader, follower = _start_ranks(tmp_path / "m", timeout_s=3.0, idle_s=0.0)
+    try:
+        _wait_for_line(leader, "generated", 150)
+        follower.kill()
+        assert _time_to_exit(leader, 60) < 5
+        _, err = leader.communicate()
+        assert leader.returncode == 1
+        assert "llamaforge: error: tensor-parallel rank 0 of 2: lost contact with a follower rank (" in err
+    finally:
+        for p in (leader, follower):
+            p.kill()
+            p.communicate()
+
+
+def test_a_tensor_parallel_scorer_needs_the_kv_cache(tmp_path: Path) -> None:
+    model = _tiny(tmp_path / "m", "hf")
+    model.tensor_parallel = TensorParallel(0, 2, torch.device("cpu"))  # (as load_sharded marks a split model)
+    with pytest.raises(UserError, match="scores through its KV cache: drop --no-prefix-reuse"):
+        Scorer(model, prefix_reuse=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_torchrun_eval_tp2_scores_as_one_process(tmp_path: Path) -> None:
+    """torchrun --nproc-per-node 2 -m llamaforge eval --tp 2: the log-likelihood tasks' scores (and a generative
+    task's answers) are one process's."""
+    import json
+
+    data = Path(__file__).parents[1] / "evaluate" / "data"
+    model_dir = tmp_path / "m"
+    _tiny_with_tokenizer(model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env.pop("LLAMAFORGE_DEBUG", None)
+    args = ["eval", "--model", str(model_dir), "--tasks", "piqa,boolq,mmlu,nq_open", "--data-dir", str(data), "-q",
+            "--batch-size", "4", "--log-samples", "--max-new-tokens", "8", "--threads", "1"]  # fmt: skip
+    one = subprocess.run([sys.executable, "-m", "llamaforge", *args, "-o", str(tmp_path / "one.json")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(_free_port()), "-m", "llamaforge"]  # fmt: skip
+    two = subprocess.run([*torchrun, *args, "--tp", "2", "-o", str(tmp_path / "two.json")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "Traceback" not in two.stderr
+    results = [json.loads((tmp_path / f"{n}.json").read_text())["results"] for n in ("one", "two")]
+    assert results[0].keys() == results[1].keys() == {"piqa", "boolq", "mmlu", "nq_open"}
+    for task in ("piqa", "boolq", "mmlu"):
+        a, b = results[0][task], results[1][task]
+        assert b["acc"] == a["acc"]
+        for x, y in zip(a["items"], b["items"], strict=True):
+            for key, value in x.items():
+                floats = isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float))
+                if floats:  # log-likelihoods
+                    assert y[key] == pytest.approx(value, abs=1e-4), (task, key)
+                else:
+                    assert y[key] == value, (task, key)
+    assert results[1]["nq_open"]["items"] == results[0]["nq_open"]["items"]

@@ -146,3 +146,59 @@ def test_torchrun_cli_fsdp(prepared: Path, tmp_path: Path) -> None:
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["start_step"] == 4 and summary["steps"] == 6
     assert (tmp_path / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_dead_rank_ends_the_others_with_a_clear_error(prepared: Path, tmp_path: Path) -> None:
+    """Two ranks of `pretrain --parallel.tp 2` launched without torchrun (as on two hosts: no agent ends the others
+    when one dies); rank 0 killed mid-run: rank 1 ends within seconds, naming what happened, without a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    argv = [sys.executable, "-m", "llamaforge", "pretrain", "--model.preset", "tiny", "--model.overrides",
+            "{vocab_size: 258}", "--data.path", str(prepared), "--data.seq_len", "32", "--data.micro_batch_size", "1",
+            "--parallel.tp", "2", "--train.out_dir", str(tmp_path), "--train.steps", "10000", "--train.log_interval",
+            "1", "--train.ckpt_interval", "100000", "--train.eval_interval", "100000",
+            "--logging.console", "false"]  # fmt: skip
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port),
+               "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        env.pop("LLAMAFORGE_DEBUG", None)
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + 200
+        metrics = tmp_path / "metrics.jsonl"
+        while not (metrics.exists() and '"train"' in metrics.read_text()):  # training has started
+            assert all(p.poll() is None for p in procs), procs[0].communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no training step logged"
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        _, err = procs[1].communicate(timeout=60)
+        assert time.monotonic() - start < 5
+        assert procs[1].returncode == 2, err[-3000:]
+        assert "llamaforge pretrain: error: rank 1 of 2: lost contact with another rank (" in err
+        assert "Traceback" not in err
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+
+
+def test_peer_lost_names_the_rank_and_gloos_reason() -> None:
+    from llamaforge.distributed import peer_lost
+    from llamaforge.errors import PeerLostError
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+                        "by peer [127.0.0.1]:52945. This is typically caused by a remote worker crashing.")  # fmt: skip
+    lost = peer_lost(gloo, "rank 1 of 2")
+    assert isinstance(lost, PeerLostError)
+    assert str(lost).startswith("rank 1 of 2: lost contact with another rank (Connection closed by peer "
+                                "[127.0.0.1]:52945); it crashed")  # fmt: skip
+    assert peer_lost(RuntimeError("CUDA out of memory"), "rank 1 of 2") is None
+    assert peer_lost(ValueError("/gloo/ in a message"), "rank 1 of 2") is None

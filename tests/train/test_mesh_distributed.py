@@ -155,3 +155,18 @@ def test_torchrun_tensor_parallel_then_convert(prepared: Path, tmp_path: Path) -
     assert bad.returncode != 0
     assert "n_kv_heads (1) is not divisible by parallel.tp (2)" in bad.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tied_embeddings_tensor_parallel_run_and_resume(prepared: Path, tmp_path: Path) -> None:
+    """A tied model (one matrix for the embedding and the output) trains under TP 2 as on one process, and its
+    TP checkpoint resumes on one process with the uninterrupted curve."""
+    tied = {"model.overrides": "{vocab_size: 258, max_seq_len: 64, tie_embeddings: true}"}
+    reference = _single(prepared, tmp_path / "single", **tied)
+    res = _spawn(2, [("tp", {**tied, "parallel.tp": "2"})], prepared, tmp_path)
+    _assert_same_run(res["tp"], reference)
+    resumed = _single(prepared, tmp_path / "one", **tied, **{"train.resume": str(tmp_path / "tp" / STEP4)})
+    _assert_same_run(resumed, reference, first_step=4)
+    exported, _ = load_model(tmp_path / "tp" / "final")
+    assert exported.output.weight is exported.tok_embeddings.weight

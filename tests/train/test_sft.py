@@ -14,6 +14,7 @@ from llamaforge.train.loss import IGNORE_INDEX, CausalLMLoss
 from llamaforge.train.sft import (
     ALPACA_PROMPT,
     Example,
+    FinetuneRecipe,
     SFTLoader,
     SFTValidation,
     collate,
@@ -227,3 +228,12 @@ def test_split_is_deterministic_and_disjoint() -> None:
     assert [e.index for e in val] == [e.index for e in again[1]] and len(val) == 10
     assert not {e.index for e in train} & {e.index for e in val}
     assert split_examples(exs[:1], 0.5)[1] == []
+
+
+def test_qlora_under_tensor_parallelism_is_refused_when_the_recipe_is_read() -> None:
+    """A quantized base is not split over tensor-parallel ranks (LoRA on a float base is): refused before any weight
+    is read, naming both options."""
+    base = {"model.from_checkpoint": "m", "finetune.method": "qlora", "parallel.tp": "2"}
+    with pytest.raises(UserError, match=r"finetune.method qlora does not run with parallel.tp 2 .* use --method lora"):
+        FinetuneRecipe.load(None, base)
+    assert FinetuneRecipe.load(None, {**base, "finetune.method": "lora"}).parallel.tp == 2
