@@ -11,3 +11,8 @@ class CheckpointError(UserError, ValueError):
 
 class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be read: names the file and what is wrong with it."""
+
+
+class ImageError(UserError, ValueError):
+    """An image that cannot be used: names the source (file, URL, data: URI, message part) and the problem (not an
+    image, truncated, too large, too many)."""
