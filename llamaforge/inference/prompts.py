@@ -97,15 +97,25 @@ def chat_prompt(tokenizer: Tokenizer | None, messages: list[dict[str, Any]], vis
     images=...)`` takes both). Image parts: OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}`` and
     HF's ``{"type": "image", "image": <path | bytes | URL | PIL image>}`` (or ``"url"``/``"path"``); a bare
     ``{"type": "image"}`` takes the next of `images`."""
+    limits = limits or ImageLimits()
+    ids, sources = chat_prompt_sources(tokenizer, messages, vision, limits, images, **kw)
+    return ids, load_image_sources(sources, limits)
+
+
+def chat_prompt_sources(tokenizer: Tokenizer | None, messages: list[dict[str, Any]], vision: VisionAdapter | None,
+                        limits: ImageLimits, images: Sequence[Any] | None = None,
+                        **kw: Any) -> tuple[list[int], list[ImageSource]]:  # fmt: skip
+    """``chat_prompt`` without loading the images: the prompt ids and the images' sources (checked against the
+    model, the count limit and the placeholders), for a caller that loads them elsewhere (the server, off its
+    event loop)."""
     plain, sources = split_image_parts(messages, images)
     if not sources:
         return chat_prompt_ids(tokenizer, plain, **kw), []
     vision = require_vision(vision)
-    limits = limits or ImageLimits()
     limits.check_count(len(sources), "the conversation")
     ids = chat_prompt_ids(tokenizer, plain, image_token=vision.image_token, **kw)
     check_placeholders(ids, tokenizer, vision, len(sources), "the chat template's prompt")
-    return ids, load_image_sources(sources, limits)
+    return ids, sources
 
 
 def image_prompt(tokenizer: Tokenizer | None, prompt: str | Sequence[int], vision: VisionAdapter | None,
