@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .inference import Completion, Engine
 from .model import Transformer
 from .tokenizer import Tokenizer, load_tokenizer
-from .vision import VisionAdapter
+from .vision import VisionAdapter, load_vision
 from .vision.inputs import ImageLimits
 
 ENGINE_BATCH = 32  # requests the Python API's engine runs together (more are queued)
@@ -207,7 +207,8 @@ def load(source: str | os.PathLike, device: torch.device | str | None = None, dt
         apply_adapter(model, adapter)
     model.eval()
     tokenizer = _load_tokenizer_if_present(path)
-    return LLM(model=model, tokenizer=tokenizer, config=model.config, source=str(source), format=fmt)
+    vision = load_vision(path, model) if fmt == "hf" else None  # an image model's encoder (llamaforge.vision)
+    return LLM(model=model, tokenizer=tokenizer, config=model.config, source=str(source), format=fmt, vision=vision)
 
 
 def _load_tokenizer_if_present(path: Path) -> Tokenizer | None:

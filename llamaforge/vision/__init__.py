@@ -17,11 +17,21 @@ digests, so a cached block is reused only by a prompt with the same tokens and t
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+
+# config.json model_type -> the module whose load_adapter(path, model, config) builds the VisionAdapter
+ADAPTERS = {"mllama": "llamaforge.vision.mllama", "llama4": "llamaforge.vision.llama4"}
 
 
 @dataclass(frozen=True)
@@ -68,3 +78,19 @@ def cache_keys(ids: Sequence[int], state: ImageState | None) -> list[Any]:
     if state is not None and state.first_position < len(keys):
         keys[state.first_position] = (keys[state.first_position], state.digests)
     return keys
+
+
+def load_vision(path: str | os.PathLike, model: Transformer) -> VisionAdapter | None:
+    """The image side of the checkpoint directory `path` (whose language model `model` is), or None when it has none:
+    dispatched on its ``config.json`` ``model_type`` (``ADAPTERS``)."""
+    file = Path(path) / "config.json"
+    if not Path(path).is_dir() or not file.is_file():
+        return None
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # the checkpoint loader has already named what is wrong with it
+    module = ADAPTERS.get(config.get("model_type")) if isinstance(config, dict) else None
+    if module is None:
+        return None
+    return importlib.import_module(module).load_adapter(path, model, config)
