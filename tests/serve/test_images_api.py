@@ -9,17 +9,22 @@ import http.server
 import io
 import threading
 
+import numpy as np
 import pytest
 from conftest import run_server
 from PIL import Image as PILImage
-from vision_testing import vision_llm
+from vision_testing import mllama_checkpoint, vision_llm
 
 from llamaforge.vision.inputs import ImageLimits
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int] = (6, 5)) -> bytes:
+    return png_of(PILImage.new("RGB", size, colour))
+
+
+def png_of(image: PILImage.Image) -> bytes:
     buf = io.BytesIO()
-    PILImage.new("RGB", size, colour).save(buf, "PNG")
+    image.save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -141,3 +146,23 @@ def test_serve_flags_set_the_image_limits():
         limits("--max-images", "0")
     with pytest.raises(UserError, match="--max-image-mb must be positive"):
         limits("--max-image-mb", "-1")
+
+
+@pytest.mark.conformance
+def test_a_real_image_model_through_the_openai_client(tmp_path):
+    """A tiny random Llama 3.2 Vision checkpoint (``vision_testing.mllama_checkpoint``) loaded by ``load()``."""
+    import llamaforge
+
+    llm = llamaforge.load(mllama_checkpoint(tmp_path)[1])
+    rng = np.random.default_rng(0)
+    uri = data_uri(png_of(PILImage.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                             {"type": "text", "text": "Describe it."}]}]  # fmt: skip
+    expected = llm.chat(messages, max_new_tokens=6, temperature=0).text
+    with run_server(llm=llm, max_batch=2) as running:
+        client = running.client()
+        reply = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, temperature=0)
+        assert reply.choices[0].message.content == expected
+        text = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=3, temperature=0)  # fmt: skip
+        assert text.choices[0].finish_reason in ("length", "stop")
