@@ -112,7 +112,7 @@ def chat_prompt_sources(tokenizer: Tokenizer | None, messages: list[dict[str, An
     if not sources:
         return chat_prompt_ids(tokenizer, plain, **kw), []
     vision = require_vision(vision)
-    limits.check_count(len(sources), "the conversation")
+    check_image_count(len(sources), vision, limits, "the conversation")
     ids = chat_prompt_ids(tokenizer, plain, image_token=vision.image_token, **kw)
     check_placeholders(ids, tokenizer, vision, len(sources), "the chat template's prompt")
     return ids, sources
@@ -128,7 +128,7 @@ def image_prompt(tokenizer: Tokenizer | None, prompt: str | Sequence[int], visio
     (after BOS), one placeholder each, as Llama 3.2 Vision's base-model prompts have them. Token ids are kept."""
     vision = require_vision(vision)
     limits = limits or ImageLimits()
-    limits.check_count(len(images), "the prompt")
+    check_image_count(len(images), vision, limits, "the prompt")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("this model has no tokenizer; pass token ids instead of text")
@@ -199,6 +199,13 @@ def require_vision(vision: VisionAdapter | None) -> VisionAdapter:
         raise ImageError("this model takes no images (it has no vision encoder); load an image model such as Llama "
                          "3.2 Vision or Llama 4")  # fmt: skip
     return vision
+
+
+def check_image_count(n: int, vision: VisionAdapter, limits: ImageLimits, where: str) -> None:
+    """At most as many images as the limits allow and as the model takes per request."""
+    limits.check_count(n, where)
+    if n > vision.max_images:
+        raise ImageError(f"{where} has {n} images; this model takes at most {vision.max_images} per request")
 
 
 def placeholder_id(tokenizer: Tokenizer, vision: VisionAdapter) -> int:

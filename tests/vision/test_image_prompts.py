@@ -89,6 +89,14 @@ def test_bad_image_parts_name_the_part(llm, messages, images, problem):
         chat_prompt(llm.tokenizer, messages, llm.vision, ImageLimits(max_images=2), images)
 
 
+def test_the_models_own_image_count_limit_counts_too(llm):
+    five = user(*[{"type": "image", "image": png((0, 0, 0))}] * 5)  # PixelFusion takes 4
+    with pytest.raises(ImageError, match="the conversation has 5 images; this model takes at most 4 per request"):
+        chat_prompt(llm.tokenizer, five, llm.vision)
+    with pytest.raises(ImageError, match="the prompt has 5 images; this model takes at most 4"):
+        image_prompt(llm.tokenizer, "x", llm.vision, [png((0, 0, 0))] * 5)
+
+
 def test_a_text_model_refuses_images_everywhere():
     llm = vision_llm()
     llm.vision = None
