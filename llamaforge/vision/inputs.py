@@ -19,8 +19,10 @@ import hashlib
 import io
 import os
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +152,8 @@ def _checked(image: Any, limits: ImageLimits, name: str) -> Image:
         raise ImageError(f"{name}: is {width}x{height} = {width * height} pixels, more than the limit of "
                          f"{limits.max_pixels} pixels per image")  # fmt: skip
     try:
-        image.load()  # the first frame of an animation, as the image processors take it
+        with _refusing_truncated_data():
+            image.load()  # the first frame of an animation, as the image processors take it
         rgb = to_rgb(image)
     except PILImage.DecompressionBombError as exc:
         raise ImageError(f"{name}: is too large to decode: {exc}") from None
@@ -159,6 +162,24 @@ def _checked(image: Any, limits: ImageLimits, name: str) -> Image:
     if rgb.size != (width, height):  # a plugin that changed its mind about the size while decoding
         raise ImageError(f"{name}: declares {width}x{height} pixels but decodes to {rgb.size[0]}x{rgb.size[1]}")
     return Image(pixels=rgb, digest=pixel_digest(rgb))
+
+
+_PILLOW_FLAGS = threading.Lock()
+
+
+@contextmanager
+def _refusing_truncated_data() -> Iterator[None]:
+    """Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is process-wide, and other libraries turn it on (llama-models'
+    Llama 4 preprocessing does on import): here a truncated image is refused whatever it says. The lock keeps
+    threads that decode at once from restoring each other's value."""
+    from PIL import ImageFile
+
+    with _PILLOW_FLAGS:
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def _from_file(path: Path, limits: ImageLimits, name: str) -> Image:

@@ -105,12 +105,18 @@ def test_bad_sources_name_the_problem(source, problem):
         load_image(source)
 
 
-def test_a_truncated_file_is_refused_with_its_name(tmp_path):
+def test_a_truncated_file_is_refused_with_its_name(tmp_path, monkeypatch):
     path = tmp_path / "cut.png"
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     path.write_bytes(encoded(PILImage.fromarray(noise))[:2000])
     with pytest.raises(ImageError, match=r"cut\.png: cannot decode the image \(truncated"):
         load_image(path)
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as importing llama_models' llama4 sets it
+    with pytest.raises(ImageError, match=r"cut\.png: cannot decode the image \(truncated"):
+        load_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the process's setting is left as it was
     with pytest.raises(ImageError, match=r"missing\.png: cannot read the file: No such file"):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ImageError, match="is not a file"):
