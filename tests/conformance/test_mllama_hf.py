@@ -186,9 +186,18 @@ def test_a_batch_mixes_image_and_text_requests(checkpoint, llm):
     model, _ = checkpoint
     cases = [PROMPTS["two images"], PROMPTS["text only"], PROMPTS["one image"], PROMPTS["consecutive images"]]
     expected = [hf_generate(model, ids, pictures) for ids, pictures in cases]
-    engine = Engine(llm, max_batch=4, prefix_caching=False)
-    handles = [engine.add(ids, GREEDY, images=[image(p) for p in pictures] or None) for ids, pictures in cases]
-    assert [c.token_ids for c in engine.run(handles)] == expected
+    scored = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+
+    def run(engine: Engine, batch: list) -> list:
+        handles = [engine.add(ids, scored, images=[image(p) for p in pictures] or None) for ids, pictures in batch]
+        return engine.run(handles)
+
+    together = run(Engine(llm, max_batch=4, prefix_caching=False), cases)  # rows padded to the most image keys
+    assert [c.token_ids for c in together] == expected
+    for case, got in zip(cases, together):
+        alone = run(Engine(llm, max_batch=1, prefix_caching=False), [case])[0]
+        want = torch.tensor([t.logprob for t in alone.logprobs])
+        torch.testing.assert_close(torch.tensor([t.logprob for t in got.logprobs]), want, atol=1e-5, rtol=0)
 
 
 def test_images_are_encoded_and_projected_once_per_request(llm):
