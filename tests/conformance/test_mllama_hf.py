@@ -250,6 +250,10 @@ def test_bad_image_requests_are_refused(llm):
         engine.add([1, IMAGE + 8], GREEDY)
 
 
+def test_the_kv_cache_holds_the_self_attention_layers_only(llm):
+    assert PagedKVCache.for_model(llm.model, 64).n_layers == 3  # 5 layers, 2 of them cross-attention
+
+
 def test_cross_layers_run_on_the_eager_step(llm):
     assert unsupported_reason(llm.model) == "gated cross-attention layers (Llama 3.2 Vision)"
     assert select_step(llm.model).name == "eager"
