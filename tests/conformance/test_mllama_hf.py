@@ -299,8 +299,10 @@ def test_unknown_checkpoint_keys_are_named(checkpoint, tmp_path):
         llamaforge.load(tmp_path / "b")
 
 
-def test_writing_an_mllama_checkpoint_is_refused(llm, tmp_path):
-    from llamaforge.checkpoint import hf
+@pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
+def test_writing_an_mllama_checkpoint_is_refused(llm, tmp_path, fmt):
+    from llamaforge.checkpoint import save_model
 
-    with pytest.raises(CheckpointError, match="not supported"):
-        hf.write(tmp_path / "out", llm.config, llm.model.state_dict())
+    with pytest.raises(CheckpointError, match=f"writing Llama 3.2 Vision .* as {fmt} is not supported"):
+        save_model(llm.model, tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
