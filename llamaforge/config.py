@@ -128,6 +128,15 @@ class ModelConfig:
     def is_cross_layer(self, layer_id: int) -> bool:
         return layer_id in self.cross_attention_layers
 
+    @property
+    def kv_layers(self) -> int:
+        """Layers with a KV cache: the self-attention ones (a cross-attention layer's keys are the image's)."""
+        return self.n_layers - len(set(self.cross_attention_layers))
+
+    def kv_layer(self, layer_id: int) -> int:
+        """The KV-cache index of self-attention layer `layer_id` (cross-attention layers take none)."""
+        return layer_id - sum(1 for i in set(self.cross_attention_layers) if i < layer_id)
+
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.n_experts > 0 and (layer_id + 1) % self.moe_every == 0
 

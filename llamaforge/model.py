@@ -101,6 +101,7 @@ class Attention(nn.Module):
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.attn_floor_scale, config.attn_scale
         self.layer_id = layer_id
+        self.cache_layer = config.kv_layer(layer_id)  # == layer_id unless cross-attention layers come before
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
                 cache: KVCacheView | None) -> Tensor:  # fmt: skip
@@ -118,7 +119,7 @@ class Attention(nn.Module):
             q = (q * scale[:, :, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # generation: store the new keys/values and attend over the cached ones
-            k, v = cache.update(self.layer_id, positions, k, v)
+            k, v = cache.update(self.cache_layer, positions, k, v)
         gqa = q.shape[1] != k.shape[1]
         if mask is None:  # plain causal attention over the given tokens (training, scoring)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -565,8 +565,6 @@ def write(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[str, Te
     from . import atomic_output
 
     path = Path(path)
-    if config.cross_attention_layers:
-        raise CheckpointError(f"{path}: writing {MLLAMA} checkpoints (cross-attention layers) is not supported")
     check_tensors(path, config, tensors)
     layout = _Layout(config)
     dtype = _resolve_dtype(dtype)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..model import Transformer
 
 # config.json model_type -> the module whose load_adapter(path, model, config) builds the VisionAdapter
-ADAPTERS = {"mllama": "llamaforge.vision.mllama", "llama4": "llamaforge.vision.llama4"}
+ADAPTERS = {"mllama": "llamaforge.vision.mllama"}
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,11 @@ VISION = dict(
     patch_size=14,
     max_num_tiles=4,
     intermediate_layers_indices=[3, 1],
+    initializer_range=0.1,
 )
 TEXT = dict(vocab_size=300, hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=96, cross_attention_layers=[1, 3], bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            intermediate_size=96, cross_attention_layers=[1, 3], initializer_range=0.1, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0,
             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32})  # fmt: skip
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]  # Llama 3.2 Vision's
@@ -67,6 +69,7 @@ def hf_mllama():
                 p.normal_(0.0, 1.0)
             elif "norm" in name and name.endswith("weight"):
                 p.uniform_(0.5, 1.5)
+        model.model.multi_modal_projector.weight.mul_(3.0)  # strong enough image states to steer greedy tokens
     return model
 
 
@@ -129,6 +132,7 @@ PROMPTS = {
     "two images": ([1, 5, IMAGE, 7, 8, 9, IMAGE, 10, 11, 12], [WIDE, TALL]),
     "consecutive images": ([1, IMAGE, IMAGE, 4, 5, IMAGE, 6], [TALL, SMALL, WIDE]),
     "image first": ([IMAGE, 1, 20, 21, 22], [SMALL]),
+    "image last": ([1, IMAGE, 5, 6, 7, IMAGE], [WIDE, TALL]),  # generated tokens see the last image only
     "text only": ([1, 5, 6, 7, 8, 9], []),
 }
 
@@ -166,22 +170,34 @@ def hf_generate(model, ids: list[int], pictures: list[PILImage.Image], n: int = 
     return out[0, len(ids) :].tolist()
 
 
-def test_greedy_generation_matches_transformers(checkpoint, llm):
+@pytest.mark.parametrize("case", ["two images", "image last"])
+def test_greedy_generation_matches_transformers(checkpoint, llm, case):
     model, _ = checkpoint
-    ids, pictures = PROMPTS["two images"]
+    ids, pictures = PROMPTS[case]
+    expected = hf_generate(model, ids, pictures)
+    assert expected != hf_generate(model, ids, pictures[::-1])  # the images (and which one is last) matter
     engine = Engine(llm, max_batch=1)
     assert engine.step_fn.name == "eager"
     handle = engine.add(ids, GREEDY, images=[image(p) for p in pictures])
-    assert engine.run([handle])[0].token_ids == hf_generate(model, ids, pictures)
+    assert engine.run([handle])[0].token_ids == expected
 
 
 def test_a_batch_mixes_image_and_text_requests(checkpoint, llm):
     model, _ = checkpoint
     cases = [PROMPTS["two images"], PROMPTS["text only"], PROMPTS["one image"], PROMPTS["consecutive images"]]
     expected = [hf_generate(model, ids, pictures) for ids, pictures in cases]
-    engine = Engine(llm, max_batch=4, prefix_caching=False)
-    handles = [engine.add(ids, GREEDY, images=[image(p) for p in pictures] or None) for ids, pictures in cases]
-    assert [c.token_ids for c in engine.run(handles)] == expected
+    scored = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+
+    def run(engine: Engine, batch: list) -> list:
+        handles = [engine.add(ids, scored, images=[image(p) for p in pictures] or None) for ids, pictures in batch]
+        return engine.run(handles)
+
+    together = run(Engine(llm, max_batch=4, prefix_caching=False), cases)  # rows padded to the most image keys
+    assert [c.token_ids for c in together] == expected
+    for case, got in zip(cases, together):
+        alone = run(Engine(llm, max_batch=1, prefix_caching=False), [case])[0]
+        want = torch.tensor([t.logprob for t in alone.logprobs])
+        torch.testing.assert_close(torch.tensor([t.logprob for t in got.logprobs]), want, atol=1e-5, rtol=0)
 
 
 def test_images_are_encoded_and_projected_once_per_request(llm):
@@ -234,6 +250,10 @@ def test_bad_image_requests_are_refused(llm):
         engine.add([1, IMAGE + 8], GREEDY)
 
 
+def test_the_kv_cache_holds_the_self_attention_layers_only(llm):
+    assert PagedKVCache.for_model(llm.model, 64).n_layers == 3  # 5 layers, 2 of them cross-attention
+
+
 def test_cross_layers_run_on_the_eager_step(llm):
     assert unsupported_reason(llm.model) == "gated cross-attention layers (Llama 3.2 Vision)"
     assert select_step(llm.model).name == "eager"
@@ -279,8 +299,10 @@ def test_unknown_checkpoint_keys_are_named(checkpoint, tmp_path):
         llamaforge.load(tmp_path / "b")
 
 
-def test_writing_an_mllama_checkpoint_is_refused(llm, tmp_path):
-    from llamaforge.checkpoint import hf
+@pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
+def test_writing_an_mllama_checkpoint_is_refused(llm, tmp_path, fmt):
+    from llamaforge.checkpoint import save_model
 
-    with pytest.raises(CheckpointError, match="not supported"):
-        hf.write(tmp_path / "out", llm.config, llm.model.state_dict())
+    with pytest.raises(CheckpointError, match=f"writing Llama 3.2 Vision .* as {fmt} is not supported"):
+        save_model(llm.model, tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
