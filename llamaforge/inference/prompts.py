@@ -114,7 +114,8 @@ def chat_prompt_sources(tokenizer: Tokenizer | None, messages: list[dict[str, An
     vision = require_vision(vision)
     check_image_count(len(sources), vision, limits, "the conversation")
     ids = chat_prompt_ids(tokenizer, plain, image_token=vision.image_token, **kw)
-    check_placeholders(ids, tokenizer, vision, len(sources), "the chat template's prompt")
+    where = "the prompt of the chat template" + (" and the tools" if kw.get("tools") else "")  # Meta's JSON tool
+    check_placeholders(ids, tokenizer, vision, len(sources), where)  # prompt rewrites the first user message as text
     return ids, sources
 
 

@@ -72,7 +72,7 @@ def test_a_jinja_template_renders_image_parts_its_own_way(llm):
                               llm.vision)  # fmt: skip
     assert ids == [PLACEHOLDER, ord("x")] and len(images) == 1
     tk.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"  # a template that drops images
-    with pytest.raises(ImageError, match=r"has 0 image placeholders \(<\|image\|>\) for 1 images"):
+    with pytest.raises(ImageError, match=r"chat template has 0 image placeholders \(<\|image\|>\) for 1 images"):
         chat_prompt(tk, user({"type": "image", "image": png((1, 2, 3))}), llm.vision)
 
 
@@ -151,3 +151,10 @@ def test_chat_with_image_parts_streamed_or_not(llm):
     assert first_logprob(llm.chat(other, logprobs=1, **GREEDY)) != first_logprob(
         llm.chat(messages, logprobs=1, **GREEDY)
     )
+
+
+def test_a_tool_prompt_that_drops_the_image_says_so(llm):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    messages = user({"type": "image", "image": png((1, 2, 3))}, {"type": "text", "text": "Weather?"})
+    with pytest.raises(ImageError, match="the prompt of the chat template and the tools has 0 image placeholders"):
+        llm.chat(messages, tools=[weather], max_new_tokens=2)  # llama3's JSON tool prompt is text only
