@@ -51,11 +51,14 @@ def render_chat(
     llama3/llama4 formats, whose tool prompt also takes ``date_string`` and ``tools_in_user_message``."""
     _check_messages(messages)
     tools, tool_format = kwargs.pop("tools", None), kwargs.pop("tool_format", None)
+    image_token = kwargs.get("image_token")  # an image model's placeholder; a jinja template sees it as a variable
     # a named format's own jinja form (what `convert --to hf` writes) is that format, tool calling included
     template = _named_format_of(template)
     if template in ("llama2", "codellama"):
         if tools:
             raise ValueError(f"the {template} chat format has no tool calling; use a template that takes tools")
+        if any(_is_image(c) for m in messages if isinstance(m.get("content"), list) for c in m["content"]):
+            raise ValueError(f"the {template} chat format has no place for images")
         return _llama2(messages, add_generation_prompt)
     if template in ("llama3", "llama4"):
         generation = 3 if template == "llama3" else 4
@@ -66,8 +69,9 @@ def render_chat(
             messages = T.meta_messages(T.check_messages(messages), T.parse_tools(tools), generation, tool_format,
                                        kwargs.get("date_string"), in_user)  # fmt: skip
         if generation == 3:
-            return _headers(messages, add_generation_prompt, "<|start_header_id|>", "<|end_header_id|>", "_id|>", 3)
-        return _headers(messages, add_generation_prompt, "<|header_start|>", "<|header_end|>", "|>", 4)
+            return _headers(messages, add_generation_prompt, "<|start_header_id|>", "<|end_header_id|>", "_id|>", 3,
+                            image_token)  # fmt: skip
+        return _headers(messages, add_generation_prompt, "<|header_start|>", "<|header_end|>", "|>", 4, image_token)
     if "{" not in template:
         raise ValueError(
             f"unknown chat format {template!r}; choose one of {', '.join(NAMED_FORMATS)} or a jinja template"
@@ -91,6 +95,11 @@ def _check_messages(messages: Any) -> None:
     for n, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise ValueError(f"messages[{n}] must be a dict with a 'role' string, got {m!r}")
+
+
+def _is_image(part: Any) -> bool:
+    """An image part of a message's content, as HF's templates take it (``{"type": "image"}``)."""
+    return isinstance(part, Mapping) and part.get("type") == "image"
 
 
 def _text(message: Mapping[str, Any]) -> str:
@@ -137,7 +146,13 @@ def _llama2(messages: list[dict[str, Any]], add_generation_prompt: bool) -> list
 
 # --- Llama 3 and Llama 4 (Meta's ChatFormat) --------------------------------------------------------
 def _headers(
-    messages: list[dict[str, Any]], add_generation_prompt: bool, start: str, end: str, suffix: str, generation: int
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    start: str,
+    end: str,
+    suffix: str,
+    generation: int,
+    image_token: str | None = None,
 ) -> list[Part]:
     eot, eom = f"<|eot{suffix}", f"<|eom{suffix}"
 
@@ -152,9 +167,15 @@ def _headers(
             continue
         content = m.get("content")
         items = content if isinstance(content, list) else [content]
-        parts += [
-            (_text({"content": [c]}) if isinstance(c, Mapping) else ("" if c is None else str(c)), False) for c in items
-        ]
+        for c in items:
+            if _is_image(c):  # Meta's ChatFormat writes an image as its special token where the image is
+                if not image_token:
+                    raise ValueError("an image in the conversation needs an image model (it has no image token)")
+                parts.append((image_token, True))
+            else:
+                parts.append(
+                    (_text({"content": [c]}) if isinstance(c, Mapping) else ("" if c is None else str(c)), False)
+                )
         # End of message (<|eom|>) instead of end of turn: the model expects a tool result next.
         ends_message = m.get("stop_reason") == "end_of_message" or bool(m.get("eom"))
         if generation == 4 and m["role"] == "tool":

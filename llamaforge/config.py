@@ -52,6 +52,11 @@ class ModelConfig:
     attn_floor_scale: float = 8192.0
     attn_scale: float = 0.1
     attention_chunk_size: int | None = None  # RoPE layers attend within chunks of this many tokens
+    # Llama 3.2 Vision (Mllama): these layers are gated cross-attention blocks over the image (counted in n_layers,
+    # as Hugging Face counts them); the token table has extra rows past vocab_size for prompt-only tokens
+    # (``<|image|>``), which the output head cannot produce.
+    cross_attention_layers: tuple[int, ...] = ()
+    extra_token_rows: int = 0
     name: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -75,6 +80,13 @@ class ModelConfig:
         for key in ("multiple_of", "max_seq_len"):
             if getattr(self, key) <= 0:
                 problems.append(f"{key} must be positive, got {getattr(self, key)}")
+        bad_cross = [i for i in self.cross_attention_layers if not 0 <= i < self.n_layers]
+        if bad_cross:
+            problems.append(f"cross_attention_layers {bad_cross} outside 0..{self.n_layers - 1}")
+        if self.extra_token_rows < 0:
+            problems.append(f"extra_token_rows must not be negative, got {self.extra_token_rows}")
+        if self.extra_token_rows and self.tie_embeddings:
+            problems.append("extra_token_rows with tie_embeddings: the output head would have the extra rows")
         if problems:
             raise ValueError(f"invalid model config {self.name or ''}: " + "; ".join(problems))
 
@@ -108,6 +120,23 @@ class ModelConfig:
         hidden = int(hidden / 2)  # auto_scale_F with capacity factor 1: active params match a dense layer
         return _round_up(hidden, self.multiple_of)
 
+    @property
+    def token_rows(self) -> int:
+        """Rows of the token-embedding table: the vocabulary plus prompt-only tokens (Mllama's ``<|image|>``)."""
+        return self.vocab_size + self.extra_token_rows
+
+    def is_cross_layer(self, layer_id: int) -> bool:
+        return layer_id in self.cross_attention_layers
+
+    @property
+    def kv_layers(self) -> int:
+        """Layers with a KV cache: the self-attention ones (a cross-attention layer's keys are the image's)."""
+        return self.n_layers - len(set(self.cross_attention_layers))
+
+    def kv_layer(self, layer_id: int) -> int:
+        """The KV-cache index of self-attention layer `layer_id` (cross-attention layers take none)."""
+        return layer_id - sum(1 for i in set(self.cross_attention_layers) if i < layer_id)
+
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.n_experts > 0 and (layer_id + 1) % self.moe_every == 0
 
@@ -136,6 +165,8 @@ class ModelConfig:
             raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
         if isinstance(data.get("rope_scaling"), dict):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if isinstance(data.get("cross_attention_layers"), list):  # JSON has no tuples
+            data["cross_attention_layers"] = tuple(data["cross_attention_layers"])
         return cls(**data)
 
 

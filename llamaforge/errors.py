@@ -16,3 +16,8 @@ class TokenizerError(UserError, ValueError):
 class PeerLostError(UserError, RuntimeError):
     """Another process of a multi-process job crashed, was stopped or hangs: names this rank and what it saw.
     Not the user's input, but the CLI prints it the same way (no traceback: the cause is in the other's log)."""
+
+
+class ImageError(UserError, ValueError):
+    """An image that cannot be used: names the source (file, URL, data: URI, message part) and the problem (not an
+    image, truncated, too large, too many)."""

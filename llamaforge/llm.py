@@ -18,6 +18,7 @@ from .inference import Completion, Engine
 from .model import Transformer
 from .tokenizer import Tokenizer, load_tokenizer
 from .vision import VisionAdapter, load_vision
+from .vision.inputs import ImageLimits
 
 ENGINE_BATCH = 32  # requests the Python API's engine runs together (more are queued)
 
@@ -37,6 +38,7 @@ class LLM:
     format: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     vision: VisionAdapter | None = None  # an image model's image side (``llamaforge.vision``)
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # what generate/chat accept as images
     _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
     _engine_key: tuple = field(default=(), init=False, repr=False, compare=False)
 
@@ -89,39 +91,60 @@ class LLM:
         """Drop the engine and its KV cache (with every prefix it holds), e.g. to free the memory for training."""
         self._engine, self._engine_key = None, ()
 
-    def generate(self, prompt: Any, *, compile: bool = False, draft: LLM | None = None, speculative: str | None = None,
-                 num_speculative: int | None = None, max_batch: int = ENGINE_BATCH, cache_type: str | None = None,
+    def generate(self, prompt: Any, *, images: list[Any] | None = None, compile: bool = False,
+                 draft: LLM | None = None, speculative: str | None = None, num_speculative: int | None = None,
+                 max_batch: int = ENGINE_BATCH, cache_type: str | None = None,
                  **options: Any) -> Completion | list[Completion]:  # fmt: skip
         """Complete `prompt` (text or token ids), or a list of prompts together (a list of Completions).
         Options: the fields of ``SamplingParams`` and one output constraint (``json_schema=``, ``json_object=True``,
         ``regex=``, ``choice=[...]``, ``grammar=`` GBNF or Lark; ``llamaforge.inference.generate``); see ``engine``
-        for the rest."""
+        for the rest. `images` (an image model's; paths, bytes, data: URIs, PIL images): one per image token in
+        the prompt (``llm.vision.image_token``), or, when it has none, in front of it (``inference.image_prompt``)."""
         engine = self.engine(compile=compile, draft=draft, speculative=speculative, num_speculative=num_speculative,
                              max_batch=max_batch, cache_type=cache_type)  # fmt: skip
-        return inference.generate(engine, prompt, **options)
+        if images:
+            prompt, images = self._image_prompt(prompt, images)
+        return inference.generate(engine, prompt, images=images, **options)
 
-    def stream(self, prompt: Any, *, compile: bool = False, **options: Any) -> Iterator[str]:
+    def stream(self, prompt: Any, *, images: list[Any] | None = None, compile: bool = False,
+               **options: Any) -> Iterator[str]:  # fmt: skip
         """Yield the completion of `prompt` piece by piece (complete UTF-8) as it is generated."""
-        return inference.stream(self.engine(compile=compile), prompt, **options)
+        if images:
+            prompt, images = self._image_prompt(prompt, images)
+        return inference.stream(self.engine(compile=compile), prompt, images=images, **options)
+
+    def _image_prompt(self, prompt: Any, images: list[Any]) -> tuple[list[int], list[Any]]:
+        from .inference.generate import is_batch
+
+        if is_batch(prompt):
+            raise ValueError("images go with one prompt: give a batch of prompts without images, or one prompt")
+        return inference.image_prompt(self.tokenizer, prompt, self.vision, images, self.image_limits)
 
     def stream_events(self, prompt: Any, params: inference.SamplingParams | None = None, *,
                       compile: bool = False) -> Iterator[inference.Event]:  # fmt: skip
         """The events of one request (token ids, text, logprobs, finish_reason); closing the iterator cancels it."""
         return inference.stream_events(self.engine(compile=compile), prompt, params)
 
-    def chat(self, messages: list[dict[str, Any]], *, stream: bool = False,
+    def chat(self, messages: list[dict[str, Any]], *, images: list[Any] | None = None, stream: bool = False,
              **options: Any) -> Completion | Iterator[Any]:  # fmt: skip
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) in the model's chat format; ``stream=True``
         yields text pieces instead. Earlier turns come from the engine's prefix cache. With ``tools=[...]`` (and
         ``tool_choice``, ``parallel_tool_calls``, ``tool_format``) the Completion's ``tool_calls`` holds the calls
-        the model made (``inference.chat_with_tools``; streamed as ``tools.Delta`` pieces)."""
+        the model made (``inference.chat_with_tools``; streamed as ``tools.Delta`` pieces).
+
+        An image model takes images as content parts: ``{"type": "image", "image": <path | bytes | PIL image>}``
+        (HF's), ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`` (OpenAI's), or bare
+        ``{"type": "image"}`` parts filled from `images` in order (``inference.chat_prompt``)."""
         if any(options.get(k) is not None for k in inference.TOOL_OPTIONS):
             compile = options.pop("compile", False)
-            return inference.chat_with_tools(self.engine(compile=compile), messages, stream=stream, **options)
-        ids = inference.chat_prompt_ids(self.require_tokenizer(), messages)
+            if images:
+                raise ValueError("with tools, give the images in the messages' image parts")
+            return inference.chat_with_tools(self.engine(compile=compile), messages, stream=stream,
+                                             image_limits=self.image_limits, **options)  # fmt: skip
+        ids, loaded = inference.chat_prompt(self.require_tokenizer(), messages, self.vision, self.image_limits, images)
         if stream:
-            return self.stream(ids, **options)
-        return self.generate(ids, **options)
+            return self.stream(ids, images=loaded, **options)
+        return self.generate(ids, images=loaded, **options)
 
     def infill(self, prefix: str, suffix: str, *, suffix_first: bool = False, stream: bool = False,
                **options: Any) -> Completion | Iterator[str]:  # fmt: skip

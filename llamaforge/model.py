@@ -1,5 +1,5 @@
-"""The LLaMA family's math in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, and
-the Llama 4 mixture of experts.
+"""The LLaMA family's math in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, the
+Llama 4 mixture of experts, and Llama 3.2 Vision's gated cross-attention layers.
 
 Parameter names follow Meta's reference code (``wq/wk/wv/wo``, ``w1/w2/w3``, ``attention_norm``,
 ``ffn_norm``) so that Meta checkpoints load without renaming. Rotary embeddings rotate adjacent pairs
@@ -101,6 +101,7 @@ class Attention(nn.Module):
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
         self.floor_scale, self.attn_scale = config.attn_floor_scale, config.attn_scale
         self.layer_id = layer_id
+        self.cache_layer = config.kv_layer(layer_id)  # == layer_id unless cross-attention layers come before
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, mask: Tensor | None,
                 cache: KVCacheView | None) -> Tensor:  # fmt: skip
@@ -118,13 +119,87 @@ class Attention(nn.Module):
             q = (q * scale[:, :, None, None]).type_as(q)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # generation: store the new keys/values and attend over the cached ones
-            k, v = cache.update(self.layer_id, positions, k, v)
+            k, v = cache.update(self.cache_layer, positions, k, v)
         gqa = q.shape[1] != k.shape[1]
         if mask is None:  # plain causal attention over the given tokens (training, scoring)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# Cross-attention (Llama 3.2 Vision) -------------------------------------------------------------------
+class CrossAttentionInputs(Protocol):
+    """What a forward's gated cross-attention layers need for one batch (``llamaforge.vision.mllama`` builds it):
+    each cross layer's image keys and values, computed once per request, and which of them each query sees."""
+
+    @property
+    def mask(self) -> Tensor:
+        """[B, 1, T, S] bool, True = attend; every query row attends to at least one key."""
+        ...
+
+    @property
+    def row_mask(self) -> Tensor:
+        """[B, T, 1] in the activations' dtype: 1 where the token sees an image (Hugging Face's
+        ``full_text_row_masked_out_mask``), 0 where it sees none and the block's feed-forward output is dropped."""
+        ...
+
+    def keys_values(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Keys and values [B, Hkv, S, D] of cross layer `layer` over the images (``CrossAttention.image_keys_values``);
+        rows without images hold zeros, so the block leaves them unchanged."""
+        ...
+
+
+class CrossAttention(nn.Module):
+    """Attention from the text to the projected vision states; q and k are RMS-normalized per head, no RoPE."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dim_per_head
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+
+    def image_keys_values(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [N, Hkv, S, D] of projected vision states [N, S, dim]: computed once per image."""
+        N, S, _ = images.shape
+        k = self.k_norm(self.wk(images).view(N, S, -1, self.head_dim))
+        v = self.wv(images).view(N, S, -1, self.head_dim)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.wq(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           enable_gqa=q.shape[1] != k.shape[1])  # fmt: skip
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Llama 3.2 Vision's gated cross-attention layer: tanh gates on the attention and the feed-forward (zero at
+    initialization, so the text model starts unchanged). Names follow Meta's ``CrossAttentionTransformerBlock``.
+
+    As transformers computes it, a token that sees no image (before the first ``<|image|>``) still gets the
+    attention output (over all of its request's image keys); only its feed-forward output is dropped. (Meta's
+    reference drops both; conformance here is with transformers.)"""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = CrossAttention(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden_dim)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.gate_ffwd = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor, cross: CrossAttentionInputs) -> Tensor:
+        k, v = cross.keys_values(self.layer_id)
+        h = x + self.gate_attn.tanh() * self.attention(self.attention_norm(x), k, v, cross.mask)
+        return h + self.gate_ffwd.tanh() * (self.feed_forward(self.ffn_norm(h)) * cross.row_mask)
 
 
 # Feed-forward --------------------------------------------------------------------------------------
@@ -202,9 +277,12 @@ class Transformer(nn.Module):
         # Passing the (uninitialized) table skips nn.Embedding's own init: weights come from a checkpoint or
         # init_weights(), and random init of a meta tensor would import torch._dynamo (seconds) for nothing.
         self.tok_embeddings = nn.Embedding(
-            config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)
+            config.token_rows, config.dim, _weight=torch.empty(config.token_rows, config.dim)
         )
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            CrossAttentionBlock(config, i) if config.is_cross_layer(i) else TransformerBlock(config, i)
+            for i in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope_freqs", rope_frequencies(config), persistent=False)
@@ -241,10 +319,12 @@ class Transformer(nn.Module):
     # Forward --------------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, *, cache: KVCacheView | None = None,
                 attn_mask: Tensor | None = None, return_hidden: bool = False,
-                input_embeds: Tensor | None = None) -> Tensor:  # fmt: skip
+                input_embeds: Tensor | None = None, cross: CrossAttentionInputs | None = None) -> Tensor:  # fmt: skip
         """Logits [B, T, vocab] for tokens [B, T].
 
         ``input_embeds`` [B, T, dim] replaces the token embeddings (early-fused images: ``llamaforge.vision``).
+        ``cross`` gives the gated cross-attention layers their image keys and values (Llama 3.2 Vision); without it
+        those layers are skipped, as transformers skips them for text without images.
 
         A pipeline stage (``llamaforge.train.pipeline``) holds some of the blocks: without ``tok_embeddings`` it
         takes hidden states [B, T, dim] instead of tokens; without ``norm`` and ``output`` it returns hidden states.
@@ -275,6 +355,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.rope_freqs, positions)
         chunked = self._chunked_mask(positions, mask)
         for layer in self.layers:
+            if isinstance(layer, CrossAttentionBlock):
+                if cross is not None:
+                    x = layer(x, cross)
+                continue
             layer_mask = chunked if (chunked is not None and layer.attention.use_rope) else mask
             x = layer(x, cos, sin, positions, layer_mask, cache)
         if self.norm is None:

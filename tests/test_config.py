@@ -111,3 +111,14 @@ def test_dict_round_trip():
     assert isinstance(ModelConfig.from_dict(cfg.to_dict()).rope_scaling, RopeScaling)
     with pytest.raises(ValueError, match="bogus"):
         ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_cross_attention_layers_take_no_kv_cache_slot():
+    c = get_preset("tiny", n_layers=6, cross_attention_layers=(1, 4), extra_token_rows=8)
+    assert c.token_rows == c.vocab_size + 8 and c.kv_layers == 4
+    assert [c.kv_layer(i) for i in (0, 2, 3, 5)] == [0, 1, 2, 3]
+    assert ModelConfig.from_dict(c.to_dict() | {"cross_attention_layers": [1, 4]}) == c  # JSON gives a list
+    with pytest.raises(ValueError, match=r"cross_attention_layers \[6\] outside 0..5"):
+        c.replace(cross_attention_layers=(6,))
+    with pytest.raises(ValueError, match="extra_token_rows with tie_embeddings"):
+        c.replace(tie_embeddings=True)

@@ -177,6 +177,8 @@ def save_model(model: Transformer, path: str | os.PathLike, fmt: str, tokenizer=
     ``dtype``: a float dtype for the weights; for GGUF also a llama.cpp quantization mix such as ``"q4_k_m"``.
     """
     path = Path(path)
+    if model.config.cross_attention_layers:  # the text model alone would be a different, broken model
+        raise CheckpointError(f"{path}: writing Llama 3.2 Vision (cross-attention layers) as {fmt} is not supported")
     format_module(fmt).write(path, model.config, model_tensors(model), tokenizer=tokenizer, dtype=dtype)
     return path
 

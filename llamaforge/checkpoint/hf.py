@@ -5,7 +5,12 @@ Architectures: ``LlamaForCausalLM`` (LLaMA 1-3, Code Llama), and Llama 4's ``Lla
 conversion script write them: expert weights fused per layer (``experts.gate_up_proj`` [E, dim, 2 * hidden], the
 gate's columns first, and ``experts.down_proj`` [E, hidden, dim], Meta's own layout), a ``router`` and a
 ``shared_expert``, dense and MoE layers interleaved (``moe_layers`` / ``interleave_moe_layer_step``), NoPE layers
-(``no_rope_layers``), chunked attention on the RoPE layers, QK norm and attention temperature tuning.
+(``no_rope_layers``), chunked attention on the RoPE layers, QK norm and attention temperature tuning. And Llama 3.2
+Vision's ``MllamaForConditionalGeneration``: its language model (self-attention layers and the gated cross-attention
+layers of ``cross_attention_layers``, a token table with 8 rows past the vocabulary for ``<|image|>``) loads here;
+its vision tensors are read by ``llamaforge.vision.mllama`` through ``read_prefixed``. Both key layouts are
+read: ``language_model.model.*`` / ``vision_model.*`` (transformers 4.x, and what 5.x writes) and 5.x's in-memory
+``model.language_model.*`` / ``model.vision_model.*``.
 
 Hugging Face's Llama stores the rows of q and k permuted so that rotary embeddings can rotate the two
 halves of each head (``rotate_half``); llamaforge rotates adjacent pairs as Meta does, so q and k are
@@ -35,7 +40,10 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 5_000_000_000  # Hugging Face's default shard size ("5GB")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Llama4ForCausalLM", "Llama4ForConditionalGeneration")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Llama4ForCausalLM", "Llama4ForConditionalGeneration",
+                           "MllamaForConditionalGeneration")  # fmt: skip
+MLLAMA = "MllamaForConditionalGeneration"
+MLLAMA_EXTRA_ROWS = 8  # transformers' MllamaTextModel: embed_tokens has vocab_size + 8 rows (<|image|> is the first)
 _LLAMA4_TYPES = {"llama4": "Llama4ForConditionalGeneration", "llama4_text": "Llama4ForCausalLM"}
 
 # Hugging Face name -> llamaforge name; {i} is the layer index.
@@ -49,6 +57,17 @@ _LAYER_NAMES = {
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+# Mllama's gated cross-attention layers (the norms and the MLP are named as in the self-attention layers).
+_CROSS_LAYER_NAMES = {
+    "cross_attn.q_proj.weight": "attention.wq.weight",
+    "cross_attn.k_proj.weight": "attention.wk.weight",
+    "cross_attn.v_proj.weight": "attention.wv.weight",
+    "cross_attn.o_proj.weight": "attention.wo.weight",
+    "cross_attn.q_norm.weight": "attention.q_norm.weight",
+    "cross_attn.k_norm.weight": "attention.k_norm.weight",
+    "cross_attn_attn_gate": "gate_attn",
+    "cross_attn_mlp_gate": "gate_ffwd",
 }
 _GLOBAL_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -74,9 +93,12 @@ _OUR_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 # Buffers some old exports carry; they are recomputed, never loaded.
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-# Llama4ForConditionalGeneration's image side: not the language model's; ``llamaforge.vision.llama4`` reads them
-# (``read_prefixed``), as llama.cpp keeps them out of the text model's GGUF (in a separate mmproj file).
-_VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+# The image side of Llama4ForConditionalGeneration and Mllama checkpoints (either key layout: transformers 5 puts
+# Mllama's under ``model.``): not the language model's; ``llamaforge.vision`` reads them (``read_prefixed``), as
+# llama.cpp keeps them out of the text model's GGUF (in a separate mmproj file).
+VISION_PREFIXES = tuple(
+    f"{root}{part}" for root in ("", "model.") for part in ("vision_model.", "multi_modal_projector.")
+)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -113,8 +135,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
         raise CheckpointError(f"{file}: 'architectures' must be a list of strings, got {architectures!r}")
     known = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
-    if not known and not architectures and model_type in ("llama", *_LLAMA4_TYPES):
-        known = [_LLAMA4_TYPES.get(model_type, "LlamaForCausalLM")]
+    if not known and not architectures and model_type in ("llama", "mllama", *_LLAMA4_TYPES):
+        known = [{**_LLAMA4_TYPES, "mllama": MLLAMA}.get(model_type, "LlamaForCausalLM")]
     if not known:
         raise CheckpointError(
             f"{file}: unsupported architecture {architectures or model_type!r} "
@@ -128,6 +150,8 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         config = config_from_hf_llama4(text, file, name)
     elif known[0] == "Llama4ForCausalLM":
         config = config_from_hf_llama4(data, file, name)
+    elif known[0] == MLLAMA:
+        config = config_from_hf_mllama(data, file, name)
     else:
         config = config_from_hf(data, file, name=name)
     config.extra["architecture"] = known[0]
@@ -244,6 +268,29 @@ def config_from_hf_llama4(data: Mapping[str, Any], file: Path | str, name: str =
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{file}: {exc}") from None
+
+
+def config_from_hf_mllama(data: Mapping[str, Any], file: Path | str, name: str = "") -> ModelConfig:
+    """The language model of an MllamaConfig: its ``text_config`` with the cross-attention layers (counted in
+    ``num_hidden_layers``) and the token table's extra rows; ``extra["image_token_id"]`` is ``<|image|>``'s id."""
+    text = data.get("text_config")
+    if not isinstance(text, dict):
+        raise CheckpointError(f"{file}: a {MLLAMA} config needs a 'text_config' object")
+    base = config_from_hf(text, file, name)
+    layers = text.get("cross_attention_layers")
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise CheckpointError(f"{file}: text_config.cross_attention_layers must be a list of layer indices, "
+                              f"got {layers!r}")  # fmt: skip
+    image_token = data.get("image_token_index", data.get("image_token_id", base.vocab_size))
+    if not isinstance(image_token, int) or not 0 <= image_token < base.vocab_size + MLLAMA_EXTRA_ROWS:
+        raise CheckpointError(f"{file}: image_token_index {image_token!r} is outside the token table "
+                              f"(0..{base.vocab_size + MLLAMA_EXTRA_ROWS - 1})")  # fmt: skip
+    try:
+        config = base.replace(cross_attention_layers=tuple(layers), extra_token_rows=MLLAMA_EXTRA_ROWS)
+    except ValueError as exc:
+        raise CheckpointError(f"{file}: {exc}") from None
+    config.extra["image_token_id"] = image_token
+    return config
 
 
 def _rope_scaling_from_hf(rope: Mapping[str, Any], file: Path | str) -> RopeScaling | None:
@@ -371,6 +418,8 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def _prefixes(architecture: str | None) -> tuple[str, ...]:
+    if architecture == MLLAMA:  # language_model.model.* + language_model.lm_head (4.x), or 5.x's layout
+        return ("language_model.", "model.language_model.", "")
     return ("language_model.",) if architecture == "Llama4ForConditionalGeneration" else ("",)
 
 
@@ -378,14 +427,14 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
     path = Path(path)
     layout = _Layout(config, _prefixes(config.extra.get("architecture")))
     q_rows, k_rows = config.n_heads * config.dim_per_head, config.kv_heads * config.dim_per_head
-    multimodal = config.extra.get("architecture") == "Llama4ForConditionalGeneration"
+    multimodal = config.extra.get("architecture") in ("Llama4ForConditionalGeneration", MLLAMA)
     for file in weight_files(path):
         with _open(file) as handle:
             names = list(handle.keys())
         for hf_name in names:
             if _IGNORED.fullmatch(hf_name):
                 continue
-            if multimodal and hf_name.startswith(_VISION_PREFIXES):
+            if multimodal and hf_name.startswith(VISION_PREFIXES):
                 continue
             name = layout.from_hf(hf_name)
             if name is None:
@@ -408,7 +457,7 @@ def read_tensors(path: str | os.PathLike, config: ModelConfig) -> Iterator[tuple
                 del tensor, gate, up
                 continue
             # A wrong row count is left for the loader's shape check to report.
-            if layout.permute_qk and tensor.dim() == 2:
+            if layout.permute_qk and tensor.dim() == 2 and not layout.is_cross(name):  # cross-attention has no RoPE
                 if name.endswith("attention.wq.weight") and tensor.shape[0] == q_rows:
                     tensor = permute_from_hf(tensor, config.n_heads)
                 elif name.endswith("attention.wk.weight") and tensor.shape[0] == k_rows:
@@ -448,11 +497,20 @@ class _Layout:
 
     def __init__(self, config: ModelConfig, prefixes: tuple[str, ...] = ("",)) -> None:
         self.llama4 = config.is_llama4
+        self.config = config
         self.architecture = "Llama4ForCausalLM" if self.llama4 else "LlamaForCausalLM"
         self.layer_names = _LLAMA4_LAYER_NAMES if self.llama4 else _LAYER_NAMES
+        if config.cross_attention_layers:
+            self.architecture = MLLAMA
+            self.layer_names = {**_LAYER_NAMES, **_CROSS_LAYER_NAMES}
         self.to_hf_layer = {ours: theirs for theirs, ours in self.layer_names.items()}
         self.permute_qk = not self.llama4
         self.prefixes = prefixes  # "language_model." for Llama4ForConditionalGeneration
+
+    def is_cross(self, name: str) -> bool:
+        """Whether our tensor `name` belongs to a cross-attention layer."""
+        match = _OUR_LAYER.fullmatch(name)
+        return bool(match) and self.config.is_cross_layer(int(match.group(1)))
 
     def from_hf(self, name: str) -> str | tuple[str, str] | None:
         """Our name for the HF tensor `name` (a pair for the fused expert gate/up), or None when unknown."""
@@ -460,11 +518,17 @@ class _Layout:
             if not name.startswith(prefix):
                 continue
             rest = name[len(prefix) :]
+            if prefix == "model.language_model.":  # transformers 5: model.language_model.{layers,embed_tokens,norm}
+                rest = "model." + rest
             if rest in _GLOBAL_NAMES:
                 return _GLOBAL_NAMES[rest]
             match = _HF_LAYER.fullmatch(rest)
             if match and match.group(2) in self.layer_names:
-                return f"layers.{match.group(1)}.{self.layer_names[match.group(2)]}"
+                layer = int(match.group(1))
+                cross = match.group(2) in _CROSS_LAYER_NAMES
+                if cross != self.config.is_cross_layer(layer) and not match.group(2).startswith(_SHARED_LAYER_PARTS):
+                    return None  # a cross-attention tensor in a self-attention layer or the other way round
+                return f"layers.{layer}.{self.layer_names[match.group(2)]}"
             if match and self.llama4 and match.group(2) == _GATE_UP:
                 w1, w3 = _GATE_UP_PARTS
                 return f"layers.{match.group(1)}.{w1}", f"layers.{match.group(1)}.{w3}"
@@ -483,6 +547,7 @@ class _Layout:
 
 
 _TO_HF_GLOBAL = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
+_SHARED_LAYER_PARTS = ("mlp.", "input_layernorm.", "post_attention_layernorm.")  # in both kinds of Mllama layer
 
 
 # Writing ----------------------------------------------------------------------------------------
@@ -590,5 +655,5 @@ def _token_ids_from_tokenizer(data: dict[str, Any], tokenizer: Any) -> None:
                 break
 
 
-__all__ = ["config_from_hf", "config_from_hf_llama4", "config_to_hf", "config_to_hf_llama4", "detect",
-           "permute_from_hf", "permute_to_hf", "read_config", "read_prefixed", "read_tensors", "write"]  # fmt: skip
+__all__ = ["config_from_hf", "config_from_hf_llama4", "config_from_hf_mllama", "config_to_hf", "config_to_hf_llama4",
+           "detect", "permute_from_hf", "permute_to_hf", "read_config", "read_prefixed", "read_tensors", "write"]  # fmt: skip

@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", "-p", required=True, help="the text to continue ('-' reads stdin)")
     p.add_argument("--suffix", help="fill in the middle: print the text that goes between --prompt and SUFFIX "
                    "(Code Llama's <PRE> <SUF> <MID> infilling, or the model vocabulary's FIM tokens)")  # fmt: skip
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image for an image model (a file or an http(s) URL; repeatable): each goes where the "
+                        "prompt has the model's image token (<|image|>), or, when it has none, in front of the "
+                        "prompt")  # fmt: skip
     _sampling_args(p, temperature=0.7)
     p.add_argument("--logprobs", type=int, metavar="N", help="also print each token's logprob and the top N")
     g = p.add_argument_group("output constraints (at most one)")
@@ -53,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("chat", help="talk with a model in its chat format",
                               description="Interactive chat. Commands: /reset (forget the conversation), /system "
-                              "TEXT (set the system prompt and reset), /exit. Ctrl-D or Ctrl-C at the prompt quits; "
-                              "Ctrl-C while the model answers stops the answer.")  # fmt: skip
+                              "TEXT (set the system prompt and reset), /image PATH (an image model: attach an image "
+                              "to your next message), /exit. Ctrl-D or Ctrl-C at the prompt quits; Ctrl-C while the "
+                              "model answers stops the answer.")  # fmt: skip
     add_model_arguments(p)
     _sampling_args(p, temperature=0.7, max_new_tokens=512)
     add_speculative_arguments(p)
@@ -144,6 +149,13 @@ def speculative_options(args: argparse.Namespace) -> dict[str, Any]:
     draft = load_for_cli(args, model=args.draft_model) if args.draft_model else None
     return {"draft": draft, "speculative": "ngram" if args.speculative_ngram else None,
             "num_speculative": args.num_speculative, "cache_type": args.cache_type}  # fmt: skip
+
+
+def _cli_image_limits() -> Any:
+    from ..vision.inputs import ImageLimits
+
+    # A URL typed on the command line is the user's own choice: fetch it (a server's clients need --allow-image-urls).
+    return ImageLimits(allow_urls=True)
 
 
 def _sampling_args(p: argparse.ArgumentParser, temperature: float, max_new_tokens: int = 256) -> None:
@@ -249,6 +261,7 @@ def _constraint_processor(llm: Any, constraint: dict[str, Any]) -> list:
 def _generate(args: argparse.Namespace) -> int:
     from ..inference import (
         PromptCacheError,
+        image_prompt,
         infill_prompt_ids,
         load_prompt_cache,
         prompt_ids,
@@ -258,6 +271,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args, logprobs=args.logprobs)
     constraint = _constraint(args)
+    if args.image and (args.suffix is not None or args.prompt_cache):
+        other = "--suffix" if args.suffix is not None else "--prompt-cache"
+        raise UserError(f"--image does not combine with {other}")
     tp = start_tensor_parallel(args)
     if tp is not None and not tp.is_leader:  # the other ranks run rank 0's steps on their part of the model
         from ..inference.tensor_parallel import follow
@@ -268,8 +284,11 @@ def _generate(args: argparse.Namespace) -> int:
     llm = load_for_cli(args) if tp is None else load_sharded_for_cli(args, tp)
     params = params.replace(logits_processors=_constraint_processor(llm, constraint))
     engine = llm.engine(compile=args.compile, **speculative_options(args))
+    images: list = []
     if args.suffix is not None:
         ids = infill_prompt_ids(llm.tokenizer, prompt, args.suffix)
+    elif args.image:
+        ids, images = image_prompt(llm.tokenizer, prompt, llm.vision, args.image, _cli_image_limits())
     else:
         ids = prompt_ids(llm.tokenizer, prompt)
     cache_file = Path(args.prompt_cache) if args.prompt_cache else None
@@ -281,7 +300,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise UserError(f"--prompt-cache: {exc}") from None
     start = time.perf_counter()
     tokens, logprobs, parts, finish = [], [], [], None
-    for ev in stream_events(engine, ids, params):
+    for ev in stream_events(engine, ids, params, images):
         tokens += ev.token_ids
         logprobs += ev.logprobs or []
         finish = ev.finish_reason or finish
@@ -319,22 +338,26 @@ def _print_logprobs(entries: list) -> None:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from ..inference import chat_prompt_ids, stream_events
+    from ..inference import chat_prompt, stream_events
+    from ..vision.inputs import load_image
 
     params = _sampling_params(args)
     llm = load_for_cli(args)
     tokenizer = llm.require_tokenizer()
+    limits = _cli_image_limits()
     # One engine for the session: each turn's prompt starts with the previous ones, whose cache it reuses.
     engine = llm.engine(compile=args.compile, **speculative_options(args))
     interactive = sys.stdin.isatty()
     if interactive:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401 - line editing and history for input()
-        print(f"Chatting with {args.model}. /reset, /system TEXT, /exit; Ctrl-D to quit.", file=sys.stderr)
+        images = ", /image PATH" if llm.vision is not None else ""
+        print(f"Chatting with {args.model}. /reset, /system TEXT{images}, /exit; Ctrl-D to quit.", file=sys.stderr)
     system = args.system
-    history: list[dict[str, str]] = []
+    history: list[dict[str, Any]] = []
+    attached: list[Any] = []  # images for the next user message (/image)
 
-    def messages() -> list[dict[str, str]]:
+    def messages() -> list[dict[str, Any]]:
         return ([{"role": "system", "content": system}] if system else []) + history
 
     while True:
@@ -351,20 +374,40 @@ def _chat(args: argparse.Namespace) -> int:
             return 0
         if text == "/reset":
             history.clear()
+            attached.clear()
             print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text == "/image" or text.startswith("/image "):
+            try:
+                if llm.vision is None:
+                    raise UserError(f"{args.model} takes no images (it has no vision encoder)")
+                path = text[len("/image") :].strip()
+                if not path:
+                    raise UserError("/image needs a file: /image PATH")
+                limits.check_count(len(attached) + 1, "your next message")
+                attached.append(load_image(path, limits))
+            except (UserError, ValueError) as exc:  # a bad path or image: say so, keep the session
+                print(f"error: {exc}", file=sys.stderr)
+                continue
+            print(f"(image {len(attached)} attached to your next message)", file=sys.stderr)
             continue
         if text.startswith("/system"):
             system = text[len("/system") :].strip() or None
             history.clear()
             print("(system prompt set; conversation cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
+        content: Any = line
+        if attached:  # the images first, then the text, as Llama 3.2 Vision's and Llama 4's examples have them
+            content = [*({"type": "image", "image": image} for image in attached), {"type": "text", "text": line}]
+        history.append({"role": "user", "content": content})
         try:
-            events = stream_events(engine, chat_prompt_ids(tokenizer, messages()), params)
+            ids, images = chat_prompt(tokenizer, messages(), llm.vision, limits)
+            events = stream_events(engine, ids, params, images)
         except ValueError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             history.pop()
             print(f"error: {exc} (use /reset)", file=sys.stderr)
             continue
+        attached.clear()
         reply = []
         try:
             for ev in events:

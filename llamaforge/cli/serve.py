@@ -88,6 +88,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="time a chat template may take to render before the request gets HTTP 400 (default 2)",
     )
+    g = p.add_argument_group("images (image models: image_url parts of chat messages)")
+    g.add_argument("--allow-image-urls", action="store_true",
+                   help="fetch http(s) image URLs (off: only data: URIs; the server then makes requests on a "
+                        "client's behalf, to any address it can reach)")  # fmt: skip
+    g.add_argument("--max-images", type=int, help="images per request (default 8)")
+    g.add_argument("--max-image-mb", type=float,
+                   help="largest image in MiB, encoded (default 20); data: URIs count against --max-body-mb "
+                        "too")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C, seconds running requests get to finish before being cancelled")  # fmt: skip
     p.add_argument("--no-webui", dest="webui", action="store_false",
@@ -155,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         flag = "--" + str(exc).split(" ", 1)[0].replace("_", "-")
         raise UserError(f"{flag}: {str(exc).split(' ', 1)[1]}") from None
+    image_limits = _image_limits(args)
     name = args.served_model_name or (Path(args.model).name if Path(args.model).exists() else args.model)
     config = ServerConfig(model_name=name, api_key=args.api_key or None, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_seq_len=args.max_seq_len,
@@ -163,7 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
                           prefix_caching=args.prefix_caching, speculative_ngram=args.speculative_ngram,
                           num_speculative=args.num_speculative, slot_save_path=args.slot_save_path,
                           cache_type=args.cache_type, webui=args.webui, tool_format=args.tool_format,
-                          limits=limits)  # fmt: skip
+                          limits=limits, image_limits=image_limits)  # fmt: skip
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     draft_loader = (lambda: load_for_cli(args, model=args.draft_model)) if args.draft_model else None
     loader = (lambda: load_for_cli(args)) if tp is None else (lambda: load_sharded_for_cli(args, tp))
@@ -176,6 +185,21 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"llamaforge serve: {name} on {url}{page} (loading the model...)", file=sys.stderr)
     server.run()
     return 0
+
+
+def _image_limits(args: argparse.Namespace) -> Any:
+    from ..vision.inputs import ImageLimits
+
+    given: dict[str, Any] = {"allow_files": False, "allow_urls": args.allow_image_urls}  # never a server-side path
+    if args.max_images is not None:
+        if args.max_images < 1:
+            raise UserError(f"--max-images must be >= 1, got {args.max_images}")
+        given["max_images"] = args.max_images
+    if args.max_image_mb is not None:
+        if not args.max_image_mb > 0:
+            raise UserError(f"--max-image-mb must be positive, got {args.max_image_mb}")
+        given["max_bytes"] = int(args.max_image_mb * 2**20)
+    return ImageLimits(**given)
 
 
 def _make_server(config: Any, state: Any) -> Any:

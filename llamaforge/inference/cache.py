@@ -149,7 +149,7 @@ class PagedKVCache:
         ref = model.tok_embeddings.weight
         dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
         num_blocks = -(-num_tokens // block_size) + 1
-        cache = cls(config.n_layers, _kv_heads(model), config.dim_per_head, num_blocks, block_size=block_size,
+        cache = cls(config.kv_layers, _kv_heads(model), config.dim_per_head, num_blocks, block_size=block_size,
                     dtype=dtype, device=ref.device, prefix_caching=prefix_caching)  # fmt: skip
         tp = getattr(model, "tensor_parallel", None)
         if tp is not None and tp.is_leader:  # a split model's leader: its copies are the other ranks' too
@@ -172,7 +172,7 @@ class PagedKVCache:
         c = model.config
         name, storage = cache_storage(dtype)
         row = c.dim_per_head + c.dim_per_head // 16 if name == "q8_0" else c.dim_per_head
-        return 2 * c.n_layers * _kv_heads(model) * row * torch.empty((), dtype=storage).element_size()
+        return 2 * c.kv_layers * _kv_heads(model) * row * torch.empty((), dtype=storage).element_size()
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -320,7 +320,8 @@ class Engine:
         """Queue a request; returns its handle. Raises ValueError when the prompt cannot fit, or when `images`
         (one per image placeholder of the prompt, in order; ``llamaforge.vision``) do not suit this model."""
         params = params or SamplingParams()
-        ids = check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, self.config.vocab_size)
+        # The token table may have rows past the vocabulary for prompt-only tokens (Mllama's <|image|>).
+        ids = check_ids(self.encode(prompt) if isinstance(prompt, str) else prompt, self.config.token_rows)
         state = None
         if images:
             if self.vision is None:

@@ -23,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ..vision import Image
+from ..vision.inputs import ImageLimits
 from .engine import Completion, Engine, Event
-from .prompts import chat_prompt_ids, check_fits, prompt_ids
+from .prompts import chat_prompt, check_fits, prompt_ids
 from .sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -66,15 +68,19 @@ def is_batch(prompt: Any) -> bool:
     return isinstance(prompt, (list, tuple)) and bool(prompt) and not all(isinstance(t, int) for t in prompt)
 
 
-def generate(engine: Engine, prompt: Prompt | Sequence[Prompt], **options: Any) -> Completion | list[Completion]:
+def generate(engine: Engine, prompt: Prompt | Sequence[Prompt], images: Sequence[Image] | None = None,
+             **options: Any) -> Completion | list[Completion]:  # fmt: skip
     """Complete one prompt (text or token ids) or a batch of them (a list of prompts -> a list of Completions,
-    generated together, ``engine.max_batch`` at a time)."""
+    generated together, ``engine.max_batch`` at a time). `images`: one prompt's images, one per image placeholder
+    in its ids (``prompts.image_prompt`` builds both)."""
     make_params = request_params(engine, options)
     batched = is_batch(prompt)
+    if batched and images:
+        raise ValueError("images go with one prompt: give a batch of prompts without images, or one prompt")
     prompts = [prompt_ids(engine.tokenizer, p) for p in (prompt if batched else [prompt])]
     for ids in prompts:
         check_fits(ids, engine.max_seq_len)
-    handles = [engine.add(ids, make_params()) for ids in prompts]
+    handles = [engine.add(ids, make_params(), images=images) for ids in prompts]
     try:
         results = engine.run(handles)
     except BaseException:
@@ -84,12 +90,13 @@ def generate(engine: Engine, prompt: Prompt | Sequence[Prompt], **options: Any) 
     return results if batched else results[0]
 
 
-def stream_events(engine: Engine, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[Event]:
+def stream_events(engine: Engine, prompt: Prompt, params: SamplingParams | None = None,
+                  images: Sequence[Image] | None = None) -> Iterator[Event]:  # fmt: skip
     """The events of one request as they come (text, token ids, logprobs; the last one carries the
     finish_reason). Errors in the prompt raise here, before the first ``next()``."""
     ids = prompt_ids(engine.tokenizer, prompt)
     check_fits(ids, engine.max_seq_len)
-    handle = engine.add(ids, params or SamplingParams())
+    handle = engine.add(ids, params or SamplingParams(), images=images)
     return _events(engine, handle)
 
 
@@ -105,14 +112,14 @@ def _events(engine: Engine, handle: int) -> Iterator[Event]:
         engine.forget(handle)  # frees the request's slot and blocks when the consumer stopped early
 
 
-def stream(engine: Engine, prompt: Prompt, **options: Any) -> Iterator[str]:
+def stream(engine: Engine, prompt: Prompt, images: Sequence[Image] | None = None, **options: Any) -> Iterator[str]:
     """The completion of one prompt as text pieces (complete UTF-8) as they are generated."""
-    return (ev.text for ev in stream_events(engine, prompt, request_params(engine, options)()) if ev.text)
+    return (ev.text for ev in stream_events(engine, prompt, request_params(engine, options)(), images) if ev.text)
 
 
 def chat_with_tools(engine: Engine, messages: list[dict[str, Any]], *, stream: bool = False, tools: Any = None,
                     tool_choice: Any = None, parallel_tool_calls: bool = True, tool_format: str | None = None,
-                    **options: Any) -> Completion | Iterator[Any]:  # fmt: skip
+                    image_limits: ImageLimits | None = None, **options: Any) -> Completion | Iterator[Any]:  # fmt: skip
     """Answer a conversation with tools; see the module docstring."""
     from ..tools import Delta, ToolStream, check_messages, plan_tools
 
@@ -121,10 +128,10 @@ def chat_with_tools(engine: Engine, messages: list[dict[str, Any]], *, stream: b
         raise ValueError("this model has no tokenizer, so it has no chat format")
     plan = plan_tools(tokenizer.chat_template or tokenizer.chat_format, tools, tool_choice, parallel_tool_calls,
                       tool_format)  # fmt: skip
-    ids = chat_prompt_ids(tokenizer, check_messages(messages), **plan.render_options)
+    ids, images = chat_prompt(tokenizer, check_messages(messages), engine.vision, image_limits, **plan.render_options)
     if plan.grammar is not None:
         options["grammar"] = plan.grammar
-    events = stream_events(engine, ids, request_params(engine, options)())
+    events = stream_events(engine, ids, request_params(engine, options)(), images)
     parser = plan.parser()
     reader = ToolStream(tokenizer, parser, engine.stop_ids, ids[-6:]) if parser is not None else None
 

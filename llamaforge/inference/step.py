@@ -44,6 +44,8 @@ COMPILED_KEYS = 256  # compiled steps: key positions (block-table width) in mult
 def unsupported_reason(model: Transformer) -> str | None:
     """Why ``FastForward`` cannot run this model, or None when it can."""
     c = model.config
+    if c.cross_attention_layers:
+        return "gated cross-attention layers (Llama 3.2 Vision)"
     if c.n_experts:
         return "mixture-of-experts layers"
     if c.use_qk_norm or c.attn_temperature_tuning or c.attention_chunk_size is not None:

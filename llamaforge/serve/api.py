@@ -38,21 +38,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..constrain import Constrainer, GrammarError
 from ..embeddings import embed_ids
+from ..errors import ImageError
 from ..inference import (
     PREFILL_BUDGET,
     Engine,
     PromptCacheError,
     SamplingParams,
     TokenLogprob,
-    chat_prompt_ids,
+    chat_prompt_sources,
     encode_prompt,
     infill_prompt_ids,
+    load_image_sources,
     load_prompt_cache,
     make_speculator,
     save_prompt_cache,
 )
 from ..tokenizer import clean_text
 from ..tools import ToolError, ToolPlan, ToolStream, check_messages, has_tool_calls
+from ..vision.inputs import ImageLimits
 from . import schemas as S
 from .engine import AsyncEngine, QueueFullError, ShuttingDownError, Submission
 from .limits import Limits, StreamCounter, client_key
@@ -104,6 +107,8 @@ class ServerConfig:
     webui: bool = True  # the chat page at /
     tool_format: str | None = None  # Meta formats: "json" or "pythonic" tool calls (default: the family's own)
     limits: Limits = field(default_factory=Limits)  # prompt length, n x max_tokens, streams per key, template time
+    # images in image_url parts: data: URIs (http(s) URLs with allow_urls), never a path on this machine
+    image_limits: ImageLimits = field(default_factory=lambda: ImageLimits(allow_files=False))
 
 
 # The guard: auth, body size, request metrics ------------------------------------------------------------
@@ -309,20 +314,36 @@ def _params(state: ServerState, req: S._Sampling, max_new: int, logprobs: int | 
     return sampling_params(req, max_new, logprobs, choice, state.llm.config.vocab_size, constraint)
 
 
-def _chat_ids(state: ServerState, messages: list[S.ChatMessage], plan: ToolPlan | None = None) -> list[int]:
+def _chat_ids(state: ServerState, messages: list[S.ChatMessage],
+              plan: ToolPlan | None = None) -> tuple[list[int], list[Any]]:  # fmt: skip
+    """The conversation's prompt ids and its images' sources (``_load_images`` loads them)."""
     chat = chat_messages(messages)
+    options = plan.render_options if plan is not None else {}
     try:
         if plan is not None or has_tool_calls(chat):
             chat = check_messages(chat)
         with state.config.limits.templates():
-            return chat_prompt_ids(state.tokenizer(), chat, **(plan.render_options if plan is not None else {}))
+            return chat_prompt_sources(state.tokenizer(), chat, state.llm.vision, state.config.image_limits, **options)
     except APIError:
         raise
     except ToolError as exc:
         raise bad(str(exc), param=exc.param) from None
+    except ImageError as exc:
+        raise bad(str(exc), param="messages", code="invalid_image") from None
     except ValueError as exc:
         raise bad(f"cannot format the conversation with the model's chat template: {exc}",
                    param="messages") from None  # fmt: skip
+
+
+async def _load_images(state: ServerState, sources: list[Any]) -> list[Any] | None:
+    """The request's images decoded off the event loop (a download or a large image takes a while); each bad one
+    a 400 naming its message part and the problem."""
+    if not sources:
+        return None
+    try:
+        return await asyncio.to_thread(load_image_sources, sources, state.config.image_limits)
+    except ImageError as exc:
+        raise bad(str(exc), param="messages", code="invalid_image") from None
 
 
 def _infill_ids(state: ServerState, prefix: str, suffix: str, param: str = "suffix") -> list[int]:
@@ -384,11 +405,12 @@ def _engine_error(exc: BaseException) -> APIError:
 
 
 def _submit(engine: AsyncEngine, items: list[tuple[list[int], SamplingParams]], sink: asyncio.Queue,
-            state: ServerState | None = None, stream_key: str | None = None) -> list[Submission]:  # fmt: skip
+            state: ServerState | None = None, stream_key: str | None = None,
+            images: list[Any] | None = None) -> list[Submission]:  # fmt: skip
     """Submit the choices; a refused submission gives back the stream place that `stream_key` holds."""
     submitted = False
     try:
-        subs = engine.submit(items, sink)
+        subs = engine.submit(items, sink, images)
         submitted = True
         return subs
     except QueueFullError as exc:
@@ -581,7 +603,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         if (body.prompt is None) == (body.messages is None):
             raise bad("give exactly one of 'prompt' and 'messages'", param="prompt")
         if body.messages is not None:
-            ids = _chat_ids(state, body.messages)
+            ids, _ = _chat_ids(state, body.messages)  # the placeholders of any images, as the prompt has them
         elif body.add_special_tokens:
             ids = encode_prompt(tokenizer, body.prompt)
         else:
@@ -768,7 +790,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
         if body.top_logprobs is not None and not body.logprobs:
             raise bad("top_logprobs requires logprobs=true", param="top_logprobs")
         plan = tool_plan(state.tokenizer(), body, config.tool_format)
-        ids = _chat_ids(state, body.messages, plan)
+        ids, sources = _chat_ids(state, body.messages, plan)
         limit = _context_limit(state)
         check_fits(ids, limit, "messages")
         config.limits.check_prompt(ids, "messages")
@@ -777,6 +799,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
             raise bad(f"n={body.n} is more than this server can hold at once ({engine.capacity})", param="n")
         grammar = grammar_for(body, plan.grammar if plan is not None else None)
         await _prepare(state, grammar)
+        images = await _load_images(state, sources)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         items = [(ids, _params(state, body, max_new, logprobs, j, grammar)) for j in range(body.n)]
         rid, created = S.new_id("chatcmpl"), S.now()
@@ -789,7 +812,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
 
         sink: asyncio.Queue = asyncio.Queue()
         stream_key = state.open_stream(request) if body.stream else None
-        subs = _submit(engine, items, sink, state, stream_key)
+        subs = _submit(engine, items, sink, state, stream_key, images)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             counts = [0] * body.n

@@ -53,6 +53,7 @@ class Submission:
     last_token_at: float | None = None
     tokens: int = 0
     scoring: bool = False  # a prompt-scoring request (AsyncEngine.score): kept out of the generation metrics
+    images: Sequence[Any] | None = None  # the request's images (vision.Image), one per placeholder in prompt_ids
 
 
 class AsyncEngine:
@@ -87,8 +88,10 @@ class AsyncEngine:
         """Requests accepted but not yet holding a slot."""
         return max(0, self.active - self.running)
 
-    def submit(self, items: Sequence[tuple[list[int], SamplingParams]], sink: asyncio.Queue) -> list[Submission]:
-        """Queue generations (all or none); their events arrive on `sink` as (index in items, Event)."""
+    def submit(self, items: Sequence[tuple[list[int], SamplingParams]], sink: asyncio.Queue,
+               images: Sequence[Any] | None = None) -> list[Submission]:  # fmt: skip
+        """Queue generations (all or none); their events arrive on `sink` as (index in items, Event). `images`:
+        the prompt's images (every item has the same prompt), prepared by the model's vision adapter on ``add``."""
         if not self.accepting:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         if self.active + len(items) > self.capacity:
@@ -96,7 +99,7 @@ class AsyncEngine:
             raise QueueFullError(
                 f"the server is at capacity ({self.engine.max_batch} running, {self.max_queue} queued); retry later"
             )
-        subs = [Submission(tag, sink, ids, params) for tag, (ids, params) in enumerate(items)]
+        subs = [Submission(tag, sink, ids, params, images=images) for tag, (ids, params) in enumerate(items)]
         self.active += len(subs)
         self._send(*[("add", s) for s in subs])
         return subs
@@ -243,7 +246,7 @@ class AsyncEngine:
                 out.append((sub, Event(-1, [], "", None, "cancelled")))
                 return
             try:
-                sub.handle = self.engine.add(sub.prompt_ids, sub.params)
+                sub.handle = self.engine.add(sub.prompt_ids, sub.params, images=sub.images)
             except Exception as exc:
                 out.append((sub, exc))
                 return

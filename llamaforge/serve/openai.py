@@ -181,17 +181,32 @@ def sampling_params(req: S._Sampling, max_new: int, logprobs: int | None, choice
 
 
 def chat_messages(messages: list[S.ChatMessage]) -> list[dict[str, Any]]:
+    """The request's messages as chat-template messages: text parts joined, ``image_url`` parts kept in place
+    (``inference.chat_prompt_sources`` reads them)."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad("only text content parts ({'type': 'text', 'text': ...}) are supported",
-                               param=f"messages.{i}.content")  # fmt: skip
-                texts.append(part["text"])
-            content = "".join(texts)
+            parts: list[dict[str, Any]] = []
+            for j, part in enumerate(content):
+                kind = part.get("type")
+                if kind == "image_url":
+                    given = part.get("image_url")
+                    url = given.get("url") if isinstance(given, dict) else None
+                    if not isinstance(url, str):
+                        raise bad("an image_url part is {'type': 'image_url', 'image_url': {'url': ...}}",
+                                  param=f"messages.{i}.content.{j}.image_url")  # fmt: skip
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+                elif kind == "text" and isinstance(part.get("text"), str):
+                    if parts and parts[-1]["type"] == "text":
+                        parts[-1] = {"type": "text", "text": parts[-1]["text"] + part["text"]}
+                    else:
+                        parts.append({"type": "text", "text": part["text"]})
+                else:
+                    raise bad("content parts are {'type': 'text', 'text': ...} or {'type': 'image_url', "
+                              "'image_url': {'url': ...}}", param=f"messages.{i}.content.{j}")  # fmt: skip
+            has_images = any(p["type"] == "image_url" for p in parts)
+            content = parts if has_images else "".join(p["text"] for p in parts)
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.tool_calls:
             message["tool_calls"] = m.tool_calls

@@ -17,11 +17,21 @@ digests, so a cached block is reused only by a prompt with the same tokens and t
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..model import Transformer
+
+# config.json model_type -> the module whose load_adapter(path, model, config) builds the VisionAdapter
+ADAPTERS = {"llama4": "llamaforge.vision.llama4", "mllama": "llamaforge.vision.mllama"}
 
 
 @dataclass(frozen=True)
@@ -70,24 +80,19 @@ def cache_keys(ids: Sequence[int], state: ImageState | None) -> list[Any]:
     return keys
 
 
-# The image models, by config.json's model_type: each module has load_adapter(path, model, tokenizer, dtype).
-ADAPTERS = {"llama4": "llamaforge.vision.llama4"}
-
-
-def load_vision(path: Any, model: Any, tokenizer: Any = None, dtype: Any = None) -> VisionAdapter | None:
-    """The image side of the checkpoint directory `path` whose language model is `model`, or None for a text model
-    (or a file: GGUF and Meta checkpoints carry no image side here)."""
-    import importlib
-    import json
-    from pathlib import Path
-
-    config = Path(path) / "config.json"
-    if not config.is_file():
+def load_vision(path: str | os.PathLike, model: Transformer, tokenizer: Any = None,
+                dtype: Any = None) -> VisionAdapter | None:  # fmt: skip
+    """The image side of the checkpoint directory `path` (whose language model `model` is), or None when it has none:
+    dispatched on its ``config.json`` ``model_type`` (``ADAPTERS``) to ``load_adapter(path, model, config,
+    tokenizer=, dtype=)`` (`dtype`: the encoder's, default the checkpoint's)."""
+    file = Path(path) / "config.json"
+    if not Path(path).is_dir() or not file.is_file():
         return None
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        return None  # the text loader has already refused a broken config.json
-    if model_type not in ADAPTERS:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # the checkpoint loader has already named what is wrong with it
+    module = ADAPTERS.get(config.get("model_type")) if isinstance(config, dict) else None
+    if module is None:
         return None
-    return importlib.import_module(ADAPTERS[model_type]).load_adapter(path, model, tokenizer=tokenizer, dtype=dtype)
+    return importlib.import_module(module).load_adapter(path, model, config, tokenizer=tokenizer, dtype=dtype)

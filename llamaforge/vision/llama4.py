@@ -351,16 +351,15 @@ def image_tokens(data: Mapping[str, Any], tokenizer: Any, file: Path | str) -> I
     return ImageTokens(**found)
 
 
-def load_adapter(path: str | os.PathLike, model: nn.Module, tokenizer: Any = None,
+def load_adapter(path: str | os.PathLike, model: nn.Module, data: dict[str, Any], tokenizer: Any = None,
                  dtype: torch.dtype | None = None) -> Llama4Vision:  # fmt: skip
-    """The image side of a Llama4ForConditionalGeneration directory: its encoder (``vision_model.*`` and
-    ``multi_modal_projector.*`` tensors, on the language model's device, in `dtype` or as stored) and its tokens
-    and tiling (``preprocessor_config.json`` when present)."""
-    from ..checkpoint.hf import CONFIG_FILE, read_json, read_prefixed
+    """The image side of a Llama4ForConditionalGeneration directory (`data`: its ``config.json``): its encoder
+    (``vision_model.*`` and ``multi_modal_projector.*`` tensors, on the language model's device, in `dtype` or as
+    stored) and its tokens and tiling (``preprocessor_config.json`` when present)."""
+    from ..checkpoint.hf import CONFIG_FILE, read_prefixed
 
     path = Path(path)
     file = path / CONFIG_FILE
-    data = read_json(file, "the Hugging Face model configuration")
     vision = data.get("vision_config")
     if not isinstance(vision, dict):
         raise CheckpointError(f"{file}: a Llama4ForConditionalGeneration config needs a 'vision_config' object")

@@ -1,74 +1,26 @@
 """The engine's image plumbing (``llamaforge.vision``): a request's images are prepared once, their forward inputs
 reach the step, requests with and without images batch together, and prefix reuse keys the images.
 
-The adapter here is a minimal early-fusion one over the tiny text model (each placeholder becomes two positions
-whose input embeddings come from the image's pixels), so that the engine's side is tested on its own; the real
-adapters (Llama 4, Mllama) have conformance tests against transformers."""
+The adapter (``tests/vision_testing.py``, shared with the tests of the prompts, CLI and server) is a minimal
+early-fusion one over the tiny text model (each placeholder becomes two positions whose input embeddings come from
+the image's pixels), so that the engine's side is tested on its own; the real adapters (Llama 4, Mllama) have
+conformance tests against transformers."""
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
-
 import pytest
-import torch
 from test_engine import tiny_llm
-from torch import Tensor
+from vision_testing import PLACEHOLDER, PixelFusion, solid
 
 from llamaforge.inference import Engine, SamplingParams
 from llamaforge.llm import LLM
-from llamaforge.vision import Image, ImageState
+from llamaforge.vision import Image
 
-PLACEHOLDER = 300  # the image placeholder id of the test adapter
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
 
 
-@dataclass
-class _State(ImageState):
-    embeddings: Tensor | None = None  # [positions of images, dim], in prompt order
-
-
-class PixelFusion:
-    """Each placeholder expands to two positions, embedded as a fixed projection of the image's mean colour."""
-
-    kind = "fusion"
-    image_token = "<img>"
-    max_images = 4
-
-    def __init__(self, llm: LLM) -> None:
-        self.model = llm.model
-        self.projection = torch.randn(3, 2 * llm.config.dim, generator=torch.Generator().manual_seed(1))
-        self.prepared = 0
-
-    def prepare(self, prompt_ids: list[int], images: Sequence[Image]) -> ImageState:
-        if prompt_ids.count(PLACEHOLDER) != len(images):
-            raise ValueError(f"{len(images)} images for {prompt_ids.count(PLACEHOLDER)} placeholders")
-        self.prepared += 1
-        ids: list[int] = []
-        rows = []
-        for t in prompt_ids:
-            ids += [t, t] if t == PLACEHOLDER else [t]
-        for image in images:
-            colour = torch.tensor(image.pixels, dtype=torch.float32) / 255
-            rows.append((colour @ self.projection).view(2, -1))
-        return _State(ids, tuple(i.digest for i in images), ids.index(PLACEHOLDER), torch.cat(rows))
-
-    def forward_inputs(self, states: Sequence[ImageState | None], tokens: Tensor, positions: Tensor) -> dict[str, Any]:
-        x = self.model.tok_embeddings(tokens).clone()
-        for row, state in enumerate(states):
-            if state is None:
-                continue
-            where = [i for i, t in enumerate(state.prompt_ids) if t == PLACEHOLDER]
-            for col, pos in enumerate(positions[row].tolist()):
-                if pos in where:
-                    x[row, col] = state.embeddings[where.index(pos)]
-        return {"input_embeds": x}
-
-
-def image(colour: tuple[int, int, int]) -> Image:
-    return Image(pixels=colour, digest=hashlib.sha256(bytes(colour)).hexdigest())
+def image(colour: tuple[int, int, int]):
+    return solid(colour)
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from llamaforge.vision.llama4 import (
     VisionConfig,
     VisionEncoder,
     image_tokens,
-    load_adapter,
     name_from_hf,
     pixel_shuffle,
     vision_config_from_hf,
@@ -195,14 +194,14 @@ def test_unknown_missing_and_misshapen_vision_tensors_are_refused(checkpoint, tm
     model = llamaforge.load(checkpoint).model
     extra = copy_with(checkpoint, tmp_path / "extra", lambda t: t.update({"vision_model.extra.weight": torch.ones(2)}))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'vision_model\.extra\.weight'"):
-        load_adapter(extra, model)
+        load_vision(extra, model)
     missing = copy_with(checkpoint, tmp_path / "missing", lambda t: t.pop("vision_model.class_embedding"))
     with pytest.raises(CheckpointError, match="missing vision tensors class_embedding"):
-        load_adapter(missing, model)
+        load_vision(missing, model)
     bad = copy_with(checkpoint, tmp_path / "bad",
                     lambda t: t.update({"multi_modal_projector.linear_1.weight": torch.ones(3, 3)}))  # fmt: skip
     with pytest.raises(CheckpointError, match=r"'multi_modal_projector\.linear_1\.weight' has shape \(3, 3\)"):
-        load_adapter(bad, model)
+        load_vision(bad, model)
 
 
 def test_preprocessor_config_sets_the_tiling(checkpoint, tmp_path) -> None:
@@ -211,10 +210,10 @@ def test_preprocessor_config_sets_the_tiling(checkpoint, tmp_path) -> None:
     model = llamaforge.load(checkpoint).model
     path = copy_with(checkpoint, tmp_path / "p", lambda t: None)
     (path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 28, "width": 28}, "max_patches": 4}))
-    assert load_adapter(path, model).processor == Processor(tile=28, max_tiles=4)
+    assert load_vision(path, model).processor == Processor(tile=28, max_tiles=4)
     (path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 336, "width": 336}}))
     with pytest.raises(CheckpointError, match=r"preprocessor_config\.json: size .* encoder's 28 pixels"):
-        load_adapter(path, model)
+        load_vision(path, model)
 
 
 BAD_VALUES = [None, "x", -1, 0, 10**12, 1e300, float("inf"), float("nan"), [], {}, [3, 4], True]
@@ -236,7 +235,7 @@ def test_damaged_configs_are_refused_by_name(checkpoint, tmp_path) -> None:
             owner[key] = value
             (path / "config.json").write_text(json.dumps(data))
             try:
-                load_adapter(path, model)
+                load_vision(path, model)
                 outcomes.add("loaded")
             except CheckpointError as exc:  # config.json's field, or a tensor that does not fit it
                 assert str(path) in str(exc), (field, value, exc)
@@ -246,7 +245,7 @@ def test_damaged_configs_are_refused_by_name(checkpoint, tmp_path) -> None:
         for value in BAD_VALUES:
             (path / "preprocessor_config.json").write_text(json.dumps({key: value}))
             try:
-                load_adapter(path, model)
+                load_vision(path, model)
             except CheckpointError as exc:
                 assert "preprocessor_config.json" in str(exc), (key, value, exc)
     assert outcomes == {"loaded", "refused"}
