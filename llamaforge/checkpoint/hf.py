@@ -656,4 +656,5 @@ def _token_ids_from_tokenizer(data: dict[str, Any], tokenizer: Any) -> None:
 
 
 __all__ = ["config_from_hf", "config_from_hf_llama4", "config_from_hf_mllama", "config_to_hf", "config_to_hf_llama4",
-           "detect", "permute_from_hf", "permute_to_hf", "read_config", "read_prefixed", "read_tensors", "write"]  # fmt: skip
+           "detect", "permute_from_hf", "permute_to_hf", "read_config", "read_prefixed", "read_tensors",
+           "write"]  # fmt: skip
