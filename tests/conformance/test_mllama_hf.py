@@ -299,6 +299,25 @@ def test_unknown_checkpoint_keys_are_named(checkpoint, tmp_path):
         llamaforge.load(tmp_path / "b")
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"vision_config": {**VISION, "vision_output_dim": 64}}, "vision_output_dim 64"),
+        ({"vision_config": {**VISION, "hidden_act": "relu"}}, "hidden_act='relu'"),
+        ({"image_token_index": 400}, "image_token_index 400"),
+        ({"text_config": {**TEXT, "cross_attention_layers": [1, 9]}}, r"cross_attention_layers \[9\] outside"),
+    ],
+)
+def test_bad_configs_are_named(checkpoint, tmp_path, change, message):
+    import json
+
+    _rewrite(checkpoint[1], tmp_path / "c", lambda name: name)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(CheckpointError, match=message):
+        llamaforge.load(tmp_path / "c")
+
+
 @pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
 def test_writing_an_mllama_checkpoint_is_refused(llm, tmp_path, fmt):
     from llamaforge.checkpoint import save_model
