@@ -200,6 +200,14 @@ def test_a_batch_mixes_image_and_text_requests(checkpoint, llm):
         torch.testing.assert_close(torch.tensor([t.logprob for t in got.logprobs]), want, atol=1e-5, rtol=0)
 
 
+def test_prefill_in_chunks_sees_the_images_at_each_position(checkpoint, llm):
+    model, _ = checkpoint
+    ids, pictures = [1, *range(10, 20), IMAGE, *range(20, 30), IMAGE, 5, 6], [TALL, WIDE]
+    engine = Engine(llm, max_batch=2, prefill_chunk=4)  # the prompt in 7 chunks, the images' spans across them
+    handle = engine.add(ids, GREEDY, images=[image(p) for p in pictures])
+    assert engine.run([handle])[0].token_ids == hf_generate(model, ids, pictures)
+
+
 def test_images_are_encoded_and_projected_once_per_request(llm):
     calls = {"encoder": 0, "keys": 0}
 
