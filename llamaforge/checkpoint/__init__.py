@@ -133,8 +133,12 @@ def _check_size(path: Path, config) -> None:
         )
 
 
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _float_dtype(tensor: torch.Tensor) -> torch.dtype:
-    return tensor.dtype if tensor.dtype.is_floating_point else torch.float32
+    """The dtype a tensor loads in: its own where torch computes in it, else float32 (integers, float8)."""
+    return tensor.dtype if tensor.dtype in _COMPUTE_DTYPES else torch.float32
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

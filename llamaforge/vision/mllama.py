@@ -35,6 +35,7 @@ from .mllama_processor import MllamaImageProcessor
 
 IMAGE_TOKEN = "<|image|>"
 MAX_IMAGES = 8  # per request: each image is max_tiles x (patches + 1) keys in every cross layer
+DEFAULT_KEPT = (3, 7, 15, 23, 30)  # the local encoder's layers whose outputs join the final state (11B and 90B)
 
 
 # Configuration -----------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ class VisionConfig:
     image_size: int = 560
     patch_size: int = 14
     max_tiles: int = 4
-    intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
+    intermediate_layers: tuple[int, ...] = DEFAULT_KEPT
     norm_eps: float = 1e-5
     channels: int = 3
 
@@ -89,7 +90,7 @@ class VisionConfig:
                 image_size=int(data.get("image_size", 560)),
                 patch_size=int(data.get("patch_size", 14)),
                 max_tiles=tiles,
-                intermediate_layers=tuple(int(i) for i in data.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
+                intermediate_layers=tuple(int(i) for i in data.get("intermediate_layers_indices") or DEFAULT_KEPT),
                 norm_eps=float(data.get("norm_eps", 1e-5)),
                 channels=int(data.get("num_channels", 3)),
             )

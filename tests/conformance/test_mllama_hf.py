@@ -200,6 +200,14 @@ def test_a_batch_mixes_image_and_text_requests(checkpoint, llm):
         torch.testing.assert_close(torch.tensor([t.logprob for t in got.logprobs]), want, atol=1e-5, rtol=0)
 
 
+def test_prefill_in_chunks_sees_the_images_at_each_position(checkpoint, llm):
+    model, _ = checkpoint
+    ids, pictures = [1, *range(10, 20), IMAGE, *range(20, 30), IMAGE, 5, 6], [TALL, WIDE]
+    engine = Engine(llm, max_batch=2, prefill_chunk=4)  # the prompt in 7 chunks, the images' spans across them
+    handle = engine.add(ids, GREEDY, images=[image(p) for p in pictures])
+    assert engine.run([handle])[0].token_ids == hf_generate(model, ids, pictures)
+
+
 def test_images_are_encoded_and_projected_once_per_request(llm):
     calls = {"encoder": 0, "keys": 0}
 
@@ -297,6 +305,25 @@ def test_unknown_checkpoint_keys_are_named(checkpoint, tmp_path):
     _rewrite(checkpoint[1], tmp_path / "b", self_in_cross)
     with pytest.raises(CheckpointError, match=re.escape("layers.1.self_attn.q_proj.weight")):
         llamaforge.load(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"vision_config": {**VISION, "vision_output_dim": 64}}, "vision_output_dim 64"),
+        ({"vision_config": {**VISION, "hidden_act": "relu"}}, "hidden_act='relu'"),
+        ({"image_token_index": 400}, "image_token_index 400"),
+        ({"text_config": {**TEXT, "cross_attention_layers": [1, 9]}}, r"cross_attention_layers \[9\] outside"),
+    ],
+)
+def test_bad_configs_are_named(checkpoint, tmp_path, change, message):
+    import json
+
+    _rewrite(checkpoint[1], tmp_path / "c", lambda name: name)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "config.json").write_text(json.dumps(config | change))
+    with pytest.raises(CheckpointError, match=message):
+        llamaforge.load(tmp_path / "c")
 
 
 @pytest.mark.parametrize("fmt", ["hf", "meta", "gguf"])
