@@ -311,7 +311,7 @@ capitals, colors, past tenses and sums; the {n} held-out pairs are capitals, col
 and two question types never seen in training (opposites, plurals). `recipes/dpo-lora.yaml` with these overrides:
 sigmoid loss, beta {r["beta"]:g}, LoRA r={r["lora_rank"]}, alpha={2 * r["lora_rank"]} on wq,wk,wv,wo,w1,w2,w3 (the
 reference is the base with the adapters off), lr {r["lr"]:g} ({r["warmup"]} warm-up steps, cosine to 0),
-{r["steps"]} steps of {r["micro_batch"] * r["grad_accum"]} pairs, CPU fp32, {r["threads"]} torch threads.
+{r["steps"]} steps of {r["micro_batch"] * r["grad_accum"]} pairs, CPU fp32, torch threads: {r["threads"]}.
 
 | held-out pairs ({n}) | before | after |
 |---|---|---|
