@@ -1,20 +1,24 @@
-"""Preference-tune SmolLM2-135M-Instruct with DPO (LoRA, CPU) toward a style it does not prefer at first: answers
-written in capital letters.
+"""Preference-tune SmolLM2-135M-Instruct with DPO (LoRA, CPU) toward a format it does not prefer at first: short
+questions answered with a JSON object, ``{"answer": "Lima"}``, instead of its usual sentence.
 
-Synthetic pairs (fixed seed): a question, the chosen answer in capitals ("THE CAPITAL OF PERU IS LIMA.") and the
-rejected one, the same answer as usually written. The held-out pairs use question types and values never seen in
-training, so the model must learn the style, not the answers. Reports, before and after training:
+Synthetic pairs (fixed seed): a short factual question, the chosen answer as JSON and the rejected one the same fact
+in the model's own style ("The capital of Peru is Lima."). Training pairs come from three question types (capitals,
+colors, past tenses); the held-out pairs use values of those types never trained on and two types never seen in
+training at all (opposites, plurals), so the model must learn the format, not the answers. Reports, before and
+after training, on the held-out pairs only:
 
-- held-out preference accuracy: the share of held-out pairs whose chosen response the model finds more likely
-  than the rejected one (summed response log-probabilities under the model itself), and after training also DPO's
-  reward accuracy on them (TRL's ``rewards/accuracies``: the policy/reference log-ratio is higher for chosen; the
-  reference is the base, whose log-probabilities are the "before" ones, so no separate validation pass runs);
-- the held-out generations' win rate by an exact rule: a greedy answer wins when it has at least two words and
-  every letter in it is a capital; after vs before, per prompt: win, tie or loss;
+- held-out preference accuracy: the share of pairs whose chosen response the model itself prefers, by its mean
+  log-probability per response token (length-normalised, so that neither side wins by being shorter); also the
+  same by summed log-probabilities, and after training DPO's reward accuracy (TRL's ``rewards/accuracies``: the
+  log-ratio to the reference, the base, is higher for chosen; 0% before, when policy and reference are one);
+- the held-out greedy answers, checked by an exact, content-aware rule: an answer passes when it is a JSON object
+  whose only key is "answer" and whose value contains the question's expected fact (word for word, any case);
+  the format and the fact are also counted apart. Win rate after vs before, per question: win, tie or loss;
 
-and the training time, tokens/s, peak memory (RSS) and the machine's load average.
+and the training time, tokens/s, peak memory (RSS) and the machine's load average. The run uses
+``recipes/dpo-lora.yaml`` with the options below as overrides.
 
-    python benchmarks/bench_dpo.py [--steps 40] [--results benchmarks/RESULTS.md]
+    python benchmarks/bench_dpo.py [--steps 60] [--results benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import resource
 import sys
 import tempfile
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 SECTION = "## Preference tuning (DPO with LoRA on SmolLM2)"
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "dpo-lora.yaml"
 COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Peru": "Lima", "Kenya": "Nairobi", "Canada": "Ottawa",
              "Egypt": "Cairo", "Norway": "Oslo", "Chile": "Santiago", "India": "New Delhi", "Spain": "Madrid",
              "Italy": "Rome", "Ghana": "Accra", "Cuba": "Havana", "Nepal": "Kathmandu", "Poland": "Warsaw",
@@ -40,82 +46,122 @@ COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Peru": "Lima", "Kenya": "Nair
 COLORS = {"the sky": "blue", "grass": "green", "snow": "white", "coal": "black", "a banana": "yellow",
           "a tomato": "red", "an orange": "orange", "a lemon": "yellow", "milk": "white", "a carrot": "orange",
           "a strawberry": "red", "a frog": "green", "chocolate": "brown", "a cloud": "white"}  # fmt: skip
+PAST = {"go": "went", "eat": "ate", "see": "saw", "run": "ran", "write": "wrote", "swim": "swam", "buy": "bought",
+        "think": "thought", "sing": "sang", "drink": "drank", "teach": "taught", "fly": "flew", "speak": "spoke",
+        "catch": "caught"}  # fmt: skip
 OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
              "open": "closed", "up": "down", "young": "old", "full": "empty", "strong": "weak",
              "rich": "poor"}  # fmt: skip
-DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
-ANIMALS = {"a dog": "barks", "a cat": "meows", "a cow": "moos", "a duck": "quacks", "a lion": "roars",
-           "a sheep": "bleats", "a horse": "neighs", "a pig": "oinks", "an owl": "hoots",
-           "a snake": "hisses"}  # fmt: skip
+PLURALS = {"child": "children", "mouse": "mice", "foot": "feet", "tooth": "teeth", "man": "men", "woman": "women",
+           "goose": "geese", "person": "people", "leaf": "leaves", "knife": "knives", "wolf": "wolves",
+           "city": "cities"}  # fmt: skip
+SUMS = [(a, b) for a in range(2, 40) for b in range(2, 40)]
+HELD_OUT_VALUES = {"capital": 6, "color": 4, "past": 4}  # per trained type: values kept out of training
 
 
-def _capital(k, v):
-    return f"What is the capital of {k}?", f"The capital of {k} is {v}."
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
 
 
-def _color(k, v):
-    return f"What color is {k}?", f"{k[0].upper() + k[1:]} is usually {v}."
+def question_bank() -> dict[str, list[tuple[str, str, str]]]:
+    """Per question type: (question, its expected fact, the answer as a plain sentence)."""
+    return {
+        "capital": [(f"What is the capital of {k}?", v, f"The capital of {k} is {v}.") for k, v in COUNTRIES.items()],
+        "color": [(f"What color is {k}?", v, f"{_cap(k)} is {v}.") for k, v in COLORS.items()],
+        "past": [(f"What is the past tense of {k}?", v, f"The past tense of {k} is {v}.") for k, v in PAST.items()],
+        "sum": [(f"What is {a} plus {b}?", str(a + b), f"{a} plus {b} equals {a + b}.") for a, b in SUMS],
+        "opposite": [
+            (f"What is the opposite of {k}?", v, f"The opposite of {k} is {v}.") for k, v in OPPOSITES.items()
+        ],
+        "plural": [(f"What is the plural of {k}?", v, f"The plural of {k} is {v}.") for k, v in PLURALS.items()],
+    }
 
 
-def _sum(a, b):
-    return f"What is {a} plus {b}?", f"{a} plus {b} equals {a + b}."
+def as_json(fact: str) -> str:
+    return json.dumps({"answer": fact})
 
 
-def _opposite(k, v):
-    return f"What is the opposite of {k}?", f"The opposite of {k} is {v}."
-
-
-def _day(i, _):
-    return f"Which day comes after {DAYS[i]}?", f"The day after {DAYS[i]} is {DAYS[(i + 1) % 7]}."
-
-
-def _animal(k, v):
-    return f"What sound does {k} make?", f"{k[0].upper() + k[1:]} {v}."
-
-
-def make_pairs(seed: int, n_train: int) -> tuple[list[dict], list[dict]]:
-    """Training pairs from capitals, colors and sums (their first values); held out: the remaining capitals, colors
-    and sums plus three question types never trained on (opposites, days, animal sounds)."""
+def make_pairs(seed: int, n_train: int) -> tuple[list[dict], list[dict], list[str]]:
+    """(training pairs, held-out pairs, the held-out questions' facts). Training draws a type (capital, color,
+    past tense, sum), then a question of it; the held-out questions are the values of those types kept out
+    (HELD_OUT_VALUES; the sums are training only: the model cannot add, so they test no fact) and every opposite
+    and plural, two types never trained on. No held-out question is ever a training prompt."""
     rng = random.Random(seed)
-    caps, cols = list(COUNTRIES.items()), list(COLORS.items())
-    rng.shuffle(caps)
-    rng.shuffle(cols)
-    sums = [(a, b) for a in range(2, 40) for b in range(2, 40)]
-    rng.shuffle(sums)
-    train_q = [_capital(*kv) for kv in caps[:14]] + [_color(*kv) for kv in cols[:10]]
-    train_q += [_sum(*ab) for ab in sums[:200]]
-    held_q = [_capital(*kv) for kv in caps[14:]] + [_color(*kv) for kv in cols[10:]]
-    held_q += [_sum(*ab) for ab in sums[200:208]] + [_opposite(*kv) for kv in OPPOSITES.items()]
-    held_q += [_day(i, None) for i in range(7)] + [_animal(*kv) for kv in ANIMALS.items()]
-    train = [rng.choice(train_q) for _ in range(n_train)]
+    bank = question_bank()
+    train_q: dict[str, list[tuple[str, str, str]]] = {}
+    held_q: list[tuple[str, str, str]] = []
+    for kind in ("capital", "color", "past", "sum"):
+        items = bank[kind][:]
+        rng.shuffle(items)
+        k = HELD_OUT_VALUES.get(kind, 0)
+        train_q[kind], held = items[k:], items[:k]
+        held_q += held
+    held_q += bank["opposite"] + bank["plural"]
+    kinds = sorted(train_q)
+    train = [rng.choice(train_q[rng.choice(kinds)]) for _ in range(n_train)]
 
-    def pair(q):
-        return {"prompt": q[0], "chosen": q[1].upper(), "rejected": q[1]}
+    def pair(q: tuple[str, str, str]) -> dict:
+        return {"prompt": q[0], "chosen": as_json(q[1]), "rejected": q[2]}
 
-    return [pair(q) for q in train], [pair(q) for q in held_q]
-
-
-def shouted(text: str) -> bool:
-    """The exact rule: at least two words, and no letter that is not a capital."""
-    letters = [c for c in text if c.isalpha()]
-    return len(text.split()) >= 2 and bool(letters) and all(c.isupper() for c in letters)
+    return [pair(q) for q in train], [pair(q) for q in held_q], [q[1] for q in held_q]
 
 
+# The exact rule -------------------------------------------------------------------------------------------------
+def json_answer(text: str) -> str | None:
+    """The answer when ``text`` is exactly a JSON object {"answer": <string>}, else None."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and list(value) == ["answer"] and isinstance(value["answer"], str):
+        return value["answer"]
+    return None
+
+
+def has_fact(text: str, fact: str) -> bool:
+    """The fact appears in ``text`` as whole words, in any case."""
+    return re.search(rf"(?<!\w){re.escape(fact)}(?!\w)", text, re.IGNORECASE) is not None
+
+
+def passes(text: str, fact: str) -> bool:
+    """The rule: the preferred format (a JSON object whose only key is "answer") AND the question's fact in it."""
+    answer = json_answer(text)
+    return answer is not None and has_fact(answer, fact)
+
+
+def win_tie_loss(after_ok: list[bool], before_ok: list[bool]) -> tuple[int, int, int]:
+    wins = sum(a and not b for a, b in zip(after_ok, before_ok))
+    losses = sum(b and not a for a, b in zip(after_ok, before_ok))
+    return wins, len(after_ok) - wins - losses, losses
+
+
+# Measures ------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def response_logps(model, pairs, pad_id: int, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each pair's chosen and rejected response under ``model``."""
+def response_logps(model, pairs, pad_id: int, batch: int = 8) -> dict[str, torch.Tensor]:
+    """Each pair's summed response log-probabilities under ``model`` ("chosen", "rejected") and its scored
+    response tokens ("n_chosen", "n_rejected")."""
     from llamaforge.train.dpo import sequence_logps
     from llamaforge.train.preference import collate_pairs
 
     model.eval()
-    chosen, rejected = [], []
+    out: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": [], "n_chosen": [], "n_rejected": []}
     for lo in range(0, len(pairs), batch):
         b = collate_pairs(pairs[lo : lo + batch], pad_id)
-        logps, _ = sequence_logps(model, b["tokens"], b["targets"])
-        c, r = logps.chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
+        logps, counts = sequence_logps(model, b["tokens"], b["targets"])
+        for key, value in zip(("chosen", "rejected"), logps.chunk(2)):
+            out[key].append(value)
+        for key, value in zip(("n_chosen", "n_rejected"), counts.chunk(2)):
+            out[key].append(value)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def preference_accuracy(lp: dict[str, torch.Tensor], normalise: bool = True) -> float:
+    """The share of pairs whose chosen response the model prefers: a higher mean log-probability per response
+    token (``normalise``), or a higher summed log-probability."""
+    c, r = lp["chosen"], lp["rejected"]
+    if normalise:
+        c, r = c / lp["n_chosen"].clamp(min=1), r / lp["n_rejected"].clamp(min=1)
+    return float((c > r).float().mean())
 
 
 def generations(llm, pairs, max_new_tokens: int) -> list[str]:
@@ -132,12 +178,14 @@ def peak_rss_mib() -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--train-pairs", type=int, default=400)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: a tenth of the steps)")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -145,13 +193,16 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
 
     import llamaforge
+    from llamaforge.train.lora import merge_lora
     from llamaforge.train.preference import load_pairs
     from llamaforge.train.sft import FinetuneRecipe, finetune
 
     started = time.perf_counter()
-    train, held = make_pairs(args.seed, args.train_pairs)
+    train, held, facts = make_pairs(args.seed, args.train_pairs)
+    n = len(held)
     with tempfile.TemporaryDirectory() as tmp:
         train_file, held_file = Path(tmp) / "train.jsonl", Path(tmp) / "held.jsonl"
         train_file.write_text("".join(json.dumps(r) + "\n" for r in train))
@@ -159,104 +210,149 @@ def main() -> int:
         # "before" on a model of its own: generating prepares a model's weights for inference (not for training)
         base = llamaforge.load(args.model, dtype=torch.float32)
         held_pairs, _ = load_pairs(held_file, base.tokenizer, 256)
+        assert len(held_pairs) == n, "every held-out pair must load"
         pad_id = base.tokenizer.eos_id
-        t0 = time.perf_counter()
-        before_c, before_r = response_logps(base.model, held_pairs, pad_id)
-        pref_before = float((before_c > before_r).float().mean())
+        before = response_logps(base.model, held_pairs, pad_id)
         gen_before = generations(base, held_pairs, args.max_new_tokens)
-        eval_s = time.perf_counter() - t0
-        print(f"before: preference accuracy {pref_before:.1%}, rule {sum(map(shouted, gen_before))}/{len(held)} "
-              f"({eval_s:.0f} s); e.g. {gen_before[0]!r}", flush=True)  # fmt: skip
+        rule = sum(passes(t, f) for t, f in zip(gen_before, facts))
+        print(f"before: preference accuracy {preference_accuracy(before):.1%} (per token), "
+              f"{preference_accuracy(before, False):.1%} (summed); rule {rule}/{n}; e.g. {gen_before[0]!r}",
+              flush=True)  # fmt: skip
         del base
 
         llm = llamaforge.load(args.model, dtype=torch.float32)
-
-        overrides = {"model.from_checkpoint": args.model, "finetune.objective": "dpo", "finetune.method": "lora",
-                     "finetune.data": str(train_file), "finetune.val_fraction": 0.0,
-                     "finetune.dpo_beta": args.beta, "finetune.lora_r": args.rank,
-                     "finetune.lora_alpha": 2 * args.rank, "finetune.lora_dropout": 0.0, "data.seq_len": 256,
-                     "data.micro_batch_size": args.micro_batch, "train.steps": args.steps, "optim.lr": args.lr,
-                     "optim.warmup_steps": max(1, args.steps // 10), "train.out_dir": str(Path(tmp) / "run"),
-                     "train.eval_interval": 0, "train.log_interval": 5, "train.save": False,
-                     "train.seed": args.seed}  # fmt: skip
-        recipe = FinetuneRecipe.load(None, overrides)
+        overrides = {"model.from_checkpoint": args.model, "finetune.data": str(train_file),
+                     "finetune.val_data": str(held_file), "finetune.val_fraction": 0.0,
+                     "finetune.dpo_loss": "sigmoid", "finetune.dpo_beta": args.beta, "finetune.lora_r": args.rank,
+                     "finetune.lora_alpha": 2 * args.rank, "data.seq_len": 256,
+                     "data.micro_batch_size": args.micro_batch, "data.grad_accum_steps": args.grad_accum,
+                     "train.steps": args.steps, "optim.lr": args.lr, "optim.warmup_steps": warmup,
+                     "train.out_dir": str(Path(tmp) / "run"), "train.eval_interval": 0, "train.log_interval": 5,
+                     "train.save": False, "train.seed": args.seed}  # fmt: skip
+        recipe = FinetuneRecipe.load(RECIPE, overrides)
         t0 = time.perf_counter()
         summary = finetune(recipe, llm=llm, progress=False)
         train_s = time.perf_counter() - t0
-    after_c, after_r = response_logps(llm.model, held_pairs, pad_id)
-    pref_after = float((after_c > after_r).float().mean())
-    margins = args.beta * ((after_c - before_c) - (after_r - before_r))  # DPO's reward margin, reference = base
-    reward_acc, reward_margin = float((margins > 0).float().mean()), float(margins.mean())
-    print(f"after: preference accuracy {pref_after:.1%}, reward accuracy {reward_acc:.1%}", flush=True)
-    # the inference engine runs plain linears: fold the adapters into the weights (merge_lora), as export does
-    from llamaforge.train.lora import merge_lora
-
+    after = response_logps(llm.model, held_pairs, pad_id)
+    # DPO's implicit reward margin on the held-out pairs, the base (the "before" model) as the reference
+    margins = args.beta * ((after["chosen"] - before["chosen"]) - (after["rejected"] - before["rejected"]))
+    # the inference engine runs plain linears: fold the adapters into the weights (merge_lora), as export does,
+    # and check that the merged model scores the pairs as the adapted one did
     merge_lora(llm.model)
+    merged = response_logps(llm.model, held_pairs, pad_id)
+    merge_error = max(float((merged[k] - after[k]).abs().max()) for k in ("chosen", "rejected"))
     gen_after = generations(llm, held_pairs, args.max_new_tokens)
-    before_ok, after_ok = [shouted(t) for t in gen_before], [shouted(t) for t in gen_after]
-    wins = sum(a and not b for a, b in zip(after_ok, before_ok))
-    losses = sum(b and not a for a, b in zip(after_ok, before_ok))
-    ties = len(held) - wins - losses
+
+    def rule_counts(texts: list[str]) -> dict[str, int]:
+        return {"format": sum(json_answer(t) is not None for t in texts),
+                "fact": sum(has_fact(t, f) for t, f in zip(texts, facts)),
+                "rule": sum(passes(t, f) for t, f in zip(texts, facts))}  # fmt: skip
+
+    rb, ra = rule_counts(gen_before), rule_counts(gen_after)
+    knew = [has_fact(t, f) for t, f in zip(gen_before, facts)]  # the facts the base states in its own style
+    kept = sum(k and has_fact(t, f) for k, t, f in zip(knew, gen_after, facts))
+    wins, ties, losses = win_tie_loss([passes(t, f) for t, f in zip(gen_after, facts)],
+                                      [passes(t, f) for t, f in zip(gen_before, facts)])  # fmt: skip
     tokens = sum(h["tokens"] for h in summary["history"])
     load_avg = os.getloadavg()
     result = {"model": args.model, "steps": args.steps, "pairs_seen": round(summary["epochs"] * summary["examples"]),
-              "held_out_pairs": len(held), "lora_rank": args.rank, "trainable_params": summary["trainable_params"],
-              "n_params": summary["n_params"], "beta": args.beta, "lr": args.lr,
-              "preference_accuracy_before": pref_before, "preference_accuracy_after": pref_after,
-              "reward_accuracy_after": reward_acc, "reward_margin_after": reward_margin, "rule_before": sum(before_ok),
-              "rule_after": sum(after_ok), "wins": wins, "ties": ties, "losses": losses, "win_rate": wins / len(held),
+              "held_out_pairs": n, "lora_rank": args.rank, "trainable_params": summary["trainable_params"],
+              "n_params": summary["n_params"], "beta": args.beta, "lr": args.lr, "warmup": warmup,
+              "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+              "preference_accuracy_before": preference_accuracy(before),
+              "preference_accuracy_after": preference_accuracy(after),
+              "summed_preference_accuracy_before": preference_accuracy(before, False),
+              "summed_preference_accuracy_after": preference_accuracy(after, False),
+              "reward_accuracy_after": float((margins > 0).float().mean()),
+              "reward_margin_after": float(margins.mean()),
+              "val_rewards_accuracies": summary.get("val_rewards/accuracies"), "merge_max_logp_error": merge_error,
+              "rule_before": rb, "rule_after": ra, "facts_known_before": sum(knew), "facts_kept_after": kept,
+              "wins": wins, "ties": ties, "losses": losses, "win_rate": wins / n,
               "first_loss": summary["history"][0]["loss"], "final_loss": summary["loss"],
-              "train_s": train_s, "tokens": tokens,
-              "tokens_per_s": tokens / train_s, "peak_rss_mib": peak_rss_mib(),
+              "losses_logged": [round(h["loss"], 4) for h in summary["history"]][:: max(1, args.steps // 12)],
+              "train_s": train_s, "tokens": tokens, "tokens_per_s": tokens / train_s, "peak_rss_mib": peak_rss_mib(),
               "total_s": time.perf_counter() - started, "load_average": load_avg, "threads": args.threads,
-              "examples": [[held[i]["prompt"], gen_before[i], gen_after[i]] for i in range(0, len(held), 9)],
+              "generations": [[p["prompt"], b, a] for p, b, a in zip(held, gen_before, gen_after)],
               }  # fmt: skip
     print(json.dumps(result, indent=1))
     if args.results:
-        from results import replace_section
+        write_results(args, result)
+        print(f"updated {args.results}")
+    return 0
 
-        n = len(held)
-        samples = "\n".join(f"| {q} | `{b}` | `{a}` |" for q, b, a in result["examples"][:5])
-        body = f"""{SECTION}
 
-Preference-tuning `smollm2-135m-instruct` (the built-in GGUF Q4_1, dequantized to float32) toward answers in capital
-letters, a style it does not prefer at first. Synthetic pairs (seed {args.seed}): a question, the chosen answer in
-capitals, the rejected one as usually written. The {len(held)} held-out pairs use values and three question types
-(opposites, days, animal sounds) never seen in training. `finetune --method dpo`: sigmoid loss, beta {args.beta:g},
-LoRA r={args.rank}, alpha={2 * args.rank} on wq,wk,wv,wo,w1,w2,w3 (the reference is the base with the adapters
-off), lr {args.lr:g}, {args.steps} steps of {args.micro_batch} pairs, CPU fp32, {args.threads} torch threads.
+def _commit() -> str:
+    import subprocess
 
-| held-out | before | after |
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" with uncommitted changes" if dirty else "")
+
+
+def write_results(args: argparse.Namespace, r: dict) -> None:
+    from results import replace_section
+
+    n, rb, ra = r["held_out_pairs"], r["rule_before"], r["rule_after"]
+    shown = r["generations"][:: max(1, n // 7)][:7]
+    samples = "\n".join(f"| {q} | `{b}` | `{a}` |" for q, b, a in shown)
+    load = r["load_average"]
+    body = f"""{SECTION}
+
+Preference-tuning `smollm2-135m-instruct` (the built-in GGUF Q4_1, dequantized to float32) toward a format it does
+not prefer at first: a short factual question answered with a JSON object, `{{"answer": "Lima"}}`, instead of its usual
+sentence ("The capital of Peru is Lima.", the rejected side). Synthetic pairs (seed {args.seed}): training draws
+capitals, colors, past tenses and sums; the {n} held-out pairs are capitals, colors and past tenses never trained on
+and two question types never seen in training (opposites, plurals). `recipes/dpo-lora.yaml` with these overrides:
+sigmoid loss, beta {r["beta"]:g}, LoRA r={r["lora_rank"]}, alpha={2 * r["lora_rank"]} on wq,wk,wv,wo,w1,w2,w3 (the
+reference is the base with the adapters off), lr {r["lr"]:g} ({r["warmup"]} warm-up steps, cosine to 0),
+{r["steps"]} steps of {r["micro_batch"] * r["grad_accum"]} pairs, CPU fp32, torch threads: {r["threads"]}.
+
+| held-out pairs ({n}) | before | after |
 |---|---|---|
-| preference accuracy (the model's own log-probabilities: chosen > rejected) | {pref_before:.1%} | {pref_after:.1%} |
-| DPO reward accuracy (`rewards/accuracies`: log-ratio to the reference) | 0% (all ties) | {reward_acc:.1%} |
-| greedy answers passing the rule (>= 2 words, all letters capitals) | {sum(before_ok)} / {n} | {sum(after_ok)} / {n} |
+| **preference accuracy**: the model's mean log-probability per response token is higher for chosen | \
+{r["preference_accuracy_before"]:.1%} | **{r["preference_accuracy_after"]:.1%}** |
+| the same by summed log-probabilities | {r["summed_preference_accuracy_before"]:.1%} | \
+{r["summed_preference_accuracy_after"]:.1%} |
+| DPO reward accuracy (`rewards/accuracies`: log-ratio to the base higher for chosen) | 0% (policy = reference) | \
+{r["reward_accuracy_after"]:.1%} |
+| greedy answers in the format (exactly `{{"answer": "..."}}`) | {rb["format"]} / {n} | {ra["format"]} / {n} |
+| greedy answers containing the question's fact | {rb["fact"]} / {n} | {ra["fact"]} / {n} |
+| **greedy answers passing the rule** (the format AND the fact in its answer) | {rb["rule"]} / {n} | \
+**{ra["rule"]} / {n}** |
+| of the {r["facts_known_before"]} questions whose fact the base states: the fact still there after | - | \
+{r["facts_kept_after"]} / {r["facts_known_before"]} |
 
-Win rate of the answers after vs before, by that rule: {wins} wins, {ties} ties, {losses} losses of {len(held)}
-({wins / len(held):.1%} wins).
+Win rate of the answers after vs before by that rule, per question: {r["wins"]} wins, {r["ties"]} ties,
+{r["losses"]} losses of {n} (**{r["win_rate"]:.1%} wins**).
 
 | | value |
 |---|---|
-| DPO loss: first step, last step | {result["first_loss"]:.3f}, {result["final_loss"]:.3f} |
-| held-out DPO reward margin after (beta x log-ratio difference) | {reward_margin:.2f} |
-| pairs seen | {result["pairs_seen"]} |
-| trainable parameters | {result["trainable_params"]:,} of {result["n_params"]:,} |
-| training time | {train_s:.0f} s ({tokens:,} tokens: chosen and rejected sequences) |
-| training throughput | {result["tokens_per_s"]:.0f} tokens/s (the reference forward included) |
-| peak memory (process RSS) | {result["peak_rss_mib"]:.0f} MiB |
+| DPO loss: first step, last step | {r["first_loss"]:.3f}, {r["final_loss"]:.3f} |
+| held-out DPO reward margin after (beta x log-ratio difference) | {r["reward_margin_after"]:.2f} |
+| pairs seen | {r["pairs_seen"]} |
+| trainable parameters | {r["trainable_params"]:,} of {r["n_params"]:,} |
+| training time | {r["train_s"]:.0f} s ({r["tokens"]:,} tokens, chosen and rejected; one held-out evaluation) |
+| training throughput | {r["tokens_per_s"]:.0f} tokens/s (the reference forward included) |
+| peak memory (process RSS) | {r["peak_rss_mib"]:.0f} MiB |
+| merged adapters vs adapted model: largest held-out log-probability difference | {r["merge_max_logp_error"]:.1e} |
 
 | held-out question | before | after |
 |---|---|---|
 {samples}
 
-Measured {time.strftime("%Y-%m-%d")} with `python benchmarks/bench_dpo.py {" ".join(sys.argv[1:])}` (the whole
-script took {result["total_s"] / 60:.0f} minutes) on x86_64 Linux, {os.cpu_count()} CPUs shared with other jobs; load
-average at the end {load_avg[0]:.1f} / {load_avg[1]:.1f} / {load_avg[2]:.1f} (1/5/15 min), so the times are those of
-a busy machine.
+Measured {time.strftime("%Y-%m-%d")} at commit {_commit()} with
+`python benchmarks/bench_dpo.py {" ".join(sys.argv[1:])}` (the whole script took {r["total_s"] / 60:.0f} minutes) on
+x86_64 Linux, {os.cpu_count()} CPUs shared with other jobs; load average at the end {load[0]:.1f} / {load[1]:.1f} /
+{load[2]:.1f} (1/5/15 min). The generations after training run on the model with the adapters merged into the
+weights (the inference engine runs plain linears).
 """
-        replace_section(body, path=args.results)
-        print(f"updated {args.results}")
-    return 0
+    replace_section(body, path=args.results)
 
 
 if __name__ == "__main__":
