@@ -438,8 +438,8 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class _EngineStream(StreamingResponse):
     """The SSE response of `subs`: however it ends (done, failed, or the client gone before the first chunk or
     mid-stream) its generations are cancelled in the engine and its stream place is given back at once. Starlette
-    neither closes a body iterator it stops reading nor starts one whose client left before the response began,
-    so the generator's own ``finally`` cannot be relied on for this."""
+    does not close a body iterator it stops reading, and never starts one when the response's first ``send`` fails
+    (an ASGI 2.4 server's report of a client that left), so the generator's own ``finally`` cannot be relied on."""
 
     def __init__(self, engine: AsyncEngine, subs: list[Submission], content: AsyncIterator[str]) -> None:
         super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
