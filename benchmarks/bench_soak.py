@@ -24,8 +24,10 @@ refused or 503) or served, and the process must exit 0.
 
 Checks (any failure makes the script exit 1): no unexpected outcome (5xx, a 4xx other than the expected one, a
 connection error or reset, a timeout, an incomplete answer); the engine holds no request or KV-cache block once
-the clients stop; resident memory grows < 1 % from the minute after the warm-up (``--warmup``) to the last
-minute (medians of each minute's samples); the drain loses nothing and exits 0; no traceback in the server log.
+the clients stop; resident memory grows < 1 % from the end of the warm-up (``--warmup``) to the end of the run,
+both measured with the server idle (the clients pause after the warm-up until it holds no request: under load
+the RSS swings by a few % with the prompts being prefilled); the drain loses nothing and exits 0; no traceback
+in the server log. The RSS under load (per minute, and its least-squares trend) is reported as well.
 p99 latency stability (last third / first third of the run after the warm-up) is reported, not enforced: on a
 shared machine it follows the other jobs' load. The table and the JSON (``--json``, default in the log folder)
 are printed; ``--write`` also puts a "## Serving: soak" section into RESULTS.md with the command and the commit.
@@ -172,6 +174,9 @@ class Soak:
         self.outcomes: list[Outcome] = []
         self.t0 = time.monotonic()
         self.counter = 0
+        self.gate = asyncio.Event()  # cleared: the clients start nothing new (the quiet point after the warm-up)
+        self.gate.set()
+        self.busy = 0
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -241,7 +246,25 @@ class Soak:
         rng = random.Random(seed)
         kinds, weights = list(MIX), list(MIX.values())
         while self.now() < stop_at:
-            self.outcomes.append(await self.one(client, rng, rng.choices(kinds, weights)[0]))
+            await self.gate.wait()
+            if self.now() >= stop_at:
+                break
+            self.busy += 1
+            try:
+                self.outcomes.append(await self.one(client, rng, rng.choices(kinds, weights)[0]))
+            finally:
+                self.busy -= 1
+
+    async def quiet(self, client: httpx.AsyncClient, pid: int) -> int:
+        """Pause the clients, let the server finish what it holds, and return its idle resident memory."""
+        self.gate.clear()
+        try:
+            while self.busy:
+                await asyncio.sleep(0.1)
+            await wait_idle(client)
+            return await idle_rss(pid)
+        finally:
+            self.gate.set()
 
 
 # Server state ----------------------------------------------------------------------------------------------------
@@ -258,6 +281,17 @@ async def sample_rss(pid: int, t0: float, samples: list[tuple[float, int, float]
         with contextlib.suppress(OSError):
             samples.append((time.monotonic() - t0, vm_rss(pid), os.getloadavg()[0]))
         await asyncio.sleep(every)
+
+
+async def idle_rss(pid: int) -> int:
+    """The median of five VmRSS readings a second apart, starting 2 s after the server went idle: measured with no
+    request in flight, so a prompt's transient activations do not count as growth."""
+    await asyncio.sleep(2.0)
+    readings = []
+    for _ in range(5):
+        readings.append(vm_rss(pid))
+        await asyncio.sleep(1.0)
+    return int(statistics.median(readings))
 
 
 async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
@@ -409,17 +443,27 @@ async def run(args: argparse.Namespace, model: Path, logs: Path) -> dict:
             sampler = asyncio.ensure_future(sample_rss(proc.pid, soak.t0, samples))
             print(f"soaking for {args.duration:.0f} s with {args.max_batch} clients ...", file=sys.stderr)
             reporter = asyncio.ensure_future(progress(soak, samples, args.duration))
-            await asyncio.gather(
-                *(soak.worker(client, args.seed * 1000 + i, args.duration) for i in range(args.max_batch))
-            )
+            workers = [
+                asyncio.ensure_future(soak.worker(client, args.seed * 1000 + i, args.duration))
+                for i in range(args.max_batch)
+            ]
+            warm = min(args.warmup, args.duration / 3)
+            await asyncio.sleep(max(0.0, warm - soak.now()))
+            rss_warm = (soak.now(), await soak.quiet(client, proc.pid))
+            print(f"  idle RSS after the warm-up: {rss_warm[1] / 2**20:.1f} MiB", file=sys.stderr)
+            await asyncio.gather(*workers)
             elapsed = soak.now()
             reporter.cancel()
             idle = await wait_idle(client)
+            rss_end = (soak.now(), await idle_rss(proc.pid))
             sampler.cancel()
             print("draining with SIGTERM ...", file=sys.stderr)
             drained = await drain(client, proc, args)
     load_after = os.getloadavg()
-    return summarize(args, model, soak, samples, elapsed, idle, drained, server_errors(log), load_before, load_after)
+    rss = (rss_warm, rss_end)
+    return summarize(
+        args, model, soak, samples, elapsed, idle, rss, drained, server_errors(log), load_before, load_after
+    )
 
 
 async def progress(soak: Soak, samples: list, duration: float) -> None:
@@ -432,16 +476,18 @@ async def progress(soak: Soak, samples: list, duration: float) -> None:
         minute += 1
 
 
-def summarize(args, model, soak, samples, elapsed, idle, drained, errors, load_before, load_after) -> dict:
+def summarize(args, model, soak, samples, elapsed, idle, rss, drained, errors, load_before, load_after) -> dict:
     rows = per_minute(soak.outcomes, samples, elapsed)
     counts = Counter(o.outcome for o in soak.outcomes)
     unexpected = [o for o in soak.outcomes if o.outcome not in EXPECTED]
-    window = min(60.0, elapsed / 3)  # a minute, or a third of a short run
-    warm = min(args.warmup, elapsed - 2 * window)
-    first = [s[1] for s in samples if warm <= s[0] < warm + window]
-    last = [s[1] for s in samples if elapsed - window <= s[0] <= elapsed]
-    rss_first, rss_last = statistics.median(first), statistics.median(last)
+    (t_warm, rss_first), (_, rss_last) = rss
     growth = (rss_last - rss_first) / rss_first * 100
+    warm = t_warm
+    window = min(60.0, elapsed / 3)  # under load: the medians of the first and the last minute after the warm-up
+    loaded_first = [s[1] for s in samples if warm + 10 <= s[0] < warm + 10 + window]
+    loaded_last = [s[1] for s in samples if elapsed - window <= s[0] <= elapsed]
+    loaded = [s for s in samples if warm + 10 <= s[0] <= elapsed]
+    slope = statistics.linear_regression([s[0] for s in loaded], [s[1] for s in loaded]).slope if len(loaded) > 2 else 0
     after = sorted((o for o in soak.outcomes if o.outcome == "ok" and o.start >= warm), key=lambda o: o.end)
     third = len(after) // 3
     p99_first = _pct([o.latency for o in after[:third]], 99)
@@ -477,6 +523,9 @@ def summarize(args, model, soak, samples, elapsed, idle, drained, errors, load_b
         "rss_mib": {
             "after_warmup": rss_first / 2**20,
             "end": rss_last / 2**20,
+            "loaded_first_window": statistics.median(loaded_first) / 2**20 if loaded_first else float("nan"),
+            "loaded_last_window": statistics.median(loaded_last) / 2**20 if loaded_last else float("nan"),
+            "trend_mib_per_hour": slope * 3600 / 2**20,
             "growth_pct": growth,
             "max": max(s[1] for s in samples) / 2**20,
         },
@@ -513,9 +562,11 @@ def report(s: dict) -> str:
         table(s["minutes"]),
         "",
         f"- {s['requests']} requests: {outcomes}.",
-        f"- RSS {rss['after_warmup']:.1f} MiB in the {s['window_s']:.0f} s after the {s['warmup_s']:.0f} s "
-        f"warm-up, {rss['end']:.1f} MiB in the last {s['window_s']:.0f} s: {rss['growth_pct']:+.2f}% "
-        f"(max {rss['max']:.1f} MiB).",
+        f"- RSS with the server idle: {rss['after_warmup']:.1f} MiB after the {s['warmup_s']:.0f} s warm-up, "
+        f"{rss['end']:.1f} MiB at the end: {rss['growth_pct']:+.2f}%. Under load: median "
+        f"{rss['loaded_first_window']:.1f} MiB in the first {s['window_s']:.0f} s after the warm-up, "
+        f"{rss['loaded_last_window']:.1f} MiB in the last; "
+        f"least-squares trend {rss['trend_mib_per_hour']:+.1f} MiB/hour; max {rss['max']:.1f} MiB.",
         f"- p99 latency {p99['first_third']:.2f} s in the first third after the warm-up, {p99['last_third']:.2f} s "
         f"in the last ({p99['ratio']:.2f}x).",
         f"- Drain: {d['requests']} requests sent ({d['in_flight_at_sigterm']} in the engine at SIGTERM), "

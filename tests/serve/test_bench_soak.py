@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 from pathlib import Path
@@ -35,9 +36,12 @@ def test_every_kind_of_request_gets_its_expected_outcome(tiny_model_dir):
                 for kind in bs.MIX:
                     for _ in range(len(soak.bad) if kind == "bad" else 2):  # every bad request once
                         soak.outcomes.append(await soak.one(client, rng, kind))
-                return await bs.wait_idle(client, timeout=10)
+                idle = await bs.wait_idle(client, timeout=10)
+                rss = await soak.quiet(client, os.getpid())  # the in-process server's memory: this process's
+                return idle, rss
 
-        idle = asyncio.run(go())
+        idle, rss = asyncio.run(go())
+    assert 0 < rss < 64 << 30 and soak.gate.is_set() and soak.busy == 0
     wrong = [o for o in soak.outcomes if o.outcome not in bs.EXPECTED]
     assert not wrong, wrong
     by_kind = {o.kind: o.outcome for o in soak.outcomes}
@@ -52,7 +56,8 @@ def test_every_kind_of_request_gets_its_expected_outcome(tiny_model_dir):
         o.end = o.start + 0.5
     drained = {"requests": 4, "in_flight_at_sigterm": 4, "completed": 4, "lost": [], "late_request": "refused",
                "exit_code": 0, "drain_seconds": 1.0, "ok": True}  # fmt: skip
-    s = bs.summarize(args, Path("m.gguf"), soak, samples, 180.0, idle, drained, [], (1, 1, 1), (1, 1, 1))
+    idle_rss = ((60.0, 100 << 20), (181.0, 100 << 20))
+    s = bs.summarize(args, Path("m.gguf"), soak, samples, 180.0, idle, idle_rss, drained, [], (1, 1, 1), (1, 1, 1))
     assert [r["minute"] for r in s["minutes"]] == [1, 2, 3]
     assert sum(r["requests"] for r in s["minutes"]) == len(soak.outcomes)
     assert s["rss_mib"]["growth_pct"] == 0 and all(s["checks"].values())
