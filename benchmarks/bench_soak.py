@@ -177,6 +177,7 @@ class Soak:
         self.gate = asyncio.Event()  # cleared: the clients start nothing new (the quiet point after the warm-up)
         self.gate.set()
         self.busy = 0
+        self.server_alive = lambda: True
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -245,7 +246,7 @@ class Soak:
     async def worker(self, client: httpx.AsyncClient, seed: int, stop_at: float) -> None:
         rng = random.Random(seed)
         kinds, weights = list(MIX), list(MIX.values())
-        while self.now() < stop_at:
+        while self.now() < stop_at and self.server_alive():
             await self.gate.wait()
             if self.now() >= stop_at:
                 break
@@ -439,6 +440,7 @@ async def run(args: argparse.Namespace, model: Path, logs: Path) -> dict:
         limits = httpx.Limits(max_connections=4 * args.max_batch, max_keepalive_connections=4 * args.max_batch)
         async with httpx.AsyncClient(base_url=base, timeout=args.request_timeout, limits=limits) as client:
             soak = Soak(args, base, prompt_ids)
+            soak.server_alive = lambda: proc.poll() is None
             samples: list[tuple[float, int, float]] = []
             sampler = asyncio.ensure_future(sample_rss(proc.pid, soak.t0, samples))
             print(f"soaking for {args.duration:.0f} s with {args.max_batch} clients ...", file=sys.stderr)
@@ -453,6 +455,10 @@ async def run(args: argparse.Namespace, model: Path, logs: Path) -> dict:
             print(f"  idle RSS after the warm-up: {rss_warm[1] / 2**20:.1f} MiB", file=sys.stderr)
             await asyncio.gather(*workers)
             elapsed = soak.now()
+            if proc.poll() is not None:
+                counts = dict(Counter(o.outcome for o in soak.outcomes))
+                raise RuntimeError(f"the server exited with {proc.returncode} after {elapsed:.0f} s of the soak; "
+                                   f"outcomes until then: {counts}; see {log}")  # fmt: skip
             reporter.cancel()
             idle = await wait_idle(client)
             rss_end = (soak.now(), await idle_rss(proc.pid))
