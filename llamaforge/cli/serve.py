@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -203,7 +204,9 @@ def _image_limits(args: argparse.Namespace) -> Any:
 
 
 def _make_server(config: Any, state: Any) -> Any:
-    """A uvicorn.Server that, on SIGTERM/SIGINT, first stops admissions and starts the drain deadline."""
+    """A uvicorn.Server that, on SIGTERM/SIGINT, first stops admissions and starts the drain deadline. After a
+    SIGTERM drain the process exits 0 (uvicorn would re-raise the signal once it is done, and a supervisor would
+    read the -15 as a crash); Ctrl-C still ends with the usual KeyboardInterrupt status."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -213,5 +216,7 @@ def _make_server(config: Any, state: Any) -> Any:
             except RuntimeError:
                 state.shutting_down = True
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM and sig in getattr(self, "_captured_signals", ()):
+                self._captured_signals.remove(sig)  # drained: not re-raised after the shutdown
 
     return Server(config)

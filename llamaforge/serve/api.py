@@ -363,25 +363,26 @@ class _Choice:
         self.finish_reason: str | None = None
 
 
-async def _wait(get: asyncio.Future, request: Request) -> None:
-    """Wait for `get`, giving up (ConnectionError) when the client has gone away."""
-    while True:
-        done, _ = await asyncio.wait({get}, timeout=0.5)
-        if done:
-            return
-        if await request.is_disconnected():
-            get.cancel()
-            raise ConnectionError("client disconnected")
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client has gone away: after the body, the only message a request receives is
+    ``http.disconnect`` (sent at once when the connection closes, so no polling is needed)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _collect(engine: AsyncEngine, subs: list[Submission], sink: asyncio.Queue,
                    request: Request) -> list[_Choice]:  # fmt: skip
+    """The choices' whole results; a client that leaves first cancels them in the engine (ConnectionError)."""
     choices = [_Choice() for _ in subs]
     left = len(subs)
+    gone = asyncio.ensure_future(_until_disconnected(request))
     try:
         while left:
             get = asyncio.ensure_future(sink.get())
-            await _wait(get, request)
+            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                raise ConnectionError("client disconnected")
             tag, ev = get.result()
             if isinstance(ev, BaseException):
                 raise _engine_error(ev)
@@ -395,6 +396,7 @@ async def _collect(engine: AsyncEngine, subs: list[Submission], sink: asyncio.Qu
                 left -= 1
         return choices
     finally:
+        gone.cancel()
         engine.cancel(subs)
 
 
@@ -453,6 +455,24 @@ async def _stream(engine: AsyncEngine, subs: list[Submission], sink: asyncio.Que
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _EngineStream(StreamingResponse):
+    """The SSE response of `subs`: however it ends (done, failed, or the client gone before the first chunk or
+    mid-stream) its generations are cancelled in the engine and its stream place is given back at once. Starlette
+    does not close a body iterator it stops reading, and never starts one when the response's first ``send`` fails
+    (an ASGI 2.4 server's report of a client that left), so the generator's own ``finally`` cannot be relied on."""
+
+    def __init__(self, engine: AsyncEngine, subs: list[Submission], content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self.engine, self.subs = engine, subs
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine.cancel(self.subs)
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 # The application ---------------------------------------------------------------------------------------------
@@ -722,7 +742,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                 return S.CompletionResponse(id=rid, created=created, model=config.model_name, choices=[], usage=usage)
 
             gen = state.streams.track(stream_key, _stream(engine, subs, sink, render, first, last))
-            return StreamingResponse(gen, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _EngineStream(engine, subs, gen)
 
         results = await _collect(engine, subs, sink, request)
         choices = []
@@ -850,7 +870,7 @@ def create_app(config: ServerConfig | None = None, llm: Any = None, loader: Call
                 return chunk(None, S.Usage.of(len(ids), sum(counts))) if include_usage else None
 
             gen = state.streams.track(stream_key, _stream(engine, subs, sink, render, first, last))
-            return StreamingResponse(gen, media_type="text/event-stream", headers=_SSE_HEADERS)
+            return _EngineStream(engine, subs, gen)
 
         results = await _collect(engine, subs, sink, request)
         choices = []

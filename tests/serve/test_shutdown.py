@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -24,8 +25,17 @@ def _wait_for(predicate, timeout: float) -> bool:
     return False
 
 
+def _prompt_tokens(base: str) -> float:
+    """Prompt tokens of the requests the server has accepted so far."""
+    from llamaforge.serve.metrics import parse
+
+    metrics = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    return parse(metrics).get("llamaforge_prompt_tokens_total", 0)
+
+
 def test_graceful_shutdown_on_sigterm(tiny_model_dir, tmp_path):
-    """A real `llamaforge serve` process: SIGTERM lets the running stream finish, then the process exits."""
+    """A real `llamaforge serve` process: SIGTERM lets the running stream and a non-streaming request in flight
+    finish, then the process exits 0."""
     port = free_port()
     env = {**os.environ, "LLAMAFORGE_API_KEY": API_KEY}
     proc = subprocess.Popen(
@@ -69,16 +79,23 @@ def test_graceful_shutdown_on_sigterm(tiny_model_dir, tmp_path):
         )
         it = iter(stream)
         next(it)
-        proc.send_signal(signal.SIGTERM)
-        started = time.monotonic()
-        rest = list(it)
+        accepted = _prompt_tokens(base)
+        with ThreadPoolExecutor(1) as pool:  # a second request, accepted before the signal (it may be queued)
+            waiting = pool.submit(client.completions.create, model=MODEL, prompt="Hello", max_tokens=100,
+                                  temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+            assert _wait_for(lambda: _prompt_tokens(base) > accepted, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            rest = list(it)
+            answer = waiting.result(timeout=90)
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 100
         finish = rest[-1].choices[0].finish_reason if rest else None
         if finish != "length":  # finished, not cut off; show the server's log and the timing otherwise
             proc.kill()
             log = proc.communicate(timeout=10)[0].decode(errors="replace")[-3000:]
             pytest.fail(f"stream ended with {finish!r} after {len(rest)} chunks, {time.monotonic() - started:.1f} s "
                         f"after SIGTERM; server output:\n{log}")  # fmt: skip
-        assert proc.wait(timeout=90) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
