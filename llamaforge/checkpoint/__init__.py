@@ -133,11 +133,14 @@ def _check_size(path: Path, config) -> None:
         )
 
 
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# A float32/16 forward takes float16 or bfloat16 parameters beside its own (norm weights promote), but not float64
+# ones (a matmul of float and double fails), nor float8 (no arithmetic), nor integers.
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _float_dtype(tensor: torch.Tensor) -> torch.dtype:
-    """The dtype a tensor loads in: its own where torch computes in it, else float32 (integers, float8)."""
+    """The dtype a tensor loads in: its own where a forward can compute with it, else float32 (float64, float8,
+    integers)."""
     return tensor.dtype if tensor.dtype in _COMPUTE_DTYPES else torch.float32
 
 

@@ -260,3 +260,24 @@ def test_llama4_unknown_tensor_names_the_key_and_file(tmp_path: Path) -> None:
         r"'model\.layers\.1\.feed_forward\.experts\.gate_bias' \(not a weight of Llama4ForCausalLM\)",
     ):
         load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.float16])
+def test_a_tensor_in_another_float_dtype_loads_and_runs(dtype: torch.dtype, tmp_path: Path) -> None:
+    """One norm weight stored as float64 or float8 (found by the checkpoint fuzzer: the load worked, the forward
+    raised) loads as float32; a float16 one keeps its dtype, which the float32 forward promotes."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny()
+    save_model(model, tmp_path / "m", "hf")
+    file = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(file)
+    name = "model.layers.0.input_layernorm.weight"
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, file, metadata={"format": "pt"})
+    loaded, _ = load_model(tmp_path / "m")
+    weight = loaded.layers[0].attention_norm.weight
+    assert weight.dtype == (torch.float16 if dtype == torch.float16 else torch.float32)
+    assert torch.equal(weight.float(), model.layers[0].attention_norm.weight.to(dtype).float())
+    with torch.inference_mode():
+        assert loaded(torch.randint(0, 512, (1, 5))).dtype == torch.float32
