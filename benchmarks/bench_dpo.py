@@ -352,7 +352,8 @@ Win rate of the answers after vs before by that rule, per question: {r["wins"]} 
 
 | | value |
 |---|---|
-| DPO loss: first step, last step | {r["first_loss"]:.3f}, {r["final_loss"]:.3f} |{nll}
+| {"loss (DPO + rpo_alpha x NLL)" if nll else "DPO loss"}: first step, last step | {r["first_loss"]:.3f}, \
+{r["final_loss"]:.3f} |{nll}
 | held-out DPO reward margin after (beta x log-ratio difference) | {r["reward_margin_after"]:.2f} |
 | pairs seen | {r["pairs_seen"]} |
 | trainable parameters | {r["trainable_params"]:,} of {r["n_params"]:,} |
