@@ -186,7 +186,7 @@ def main() -> int:
         "--rpo-alpha",
         type=float,
         default=None,
-        help="add this weight x the chosen responses' NLL (finetune.rpo_alpha; default: the recipe's)",
+        help="add this weight x the chosen responses' NLL (finetune.rpo_alpha; default: the recipe's; 0: plain DPO)",
     )
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=4)
