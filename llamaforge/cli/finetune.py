@@ -51,7 +51,7 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=("sigmoid", "ipo", "simpo"), help="preference loss (default: sigmoid, DPO)")
     p.add_argument("--beta", type=float, help="preference loss beta (default: 0.1; simpo: 2.0)")
     p.add_argument("--rpo-alpha", type=float, help="RPO: add this weight x the chosen responses' NLL to the "
-                   "preference loss (TRL's rpo_alpha; default: off)")  # fmt: skip
+                   "preference loss (TRL's rpo_alpha; default: off; recipes/dpo-lora.yaml: 1.0)")  # fmt: skip
     p.add_argument("-o", "--out", help="output directory (train.out_dir)")
     add_recipe_arguments(p, recipe_fields(), "recipe YAML (see recipes/finetune-*.yaml)")
     p.set_defaults(handler=_finetune)
