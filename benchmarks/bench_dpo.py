@@ -182,6 +182,12 @@ def main() -> int:
     ap.add_argument("--train-pairs", type=int, default=400)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument(
+        "--rpo-alpha",
+        type=float,
+        default=None,
+        help="add this weight x the chosen responses' NLL (finetune.rpo_alpha; default: the recipe's; 0: plain DPO)",
+    )
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -229,6 +235,8 @@ def main() -> int:
                      "train.steps": args.steps, "optim.lr": args.lr, "optim.warmup_steps": warmup,
                      "train.out_dir": str(Path(tmp) / "run"), "train.eval_interval": 0, "train.log_interval": 5,
                      "train.save": False, "train.seed": args.seed}  # fmt: skip
+        if args.rpo_alpha is not None:
+            overrides["finetune.rpo_alpha"] = args.rpo_alpha
         recipe = FinetuneRecipe.load(RECIPE, overrides)
         t0 = time.perf_counter()
         summary = finetune(recipe, llm=llm, progress=False)
@@ -257,7 +265,8 @@ def main() -> int:
     load_avg = os.getloadavg()
     result = {"model": args.model, "steps": args.steps, "pairs_seen": round(summary["epochs"] * summary["examples"]),
               "held_out_pairs": n, "lora_rank": args.rank, "trainable_params": summary["trainable_params"],
-              "n_params": summary["n_params"], "beta": args.beta, "lr": args.lr, "warmup": warmup,
+              "n_params": summary["n_params"], "beta": args.beta, "rpo_alpha": recipe.finetune.rpo_alpha,
+              "lr": args.lr, "warmup": warmup,
               "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
               "preference_accuracy_before": preference_accuracy(before),
               "preference_accuracy_after": preference_accuracy(after),
@@ -269,6 +278,7 @@ def main() -> int:
               "rule_before": rb, "rule_after": ra, "facts_known_before": sum(knew), "facts_kept_after": kept,
               "wins": wins, "ties": ties, "losses": losses, "win_rate": wins / n,
               "first_loss": summary["history"][0]["loss"], "final_loss": summary["loss"],
+              "first_nll": summary["history"][0].get("nll_loss"), "final_nll": summary.get("nll_loss"),
               "losses_logged": [round(h["loss"], 4) for h in summary["history"]][:: max(1, args.steps // 12)],
               "train_s": train_s, "tokens": tokens, "tokens_per_s": tokens / train_s, "peak_rss_mib": peak_rss_mib(),
               "total_s": time.perf_counter() - started, "load_average": load_avg, "threads": args.threads,
@@ -302,6 +312,15 @@ def write_results(args: argparse.Namespace, r: dict) -> None:
     shown = r["generations"][:: max(1, n // 7)][:7]
     samples = "\n".join(f"| {q} | `{b}` | `{a}` |" for q, b, a in shown)
     load = r["load_average"]
+    rpo = f" + rpo_alpha {r['rpo_alpha']:g} x the chosen responses' NLL (RPO)" if r["rpo_alpha"] is not None else ""
+    nll = (
+        (
+            f"\n| NLL of the chosen responses (`nll_loss`): first step, last step | {r['first_nll']:.3f}, "
+            f"{r['final_nll']:.3f} |"
+        )
+        if r["first_nll"] is not None
+        else ""
+    )
     body = f"""{SECTION}
 
 Preference-tuning `smollm2-135m-instruct` (the built-in GGUF Q4_1, dequantized to float32) toward a format it does
@@ -309,7 +328,7 @@ not prefer at first: a short factual question answered with a JSON object, `{{"a
 sentence ("The capital of Peru is Lima.", the rejected side). Synthetic pairs (seed {args.seed}): training draws
 capitals, colors, past tenses and sums; the {n} held-out pairs are capitals, colors and past tenses never trained on
 and two question types never seen in training (opposites, plurals). `recipes/dpo-lora.yaml` with these overrides:
-sigmoid loss, beta {r["beta"]:g}, LoRA r={r["lora_rank"]}, alpha={2 * r["lora_rank"]} on wq,wk,wv,wo,w1,w2,w3 (the
+sigmoid loss, beta {r["beta"]:g}{rpo}, LoRA r={r["lora_rank"]}, alpha={2 * r["lora_rank"]} on wq,wk,wv,wo,w1,w2,w3 (the
 reference is the base with the adapters off), lr {r["lr"]:g} ({r["warmup"]} warm-up steps, cosine to 0),
 {r["steps"]} steps of {r["micro_batch"] * r["grad_accum"]} pairs, CPU fp32, torch threads: {r["threads"]}.
 
@@ -333,7 +352,8 @@ Win rate of the answers after vs before by that rule, per question: {r["wins"]} 
 
 | | value |
 |---|---|
-| DPO loss: first step, last step | {r["first_loss"]:.3f}, {r["final_loss"]:.3f} |
+| {"loss (DPO + rpo_alpha x NLL)" if nll else "DPO loss"}: first step, last step | {r["first_loss"]:.3f}, \
+{r["final_loss"]:.3f} |{nll}
 | held-out DPO reward margin after (beta x log-ratio difference) | {r["reward_margin_after"]:.2f} |
 | pairs seen | {r["pairs_seen"]} |
 | trainable parameters | {r["trainable_params"]:,} of {r["n_params"]:,} |

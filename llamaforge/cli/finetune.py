@@ -12,7 +12,8 @@ _SHORTCUTS = {"model": "model.from_checkpoint", "data": "finetune.data", "method
               "lora_r": "finetune.lora_r", "lora_alpha": "finetune.lora_alpha",
               "lora_dropout": "finetune.lora_dropout", "lora_targets": "finetune.lora_targets",
               "quant": "finetune.quant", "steps": "train.steps", "lr": "optim.lr", "out": "train.out_dir",
-              "loss": "finetune.dpo_loss", "beta": "finetune.dpo_beta"}  # fmt: skip
+              "loss": "finetune.dpo_loss", "beta": "finetune.dpo_beta",
+              "rpo_alpha": "finetune.rpo_alpha"}  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +50,8 @@ def _register_finetune(sub: argparse._SubParsersAction) -> None:
                    help="QLoRA base quantization (default: nf4)")  # fmt: skip
     p.add_argument("--loss", choices=("sigmoid", "ipo", "simpo"), help="preference loss (default: sigmoid, DPO)")
     p.add_argument("--beta", type=float, help="preference loss beta (default: 0.1; simpo: 2.0)")
+    p.add_argument("--rpo-alpha", type=float, help="RPO: add this weight x the chosen responses' NLL to the "
+                   "preference loss (TRL's rpo_alpha; default: off; recipes/dpo-lora.yaml: 1.0)")  # fmt: skip
     p.add_argument("-o", "--out", help="output directory (train.out_dir)")
     add_recipe_arguments(p, recipe_fields(), "recipe YAML (see recipes/finetune-*.yaml)")
     p.set_defaults(handler=_finetune)

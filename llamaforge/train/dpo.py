@@ -8,10 +8,13 @@ log-probabilities ``pi_c, pi_r`` (policy) and ``ref_c, ref_r`` (reference)::
     ipo (IPO):      ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r - 1 / (2 beta))^2   n = response tokens
     simpo (SimPO):  -log sigmoid(beta * (pi_c / n_c - pi_r / n_r) - gamma)           no reference model
 
-as TRL computes them (IPO's per-token normalization included). The reported metrics are TRL's: the loss,
+as TRL computes them (IPO's per-token normalization included). ``finetune.rpo_alpha`` adds RPO's term (Pang et al.
+2024, TRL's ``rpo_alpha``; in TRL 1.x ``loss_type=["sigmoid", "sft"]``): alpha times the negative log-likelihood of
+the chosen responses, the mean over their tokens in the micro-batch: it holds the chosen answer up where DPO
+alone may lower it together with the rejected one. The reported metrics are TRL's: the loss,
 ``rewards/chosen`` and ``rewards/rejected`` (beta times the log-ratio; SimPO: beta times the mean token
 log-probability), ``rewards/margins``, ``rewards/accuracies`` (the share of pairs whose chosen reward is higher)
-and ``logps/chosen``/``logps/rejected``.
+and ``logps/chosen``/``logps/rejected``; with RPO also ``nll_loss`` (that NLL, before alpha).
 
 The reference costs no second copy of the model: with LoRA/QLoRA it is the base with the adapters switched off
 (one extra forward without gradients per micro-batch); with full tuning its log-probabilities are computed once
@@ -47,7 +50,7 @@ REFERENCES = ("auto", "precompute", "adapter-off")
 DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0}  # TRL's defaults (SimPO: its paper's range 2.0-2.5)
 REFERENCE_CACHE = "reference_logps.safetensors"
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-           "logps/rejected")  # fmt: skip
+           "logps/rejected", "nll_loss")  # fmt: skip
 _CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in float32), as the fused cross-entropy's CPU budget
 
 
@@ -81,6 +84,13 @@ def sequence_logps(model: nn.Module, tokens: Tensor, targets: Tensor,
 
 
 # Losses ---------------------------------------------------------------------------------------------------------
+def chosen_nll(chosen: Tensor, n_chosen: Tensor, weights: Tensor) -> Tensor:
+    """RPO's NLL term: the mean negative log-probability over the chosen responses' tokens of the pairs with a
+    non-zero weight (one mean over the micro-batch's tokens, as TRL computes it, not a mean of per-pair means)."""
+    tokens = (n_chosen.to(chosen.dtype) * weights).sum().clamp(min=1)
+    return -(chosen * weights).sum() / tokens
+
+
 def preference_losses(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None, *,
                       n_chosen: Tensor, n_rejected: Tensor, loss: str = "sigmoid", beta: float = 0.1,
                       gamma: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
@@ -105,14 +115,16 @@ def preference_losses(chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | Non
 class PreferenceLoss(nn.Module):
     """Wraps a Transformer for ``Trainer``: ``forward(tokens, targets, weights, ref_logps=None)`` on a batch of
     ``preference.collate_pairs`` -> (sum of the pairs' losses, number of pairs, {metric: sum over pairs}).
+    ``rpo_alpha`` (not None) adds alpha x ``chosen_nll`` to each pair's loss and logs ``nll_loss``.
 
     ``reference``: "precomputed" (the batch carries ``ref_logps``), "adapter-off" (the model with its LoRA
     adapters switched off, without gradients) or "none" (SimPO)."""
 
     def __init__(self, model: nn.Module, loss: str = "sigmoid", beta: float = 0.1, gamma: float = 0.5,
-                 reference: str = "precomputed", chunk_tokens: int | None = None) -> None:  # fmt: skip
+                 reference: str = "precomputed", chunk_tokens: int | None = None,
+                 rpo_alpha: float | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.model, self.loss, self.beta, self.gamma = model, loss, beta, gamma
+        self.model, self.loss, self.beta, self.gamma, self.rpo_alpha = model, loss, beta, gamma, rpo_alpha
         self.reference, self.chunk_tokens = reference, chunk_tokens
 
     def forward(self, tokens: Tensor, targets: Tensor, weights: Tensor,
@@ -132,11 +144,16 @@ class PreferenceLoss(nn.Module):
                                                        n_rejected=n_rejected, loss=self.loss, beta=self.beta,
                                                        gamma=self.gamma)  # fmt: skip
         w = weights.to(losses.dtype)
+        extra: dict[str, Tensor] = {}
+        if self.rpo_alpha is not None:  # the batch's token mean, added to every pair: the pairs' mean gets it once
+            nll = chosen_nll(chosen, n_chosen, w)
+            losses = losses + self.rpo_alpha * nll
+            extra["nll_loss"] = nll.detach().expand_as(losses)
         if self.loss == "simpo":  # TRL's CPO/SimPO trainer logs mean token log-probabilities
             chosen, rejected = chosen / n_chosen.clamp(min=1), rejected / n_rejected.clamp(min=1)
         per_pair = {"rewards/chosen": reward_c, "rewards/rejected": reward_r, "rewards/margins": reward_c - reward_r,
                     "rewards/accuracies": (reward_c > reward_r).float(), "logps/chosen": chosen.detach(),
-                    "logps/rejected": rejected.detach()}  # fmt: skip
+                    "logps/rejected": rejected.detach(), **extra}  # fmt: skip
         metrics = {k: (v * w).sum() for k, v in per_pair.items()}
         return (losses * w).sum(), w.sum(), metrics
 
@@ -230,7 +247,7 @@ def dpo_beta(recipe: FinetuneRecipe) -> float:
 class PreferenceTrainer(FinetuneTrainer):
     """The fine-tuning Trainer with a preference loss: batches of pairs, the step's loss the mean over pairs."""
 
-    console_metrics = ("rewards/accuracies", "rewards/margins")
+    console_metrics = ("rewards/accuracies", "rewards/margins", "nll_loss")
 
     def __init__(self, recipe: FinetuneRecipe, *, reference: str, **kwargs: Any) -> None:
         super().__init__(recipe, **kwargs)
@@ -238,7 +255,8 @@ class PreferenceTrainer(FinetuneTrainer):
 
     def _loss_module(self, model: nn.Module, device: torch.device) -> nn.Module:
         f = self.recipe.finetune  # type: ignore[attr-defined]
-        return PreferenceLoss(model, f.dpo_loss, dpo_beta(self.recipe), f.simpo_gamma, self.reference)
+        return PreferenceLoss(model, f.dpo_loss, dpo_beta(self.recipe), f.simpo_gamma, self.reference,
+                              rpo_alpha=f.rpo_alpha)  # fmt: skip
 
     def _loss_units(self, batch: dict[str, Tensor]) -> int:
         return int(batch["weights"].sum())
@@ -279,8 +297,9 @@ def finetune_dpo(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence
                                 tokenizer=tokenizer, callbacks=callbacks,
                                 base_model=str(recipe.model.from_checkpoint))  # fmt: skip
     n_tokens = sum(p.n_tokens for p in train_pairs)
+    rpo = f" + rpo_alpha {f.rpo_alpha:g} x NLL of chosen" if f.rpo_alpha is not None else ""
     say(f"{len(train_pairs)} training pairs ({n_tokens:,} tokens), {len(val_pairs)} validation; "
-        f"{loader.steps_per_epoch:.1f} steps per epoch; {f.dpo_loss} loss, beta {dpo_beta(recipe):g}, reference "
+        f"{loader.steps_per_epoch:.1f} steps per epoch; {f.dpo_loss} loss, beta {dpo_beta(recipe):g}{rpo}, reference "
         f"{reference}; method {f.method}: {counts['trainable']:,} of {counts['total']:,} parameters train")  # fmt: skip
     cache_state = None
     if reference == "precomputed":
@@ -292,7 +311,8 @@ def finetune_dpo(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence
         say(f"reference log-probabilities {cache_state}" + (f" ({cache})" if t.save else ""))
     summary = trainer.fit()
     last = trainer.history[-1] if trainer.history else {}
-    summary.update(method=f.method, objective="dpo", loss_type=f.dpo_loss, beta=dpo_beta(recipe), reference=reference,
+    summary.update(method=f.method, objective="dpo", loss_type=f.dpo_loss, beta=dpo_beta(recipe),
+                   rpo_alpha=f.rpo_alpha, reference=reference,
                    reference_cache=cache_state, examples=len(train_pairs), val_examples=len(val_pairs),
                    skipped_examples=report.n_skipped, trainable_params=counts["trainable"],
                    epochs=loader.step / max(loader.steps_per_epoch, 1e-9),
@@ -304,5 +324,5 @@ def finetune_dpo(recipe: FinetuneRecipe, *, llm: Any = None, callbacks: Sequence
     return summary
 
 
-__all__ = ["LOSSES", "PairLoader", "PreferenceLoss", "PreferenceTrainer", "finetune_dpo", "precompute_reference",
-           "preference_losses", "sequence_logps"]  # fmt: skip
+__all__ = ["LOSSES", "PairLoader", "PreferenceLoss", "PreferenceTrainer", "chosen_nll", "finetune_dpo",
+           "precompute_reference", "preference_losses", "sequence_logps"]  # fmt: skip

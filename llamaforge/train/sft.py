@@ -393,6 +393,7 @@ class FinetuneSection:
     dpo_beta: float | None = None  # default: 0.1 for sigmoid and ipo, 2.0 for simpo
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     dpo_reference: str = "auto"  # auto (LoRA/QLoRA: adapters off; full: precompute) | precompute | adapter-off
+    rpo_alpha: float | None = None  # RPO: + alpha x the chosen responses' mean NLL (TRL's rpo_alpha); None/0: off
 
 
 # Fine-tuning defaults that differ from pretraining's (the recipe or the command line can change each).
@@ -500,11 +501,17 @@ class FinetuneRecipe(Recipe):
                                 "switch off): use auto or precompute")  # fmt: skip
             if f.dpo_beta is not None and not f.dpo_beta > 0:
                 problems.append(f"finetune.dpo_beta must be positive, got {f.dpo_beta}")
+            if f.rpo_alpha is not None and not (math.isfinite(f.rpo_alpha) and f.rpo_alpha >= 0):
+                problems.append(f"finetune.rpo_alpha (the weight of the chosen responses' NLL) must be a number >= 0, "
+                                f"got {f.rpo_alpha}")  # fmt: skip
             split = " and ".join(f"parallel.{k} {v}" for k, v in (("tp", self.parallel.tp), ("pp", self.parallel.pp))
                                  if v > 1)  # fmt: skip
             if split:  # pipelines and tensor parallelism compute the next-token loss only (train/parallel.py)
                 problems.append(f"finetune.objective dpo runs under data parallelism only (train.parallel ddp or "
                                 f"fsdp), not with {split}: set parallel.tp and parallel.pp to 1")  # fmt: skip
+        elif f.rpo_alpha:
+            problems.append(f"finetune.rpo_alpha {f.rpo_alpha} applies to preference tuning only (finetune.objective "
+                            f"dpo, --method dpo); the objective is {f.objective!r}")  # fmt: skip
         if f.epochs is not None and not f.epochs > 0:
             problems.append(f"finetune.epochs must be positive, got {f.epochs}")
         if f.method != "full":

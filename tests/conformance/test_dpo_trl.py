@@ -3,7 +3,8 @@
 The same tiny random model (a policy that differs from its reference, written with ``save_model(..., "hf")``
 and the built-in model's tokenizer and chat template), the same preference records: TRL's tokenization of each
 record equals ours (plain strings, which we render in the chat format, given to TRL as one user and one
-assistant turn); on the same batch the loss, every gradient and the logged rewards agree. Full tuning uses an
+assistant turn); on the same batch the loss, every gradient and the logged rewards agree, also with RPO's NLL term
+(our ``rpo_alpha``; TRL 1.x spells it ``loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]``). Full tuning uses an
 explicit reference model on both sides; LoRA uses each side's adapter-disabled base (PEFT's ``disable_adapter``,
 our ``adapters_disabled``).
 """
@@ -55,6 +56,9 @@ LOGPS_ATOL = 3e-3
 # sigmoid: |d loss / d logp| <= beta / 2 per sequence. IPO: (delta - 1/(2 beta))^2 with delta ~ 0 moves by
 # 2 / (2 beta) / n per unit of log-prob, about 1 here, on a loss of ~25: a relative bound.
 LOSS_TOL = {"sigmoid": {"atol": 2 * BETA / 2 * LOGPS_ATOL, "rtol": 0}, "ipo": {"atol": 0, "rtol": 5e-4}}
+# RPO's weight on the NLL of the chosen tokens (the RPO paper's and TRL's documented 1.0). The NLL is a mean over
+# tokens: TRL's per-token error (~3e-3 over ~100 tokens) moves it far less than the sigmoid tolerance above.
+RPO_ALPHA = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +87,14 @@ def _hf(path: Path):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
 
 
-def _trl_trainer(tmp_path: Path, models: dict[str, Path], layout: str, loss: str, model, ref_model, peft_config=None):
+def _trl_trainer(tmp_path: Path, models: dict[str, Path], layout: str, loss: str, model, ref_model, peft_config=None,
+                 rpo_alpha: float | None = None):  # fmt: skip
     tokenizer = transformers.AutoTokenizer.from_pretrained(models["policy"])
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=BETA, loss_type=[loss], report_to=[],
-                         per_device_train_batch_size=len(LAYOUTS[layout]), max_length=None, use_cpu=True,
-                         dataset_num_proc=None)  # fmt: skip
+    # TRL 1.x has no rpo_alpha: RPO is its "sft" loss (the chosen tokens' mean NLL) added with weight alpha
+    losses, weights = ([loss], None) if rpo_alpha is None else ([loss, "sft"], [1.0, rpo_alpha])
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), beta=BETA, loss_type=losses, loss_weights=weights,
+                         report_to=[], per_device_train_batch_size=len(LAYOUTS[layout]), max_length=None,
+                         use_cpu=True, dataset_num_proc=None)  # fmt: skip
     records = LAYOUTS[layout]
     if layout == "strings":  # we render plain strings as a user turn and assistant turns: TRL's chat layout
         records = [{"prompt": [{"role": "user", "content": r["prompt"]}],
@@ -127,13 +134,21 @@ def _check_metrics(trainer, metrics: dict[str, torch.Tensor], n: torch.Tensor) -
         assert (metrics[key] / n).item() == pytest.approx(logged[key][-1], rel=0, abs=tol), key
 
 
-@pytest.mark.parametrize("loss,layout", [("sigmoid", "strings"), ("sigmoid", "messages"), ("ipo", "messages")])
+@pytest.mark.parametrize(
+    "loss,layout,rpo_alpha",
+    [
+        ("sigmoid", "strings", None),
+        ("sigmoid", "messages", None),
+        ("ipo", "messages", None),
+        ("sigmoid", "messages", RPO_ALPHA),
+    ],
+)
 def test_full_tuning_loss_gradient_and_metrics_equal_trl(tmp_path: Path, models: dict[str, Path], loss: str,
-                                                         layout: str) -> None:  # fmt: skip
+                                                         layout: str, rpo_alpha: float | None) -> None:  # fmt: skip
     from llamaforge import load_tokenizer
 
     hf_policy, hf_ref = _hf(models["policy"]), _hf(models["ref"])
-    trainer = _trl_trainer(tmp_path, models, layout, loss, hf_policy, hf_ref)
+    trainer = _trl_trainer(tmp_path, models, layout, loss, hf_policy, hf_ref, rpo_alpha=rpo_alpha)
     pairs, report = load_pairs(models[layout], load_tokenizer(models["policy"]), 256, "chat")
     assert report.kept == len(LAYOUTS[layout])
     inputs = _same_tokens_and_batch(trainer, pairs)
@@ -147,11 +162,23 @@ def test_full_tuning_loss_gradient_and_metrics_equal_trl(tmp_path: Path, models:
     batch = collate_pairs(pairs, pad_id=0)
     with torch.no_grad():
         ref_logps, _ = sequence_logps(ref, batch["tokens"], batch["targets"])
-    loss_sum, n, metrics = PreferenceLoss(policy, loss, BETA, reference="precomputed")(**batch, ref_logps=ref_logps)
+    loss_sum, n, metrics = PreferenceLoss(policy, loss, BETA, reference="precomputed", rpo_alpha=rpo_alpha)(
+        **batch, ref_logps=ref_logps
+    )
     ours = loss_sum / n
     ours.backward()
     torch.testing.assert_close(ours, theirs.detach(), **LOSS_TOL[loss])
     _check_metrics(trainer, metrics, n)
+    if rpo_alpha is not None:
+        # TRL logs no NLL: its loss less our DPO loss alone (equal to TRL's in the cases above) is alpha x our nll_loss
+        with torch.no_grad():
+            dpo_sum, _, plain = PreferenceLoss(policy, loss, BETA, reference="precomputed")(
+                **batch, ref_logps=ref_logps
+            )
+        assert "nll_loss" not in plain
+        nll = (metrics["nll_loss"] / n).item()
+        assert 1.0 < nll < 20.0  # a random model over a 49K vocabulary: about log(49152) = 10.8 per token
+        assert (theirs.item() - (dpo_sum / n).item()) / rpo_alpha == pytest.approx(nll, abs=LOSS_TOL[loss]["atol"])
 
     hf_params = dict(trainer.model.named_parameters())
     config = policy.config

@@ -170,6 +170,40 @@ def test_loss_formulas() -> None:
         preference_losses(c, r, None, None, n_chosen=nc, n_rejected=nr, loss="sigmoid")
 
 
+def test_rpo_adds_the_chosen_tokens_mean_nll(tiny_model: torch.nn.Module) -> None:
+    """RPO: the preference loss plus alpha x the NLL of the chosen responses, one mean over all their tokens in the
+    batch (the two chosen responses have 9 and 7 tokens: not a mean of per-pair means), with its gradient; a pair
+    of weight 0 counts in neither; ``nll_loss`` is logged only with RPO on."""
+    tokens, targets = _batch(tiny_model.config.vocab_size)
+    vocab = tiny_model.config.vocab_size
+    tiny_model.requires_grad_(True)
+    with torch.no_grad():
+        ref_logps = sequence_logps(tiny_model, tokens, targets)[0] + torch.tensor([0.5, -0.3, 0.2, 0.4])
+
+    def grads(value: torch.Tensor) -> dict[str, torch.Tensor]:
+        tiny_model.zero_grad()
+        value.backward()
+        return {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+
+    ones = torch.ones(2)
+    plain_sum, n, plain = PreferenceLoss(tiny_model)(tokens, targets, ones, ref_logps=ref_logps)
+    rpo_sum, _, metrics = PreferenceLoss(tiny_model, rpo_alpha=0.7)(tokens, targets, ones, ref_logps=ref_logps)
+    logits = tiny_model(tokens[:2]).float()  # the chosen rows, every logit: an independent token-mean NLL
+    nll = F.cross_entropy(logits.reshape(-1, vocab), targets[:2].reshape(-1), ignore_index=IGNORE_INDEX)
+    per_pair = [F.cross_entropy(logits[i], targets[i], ignore_index=IGNORE_INDEX).item() for i in range(2)]
+    assert abs(nll.item() - sum(per_pair) / 2) > 1e-3  # the two means differ here: the test tells them apart
+    assert "nll_loss" not in plain
+    assert (metrics["nll_loss"] / n).item() == pytest.approx(nll.item(), rel=1e-5)
+    assert ((rpo_sum - plain_sum) / n).item() == pytest.approx(0.7 * nll.item(), rel=1e-5)
+    g_rpo, g_plain, g_nll = grads(rpo_sum / n), grads(plain_sum / n), grads(nll)
+    for name in g_rpo:
+        torch.testing.assert_close(g_rpo[name], g_plain[name] + 0.7 * g_nll[name], atol=1e-6, rtol=1e-4, msg=name)
+    # a padding pair (weight 0, as the loaders add to fill a batch): the NLL is the other pair's alone
+    half = torch.tensor([1.0, 0.0])
+    _, n, metrics = PreferenceLoss(tiny_model, rpo_alpha=0.7)(tokens, targets, half, ref_logps=ref_logps)
+    assert n.item() == 1 and (metrics["nll_loss"] / n).item() == pytest.approx(per_pair[0], rel=1e-5)
+
+
 def test_adapter_off_reference_is_the_base(tiny_model: torch.nn.Module) -> None:
     tokens, targets = _batch(tiny_model.config.vocab_size)
     with torch.no_grad():
@@ -271,6 +305,36 @@ def test_mesh_refuses_preference_loss_under_tensor_or_pipeline_parallel(tiny_mod
     assert len(tiny_model.layers) == tiny_model.config.n_layers  # untouched
 
 
+def test_rpo_alpha_recipe_field_and_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = {"model.from_checkpoint": "m", "finetune.objective": "dpo"}
+    assert FinetuneRecipe.load(None, base).finetune.rpo_alpha is None  # off by default
+    assert FinetuneRecipe.load(None, {**base, "finetune.rpo_alpha": "0.5"}).finetune.rpo_alpha == 0.5
+    assert FinetuneRecipe.load(None, {**base, "finetune.rpo_alpha": "0"}).finetune.rpo_alpha == 0
+    for bad in ("-0.5", ".nan", "nan", "inf"):
+        with pytest.raises(UserError, match=r"finetune.rpo_alpha \(the weight of the chosen responses' NLL\) must be "
+                                            r"a number >= 0, got (-0.5|nan|inf)"):  # fmt: skip
+            FinetuneRecipe.load(None, {**base, "finetune.rpo_alpha": bad})
+    with pytest.raises(UserError, match=r"finetune\.rpo_alpha: expected a number, got 'lots'"):
+        FinetuneRecipe.load(None, {**base, "finetune.rpo_alpha": "lots"})
+    with pytest.raises(UserError, match=r"rpo_alpha 1.0 applies to preference tuning only .* objective is 'sft'"):
+        FinetuneRecipe.load(None, {"model.from_checkpoint": "m", "finetune.rpo_alpha": "1"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("finetune:\n  objective: dpo\n  rpo_alpha: -1\n")
+    with pytest.raises(UserError, match=rf"{recipe}.*finetune.rpo_alpha .* must be a number >= 0, got -1"):
+        FinetuneRecipe.load(recipe, {"model.from_checkpoint": "m"})
+    # the flag: --rpo-alpha sets finetune.rpo_alpha; a bad value is a clear error (exit 2), not a traceback
+    import yaml
+
+    argv = ["finetune", "--method", "dpo", "--model", "m", "--data", "d.jsonl"]
+    assert cli.main([*argv, "--rpo-alpha", "0.25", "--print-recipe"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["finetune"]["rpo_alpha"] == 0.25
+    for bad in ("-1", "nan"):
+        assert cli.main([*argv, "--rpo-alpha", bad, "--print-recipe"]) == 2
+        assert "finetune.rpo_alpha (the weight of the chosen responses' NLL) must be a number >= 0" in (
+            capsys.readouterr().err
+        )
+
+
 # The verb ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
@@ -343,6 +407,22 @@ def test_finetune_simpo_and_ipo(tmp_path: Path, base_dir: Path, pairs_file: Path
         summary = _summary(capsys)
         assert summary["loss_type"] == loss and summary["reference"] == ("none" if loss == "simpo" else "adapter-off")
         assert summary["beta"] == (2.0 if loss == "simpo" else 0.1)
+
+
+def test_finetune_dpo_with_rpo_logs_nll_loss(tmp_path: Path, base_dir: Path, pairs_file: Path,
+                                             capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """``--rpo-alpha``: each step logs ``nll_loss``; at the first step (policy = reference: DPO's loss is log 2) the
+    loss is log 2 + alpha x nll_loss; the validation pairs get ``val_nll_loss``."""
+    argv = _dpo(base_dir, pairs_file, tmp_path / "rpo", "--rpo-alpha", "0.5", "--steps", "2",
+                "--train.eval_interval", "2", "--set", "train.save=false")  # fmt: skip
+    with pytest.warns(UserWarning):
+        assert cli.main(argv) == 0
+    summary = _summary(capsys)
+    assert summary["rpo_alpha"] == 0.5 and summary["nll_loss"] > 0 and summary["val_nll_loss"] > 0
+    train = [json.loads(x) for x in (tmp_path / "rpo" / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    first = train[0]
+    assert first["nll_loss"] > 1.0  # a random model: the chosen tokens are far from likely
+    assert first["loss"] == pytest.approx(0.693147 + 0.5 * first["nll_loss"], abs=1e-4)
 
 
 def test_finetune_dpo_bad_data_names_the_line(tmp_path: Path, base_dir: Path, capsys: pytest.CaptureFixture) -> None:
