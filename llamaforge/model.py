@@ -88,14 +88,21 @@ class KVCacheView(Protocol):
         ...
 
 
-class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+class HeadProjections(nn.Module):
+    """The q, k, v and output projections of an attention over `config`'s heads (Meta's names)."""
+
+    def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dim_per_head
         self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+
+
+class Attention(HeadProjections):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__(config)
         self.use_rope = config.uses_rope(layer_id)
         self.qk_norm_eps = config.norm_eps if (config.use_qk_norm and self.use_rope) else None
         self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
@@ -150,16 +157,11 @@ class CrossAttentionInputs(Protocol):
         ...
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(HeadProjections):
     """Attention from the text to the projected vision states; q and k are RMS-normalized per head, no RoPE."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.dim_per_head
-        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        super().__init__(config)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
